@@ -21,3 +21,35 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def shared() -> Path:
     return shared_dir()
+
+
+def _postgres_params() -> list[object]:
+    url = os.environ.get("TEST_DATABASE_URL")
+    return [pytest.param(url, id="postgres", marks=pytest.mark.postgres)] if url else []
+
+
+@pytest.fixture(params=["sqlite", *_postgres_params()])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> object:
+    """A fresh, empty database URL: SQLite always, PostgreSQL too when TEST_DATABASE_URL is set.
+
+    Each PostgreSQL test gets a schema of its own (dropped afterwards) through search_path.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.sqlite'}"
+        return
+    import uuid
+    from urllib.parse import quote
+
+    import psycopg2
+
+    base = str(request.param)
+    schema = "t_" + uuid.uuid4().hex[:12]
+    conn = psycopg2.connect(base)
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in base else "?"
+    try:
+        yield f"{base}{sep}options={quote('-csearch_path=' + schema)}"
+    finally:
+        conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
+        conn.close()

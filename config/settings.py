@@ -1,0 +1,113 @@
+"""The settings schema: every setting, its type, its one default and what it means.
+
+A ``Settings`` object is built once by ``config.loader`` and passed explicitly to whatever
+needs it. Nothing outside ``config/`` reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class Secret(str):
+    """A string that never shows itself in a repr, a log line or an f-string's ``!r``."""
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    def reveal(self) -> str:
+        return str.__str__(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Validated relay configuration. Field comments are the documentation of each setting."""
+
+    # address and port the HTTP/websocket front end listens on
+    bind: str = "0.0.0.0:2470"
+    # folder for the SQLite files, the event log and the repo mirror
+    data_dir: Path = Path("data")
+    # main database; default: SQLite file relay.sqlite in data_dir
+    database_url: str = ""
+    # repo-mirror metadata database; default: SQLite file carstore.sqlite in data_dir
+    carstore_database_url: str = ""
+    # PLC directory used to resolve did:plc identities
+    plc_url: str = "https://plc.directory"
+    # password of the admin interface and admin API (user "admin"); empty disables admin
+    admin_password: Secret = field(default_factory=lambda: Secret(""))
+    # accept http://, explicit ports and loopback/private hosts (development and tests only)
+    allow_insecure_hosts: bool = False
+    # accept commits failing Sync 1.1 inversion / lacking prevData with a counted warning
+    lenient_sync_validation: bool = False
+    # how long accepted events stay replayable from the output log
+    replay_window_hours: float = 72.0
+    # largest upstream websocket frame accepted
+    max_frame_bytes: int = 5 * 1024 * 1024
+    # largest single block (record or node) accepted
+    max_block_bytes: int = 2 * 1024 * 1024
+    # most operations one commit may carry
+    max_commit_ops: int = 200
+    # how far in the future a commit rev may be, in seconds
+    max_rev_future_seconds: int = 300
+    # accounts one new upstream host may create before an operator raises its limit
+    default_host_account_limit: int = 100_000
+    # sustained events per second accepted from one upstream host
+    default_host_events_per_second: float = 50.0
+    # frames buffered per firehose consumer before it is cut with ConsumerTooSlow
+    consumer_buffer_frames: int = 20_000
+    # events in flight per upstream host before its subscriber stops reading
+    host_inflight_events: int = 500
+    # seconds between upstream cursor flushes to the database
+    cursor_flush_seconds: float = 5.0
+    # seconds an identity (DID document) stays fresh in the cache
+    identity_ttl_seconds: float = 24 * 3600.0
+    # hostnames subscribed to at start-up, besides those already known
+    crawl_hosts: tuple[str, ...] = ()
+    # log level: debug, info, warning or error
+    log_level: str = "info"
+    # log format: text or json
+    log_format: str = "text"
+
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'relay.sqlite'}"
+
+    def effective_carstore_database_url(self) -> str:
+        return self.carstore_database_url or f"sqlite:///{self.data_dir / 'carstore.sqlite'}"
+
+    def bind_host_port(self) -> tuple[str, int]:
+        host, _, port = self.bind.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings as plain values with secrets masked (for `skyrelay config` and logs)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Secret):
+                value = "********" if value else ""
+            elif f.name.endswith("database_url") and value:
+                value = mask_url_password(value)
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+def mask_url_password(url: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://user:****@host``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    if ":" in creds:
+        user = creds.split(":", 1)[0]
+        creds = f"{user}:****"
+    return f"{scheme}://{creds}@{host}"
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings))

@@ -1,0 +1,131 @@
+"""Versioned schema migrations, applied in order at start-up, each in its own transaction.
+
+Migrations are portable DDL with placeholders (``{pk}``, ``{blob}``...) filled per dialect, so
+one list serves SQLite and PostgreSQL. A migration, once released, never changes: add a new one.
+A database whose recorded version is newer than this code knows is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import peewee
+
+from store.db import StoreError, is_postgres
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+_SQLITE_TYPES = {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "float": "REAL"}
+_PG_TYPES = {"pk": "BIGSERIAL PRIMARY KEY", "blob": "BYTEA", "float": "DOUBLE PRECISION"}
+
+MAIN_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "hosts, accounts, identities, bans, event log segments, relay state",
+        (
+            """CREATE TABLE host (
+                id {pk},
+                hostname TEXT NOT NULL UNIQUE,
+                status TEXT NOT NULL DEFAULT 'active',
+                last_seq BIGINT NOT NULL DEFAULT -1,
+                account_limit BIGINT,
+                events_per_second {float},
+                account_count BIGINT NOT NULL DEFAULT 0,
+                lenient BOOLEAN NOT NULL DEFAULT FALSE,
+                trusted BOOLEAN NOT NULL DEFAULT FALSE,
+                last_error TEXT,
+                created_at {float} NOT NULL,
+                updated_at {float} NOT NULL
+            )""",
+            """CREATE TABLE account (
+                uid {pk},
+                did TEXT NOT NULL UNIQUE,
+                host_id BIGINT REFERENCES host (id),
+                status TEXT NOT NULL DEFAULT 'active',
+                upstream_status TEXT NOT NULL DEFAULT 'active',
+                rev TEXT,
+                commit_cid {blob},
+                data_cid {blob},
+                needs_resync BOOLEAN NOT NULL DEFAULT FALSE,
+                created_at {float} NOT NULL,
+                updated_at {float} NOT NULL
+            )""",
+            "CREATE INDEX account_host_idx ON account (host_id)",
+            """CREATE TABLE identity (
+                did TEXT PRIMARY KEY,
+                handle TEXT,
+                signing_key TEXT,
+                pds_endpoint TEXT,
+                doc TEXT NOT NULL,
+                fetched_at {float} NOT NULL
+            )""",
+            """CREATE TABLE domain_ban (
+                id {pk},
+                domain TEXT NOT NULL UNIQUE,
+                created_at {float} NOT NULL
+            )""",
+            """CREATE TABLE log_segment (
+                id {pk},
+                path TEXT NOT NULL UNIQUE,
+                first_seq BIGINT NOT NULL,
+                last_seq BIGINT NOT NULL,
+                first_time {float} NOT NULL,
+                last_time {float} NOT NULL,
+                byte_size BIGINT NOT NULL DEFAULT 0,
+                sealed BOOLEAN NOT NULL DEFAULT FALSE
+            )""",
+            "CREATE INDEX log_segment_first_seq_idx ON log_segment (first_seq)",
+            """CREATE TABLE relay_state (
+                key TEXT PRIMARY KEY,
+                value TEXT NOT NULL
+            )""",
+        ),
+    ),
+)
+
+
+def _render(db: peewee.Database, statement: str) -> str:
+    return statement.format(**(_PG_TYPES if is_postgres(db) else _SQLITE_TYPES))
+
+
+def current_version(db: peewee.Database) -> int:
+    db.execute_sql(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+        " applied_at " + ("DOUBLE PRECISION" if is_postgres(db) else "REAL") + " NOT NULL)"
+    )
+    row = db.execute_sql("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def apply_migrations(db: peewee.Database, migrations: Sequence[Migration] = MAIN_MIGRATIONS) -> int:
+    """Bring ``db`` to the newest version; return it. ``StoreError`` if the db is newer."""
+    with db.connection_context():
+        have = current_version(db)
+        newest = migrations[-1].version if migrations else 0
+        if have > newest:
+            raise StoreError(f"database schema version {have} is newer than this code knows ({newest})")
+        for migration in migrations:
+            if migration.version <= have:
+                continue
+            with db.atomic():
+                for statement in migration.statements:
+                    db.execute_sql(_render(db, statement))
+                db.execute_sql(
+                    "INSERT INTO schema_version (version, name, applied_at) VALUES (%s, %s, %s)"
+                    if is_postgres(db)
+                    else "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                    (migration.version, migration.name, time.time()),
+                )
+            log.info("schema migrated version=%d name=%r", migration.version, migration.name)
+        return newest

@@ -1,0 +1,54 @@
+"""`skyrelay serve` starts on SQLite, answers the health check and XRPC errors, stops on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, deadline_s: float = 20.0) -> bytes:
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return resp.read()
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.1)
+
+
+def test_serve_health_and_clean_stop(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "web.cli", "serve", "--bind", f"127.0.0.1:{port}", "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        body = json.loads(wait_http(f"http://127.0.0.1:{port}/xrpc/_health"))
+        assert body["database"] == "ok"
+        assert (tmp_path / "relay.sqlite").exists()
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/xrpc/com.example.nothing", timeout=5)
+            raise AssertionError("expected 404")
+        except urllib.error.HTTPError as err:
+            assert err.code == 404
+            assert json.loads(err.read())["error"] == "NotFound"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out.decode(errors="replace")

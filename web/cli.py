@@ -1,0 +1,93 @@
+"""The ``skyrelay`` command: ``serve`` runs the relay; ``config`` prints the effective settings.
+
+Only the standard library is imported at module level: ``serve`` monkey-patches gevent first
+thing, before pykka, peewee or any socket user is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_CONFIG = 2
+
+
+def _add_setting_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file (env SKYRELAY_CONFIG)")
+    p.add_argument("--bind", help="HOST:PORT to listen on (env SKYRELAY_BIND; default 0.0.0.0:2470)")
+    p.add_argument("--data-dir", help="folder for databases, event log, repo mirror (env SKYRELAY_DATA_DIR)")
+    p.add_argument("--database-url", help="sqlite:///PATH or postgresql://... (env DATABASE_URL)")
+    p.add_argument("--carstore-database-url", help="repo-mirror metadata database (env CARSTORE_DATABASE_URL)")
+    p.add_argument("--plc-url", help="PLC directory URL (env SKYRELAY_PLC_URL)")
+    p.add_argument(
+        "--allow-insecure-hosts",
+        action="store_const",
+        const=True,
+        help="accept http, ports and loopback hosts: development and tests only",
+    )
+    p.add_argument(
+        "--lenient-sync-validation",
+        action="store_const",
+        const=True,
+        help="accept commits from hosts not yet on Sync 1.1, with a counted warning",
+    )
+    p.add_argument("--replay-window-hours", help="how long events stay replayable (default 72)")
+    p.add_argument("--crawl", dest="crawl_hosts", help="comma-separated hostnames to subscribe to at start")
+    p.add_argument("--log-level", help="debug, info, warning or error")
+    p.add_argument("--log-format", help="text or json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skyrelay",
+        description="An atproto relay: subscribes to PDS firehoses, verifies every event, re-serves one firehose.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the relay")
+    _add_setting_flags(serve)
+    show = sub.add_parser("config", help="print the effective settings (secrets masked) and exit")
+    _add_setting_flags(show)
+    return parser
+
+
+def _settings_from_args(args: argparse.Namespace) -> Any:
+    from config import ConfigError, load_settings
+    from config.loader import unknown_env_warnings
+    from config.settings import FIELD_NAMES
+
+    for warning in unknown_env_warnings():
+        print(f"skyrelay: warning: {warning}", file=sys.stderr)
+    overrides = {k: v for k, v in vars(args).items() if k in FIELD_NAMES and v is not None}
+    try:
+        return load_settings(config_file=args.config, overrides=overrides)
+    except ConfigError as exc:
+        print("skyrelay: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from gevent import monkey
+
+        monkey.patch_all()
+        settings = _settings_from_args(args)
+        from web.server import serve
+
+        return serve(settings)
+    if args.command == "config":
+        settings = _settings_from_args(args)
+        print(json.dumps(settings.public_dict(), indent=2))
+        return 0
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""XRPC error bodies: ``{"error": Name, "message": ...}`` with a 4xx/5xx status."""
+
+from __future__ import annotations
+
+from flask import Response, jsonify
+
+
+class XrpcError(Exception):
+    """Raised by a handler to answer with an XRPC error (a client error unless status >= 500)."""
+
+    def __init__(self, error: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.error = error
+        self.message = message
+        self.status = status
+
+
+def xrpc_error_response(status: int, error: str, message: str) -> tuple[Response, int]:
+    return jsonify({"error": error, "message": message}), status
