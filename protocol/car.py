@@ -23,7 +23,7 @@ from protocol.dagcbor import CID
 from protocol.dagcbor import encode as encode_strict
 from protocol.errors import BlockHashMismatch, CarError, CborError, CidError
 
-MAX_BLOCK_BYTES = 2 * 1024 * 1024  # largest block data accepted (the atproto record limit)
+MAX_BLOCK_BYTES = cbor.MAX_BLOCK_BYTES  # largest block data accepted (the atproto record limit)
 MAX_BLOCKS = 10_000  # default bound on blocks per CAR; full-repo readers pass a larger one
 MAX_HEADER_BYTES = 64 * 1024  # a header holds a version and a few roots
 
@@ -73,9 +73,7 @@ def _cid_length(data: bytes, pos: int) -> int:
     return pos - start + size
 
 
-def _sections(
-    data: bytes, pos: int, max_blocks: int, max_block_bytes: int
-) -> Iterator[tuple[bytes, bytes]]:
+def _sections(data: bytes, pos: int, max_blocks: int, max_block_bytes: int) -> Iterator[tuple[bytes, bytes]]:
     """Yield verified (CID, block) pairs from ``pos`` to the end of ``data``."""
     end = len(data)
     sha256 = hashlib.sha256
@@ -118,7 +116,7 @@ def _sections(
 
 
 def read_car(
-    data: bytes, *, max_blocks: int = MAX_BLOCKS, max_block_bytes: int = MAX_BLOCK_BYTES
+    data: bytes | bytearray | memoryview, *, max_blocks: int = MAX_BLOCKS, max_block_bytes: int = MAX_BLOCK_BYTES
 ) -> CarFile:
     """Parse and verify a whole CAR v1; ``CarError`` (or ``BlockHashMismatch``) if it is bad."""
     if not isinstance(data, bytes):
@@ -132,7 +130,7 @@ def read_car(
 
 
 def iter_car_blocks(
-    data: bytes, *, max_blocks: int = MAX_BLOCKS, max_block_bytes: int = MAX_BLOCK_BYTES
+    data: bytes | bytearray | memoryview, *, max_blocks: int = MAX_BLOCKS, max_block_bytes: int = MAX_BLOCK_BYTES
 ) -> Iterator[tuple[bytes, bytes]]:
     """Yield verified (CID, block) pairs in file order, checking the header first.
 

@@ -124,7 +124,7 @@ class _Decoder:
     def item(self, depth: int) -> Any:
         """Decode one data item; ``depth`` is the number of enclosing arrays/maps."""
         major, value = self.head()
-        if major == _MAJOR_UINT or major == _MAJOR_NEGINT:
+        if major <= _MAJOR_NEGINT:  # unsigned or negative integer
             if value > INT_MAX:
                 raise CborError("integer outside the signed 64-bit range")
             return value if major == _MAJOR_UINT else -1 - value
@@ -179,7 +179,9 @@ class _Decoder:
             raise CborError(f"invalid CID in link: {exc}") from None
 
 
-def decode(data: bytes, *, max_depth: int = MAX_DEPTH, max_bytes: int = MAX_BLOCK_BYTES) -> Any:
+def decode(
+    data: bytes | bytearray | memoryview, *, max_depth: int = MAX_DEPTH, max_bytes: int = MAX_BLOCK_BYTES
+) -> Any:
     """Decode exactly one strict DAG-CBOR item from ``data``; ``CborError`` otherwise."""
     if len(data) > max_bytes:
         raise CborError(f"object of {len(data)} bytes exceeds {max_bytes}", reason="too_large")
