@@ -1,0 +1,86 @@
+"""In-memory account state for verification: a bounded LRU over the SQL ``account`` table.
+
+The ingest path reads and updates it inline (one greenlet per host, no preemption). What is
+persisted is decided elsewhere: the sequencer writes the state carried by each durable event.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+import peewee
+
+from store.accounts import ACTIVE, AccountRow, load_account
+
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    """What the relay knows of one account; replaced (never mutated) on every change."""
+
+    did: str
+    host_id: int | None
+    status: str = ACTIVE  # relay-level (admin takedown)
+    upstream_status: str = ACTIVE  # from the PDS's #account events
+    rev: str | None = None
+    commit_cid: bytes | None = None
+    data_cid: bytes | None = None
+    needs_resync: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.status == ACTIVE and self.upstream_status == ACTIVE
+
+    def to_row(self) -> AccountRow:
+        return AccountRow(
+            self.did, self.host_id, self.status, self.upstream_status, self.rev,
+            self.commit_cid, self.data_cid, self.needs_resync,
+        )  # fmt: skip
+
+    @classmethod
+    def from_row(cls, row: AccountRow) -> AccountState:
+        return cls(
+            row.did, row.host_id, row.status, row.upstream_status, row.rev,
+            row.commit_cid, row.data_cid, row.needs_resync,
+        )  # fmt: skip
+
+    def updated(self, **changes: object) -> AccountState:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+class AccountCache:
+    """``did -> AccountState``: memory first, then SQL; at most ``max_entries`` in memory."""
+
+    def __init__(self, db: peewee.Database, max_entries: int = 1_000_000) -> None:
+        self._db = db
+        self._max = max_entries
+        self._items: OrderedDict[str, AccountState] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, did: str) -> AccountState | None:
+        state = self._items.get(did)
+        if state is not None:
+            self._items.move_to_end(did)
+            self.hits += 1
+            return state
+        self.misses += 1
+        with self._db.connection_context():
+            row = load_account(self._db, did)
+        if row is None:
+            return None
+        state = AccountState.from_row(row)
+        self.put(state)
+        return state
+
+    def put(self, state: AccountState) -> None:
+        self._items[state.did] = state
+        self._items.move_to_end(state.did)
+        while len(self._items) > self._max:
+            self._items.popitem(last=False)
+
+    def forget(self, did: str) -> None:
+        self._items.pop(did, None)
+
+    def __len__(self) -> int:
+        return len(self._items)

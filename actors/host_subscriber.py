@@ -1,0 +1,267 @@
+"""One actor per upstream PDS: reads its firehose, verifies each event, tells the sequencer.
+
+The reader runs in a greenlet owned by the actor. It keeps per-account order (one host's
+events are handled one at a time), respects a bound on the sequencer's inbox (it stops
+reading instead of growing memory), rate-limits the host, reconnects with backoff and
+resumes from the last upstream seq. Bad frames and invalid events are counted and dropped;
+a bug in the reader is re-raised inside the actor so the supervisor sees the failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import pykka
+
+from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, PersistEvent, SubscriberCrashed
+from actors.metrics import (
+    ACCOUNTS_RESYNC,
+    EVENTS_DROPPED,
+    EVENTS_RECEIVED,
+    UPSTREAM_CONNECTED,
+    UPSTREAM_RECONNECTS,
+    VERIFY_WARNINGS,
+)
+from actors.verify import Accepted, HostContext, Verifier
+from actors.wsclient import WebSocketClient, WebSocketError
+from protocol.errors import ProtocolError
+from protocol.frames import ErrorFrame, InfoEvent, decode_frame, event_type
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberConfig:
+    """Per-relay knobs a subscriber needs (from Settings), passed explicitly."""
+
+    max_frame_bytes: int
+    max_ops: int
+    max_queue: int  # stop reading while the sequencer's inbox holds more than this
+    cursor_flush_seconds: float
+    idle_timeout_seconds: float = 90.0
+    ping_seconds: float = 30.0
+    max_failures: int = 8  # consecutive failed connections before the host is marked offline
+    insecure: bool = False
+
+
+class TokenBucket:
+    """Rate limiter: ``rate`` events/s with bursts up to ``burst``; ``wait()`` sleeps as needed."""
+
+    def __init__(self, rate: float | None, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst or (max(rate * 2, 10.0) if rate else 0.0)
+        self.tokens = self.burst
+        self.stamp = time.monotonic()
+
+    def wait(self) -> float:
+        if not self.rate:
+            return 0.0
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        delay = (1 - self.tokens) / self.rate
+        gevent.sleep(delay)
+        self.tokens = 0.0
+        self.stamp = time.monotonic()
+        return delay
+
+
+class Reconnect(Exception):
+    """The upstream asked us to (error frame) or the connection is unusable."""
+
+
+def firehose_url(hostname: str, cursor: int, insecure: bool) -> str:
+    local = ":" in hostname or hostname == "localhost" or hostname.replace(".", "").isdigit()
+    scheme = "ws" if insecure and local else "wss"
+    query = f"?cursor={cursor}" if cursor >= 0 else ""
+    return f"{scheme}://{hostname}/xrpc/com.atproto.sync.subscribeRepos{query}"
+
+
+class HostSubscriber(pykka.ThreadingActor):
+    def __init__(
+        self,
+        *,
+        host: HostContext,
+        cursor: int,
+        account_count: int,
+        events_per_second: float | None,
+        verifier: Verifier,
+        sequencer: Any,
+        parent: Any,
+        config: SubscriberConfig,
+    ) -> None:
+        super().__init__()
+        self.host = host
+        self.cursor = cursor  # last upstream seq processed (logged or dropped); -1: none yet
+        self.account_count = account_count
+        self.bucket = TokenBucket(events_per_second)
+        self.verifier = verifier
+        self.sequencer = sequencer
+        self.parent = parent
+        self.config = config
+        self._reader: gevent.Greenlet | None = None
+        self._stopping = False
+        self._last_advance = time.monotonic()
+        self.connected = False
+        self.stats = {"received": 0, "accepted": 0, "dropped": 0, "reconnects": 0}
+
+    # -- actor life cycle ------------------------------------------------------------------------
+    def on_start(self) -> None:
+        self._reader = gevent.spawn(self._run)
+
+    def on_stop(self) -> None:
+        self._stopping = True
+        if self._reader is not None:
+            self._reader.kill(block=True, timeout=5)
+        self._advance(force=True)
+
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        self._stopping = True
+        if self._reader is not None and self._reader is not gevent.getcurrent():
+            self._reader.kill(block=False)
+        self.parent.tell(ChildFailed(self.host.hostname, repr(exception_value)))
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, SubscriberCrashed):
+            raise RuntimeError(f"subscriber reader crashed: {message.error}")
+        return None
+
+    # -- reader greenlet -------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except gevent.GreenletExit:
+            raise
+        except Exception as exc:  # a bug: hand it to the actor so the supervisor decides
+            log.exception("subscriber reader crashed host=%s", self.host.hostname)
+            self.actor_ref.tell(SubscriberCrashed(repr(exc)))
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stopping:
+            good = self._session()
+            if self._stopping:
+                return
+            failures = 0 if good else failures + 1
+            self.stats["reconnects"] += 1
+            if failures >= self.config.max_failures:
+                self.parent.tell(HostGaveUp(self.host.hostname, f"{failures} failed connections"))
+                return
+            delay = min(60.0, 0.5 * 2**failures) * random.uniform(0.8, 1.2)
+            gevent.sleep(delay)
+
+    def _session(self) -> bool:
+        """One connection; True when it delivered at least one message."""
+        url = firehose_url(self.host.hostname, self.cursor, self.config.insecure)
+        client = WebSocketClient(
+            url, max_message_bytes=self.config.max_frame_bytes, timeout_s=self.config.idle_timeout_seconds
+        )
+        pinger: gevent.Greenlet | None = None
+        delivered = False
+        try:
+            client.connect()
+            self.connected = True
+            UPSTREAM_CONNECTED.inc()
+            log.info("upstream connected host=%s cursor=%d", self.host.hostname, self.cursor)
+            pinger = gevent.spawn(self._ping_loop, client)
+            while not self._stopping:
+                data = client.recv()
+                delivered = True
+                self._handle(data)
+        except WebSocketError as exc:
+            UPSTREAM_RECONNECTS.labels(exc.reason).inc()
+            log.info("upstream disconnected host=%s reason=%s detail=%s", self.host.hostname, exc.reason, exc)
+        except Reconnect as exc:
+            UPSTREAM_RECONNECTS.labels("requested").inc()
+            log.info("upstream reconnecting host=%s detail=%s", self.host.hostname, exc)
+            delivered = True
+        finally:
+            if pinger is not None:
+                pinger.kill(block=False)
+            if self.connected:
+                UPSTREAM_CONNECTED.dec()
+                self.connected = False
+            client.close()
+            self._advance(force=True)
+        return delivered
+
+    def _ping_loop(self, client: WebSocketClient) -> None:
+        while True:
+            gevent.sleep(self.config.ping_seconds)
+            try:
+                client.ping(b"skyrelay")
+            except WebSocketError:
+                return
+
+    def _drop(self, reason: str, seq: int | None, did: str | None, detail: str = "") -> None:
+        self.stats["dropped"] += 1
+        EVENTS_DROPPED.labels(self.host.hostname, reason).inc()
+        log.info("event dropped host=%s reason=%s seq=%s did=%s %s", self.host.hostname, reason, seq, did, detail)
+
+    def _handle(self, data: bytes) -> None:
+        received_at = time.time()
+        self.stats["received"] += 1
+        try:
+            event = decode_frame(data, max_bytes=self.config.max_frame_bytes, max_ops=self.config.max_ops)
+        except ProtocolError as exc:
+            EVENTS_RECEIVED.labels("invalid").inc()
+            self._drop(exc.reason, None, None, str(exc)[:200])
+            return
+        if isinstance(event, ErrorFrame):
+            if event.error == "FutureCursor":
+                log.warning(
+                    "upstream says FutureCursor host=%s cursor=%d: resuming live", self.host.hostname, self.cursor
+                )
+                self.cursor = -1
+            raise Reconnect(f"error frame {event.error}: {event.message}")
+        if isinstance(event, InfoEvent):
+            log.info("upstream info host=%s name=%s message=%s", self.host.hostname, event.name, event.message)
+            return
+        kind = event_type(event)
+        EVENTS_RECEIVED.labels(kind).inc()
+        did = getattr(event, "repo", None) or getattr(event, "did", None)
+        if event.seq <= self.cursor:
+            self._drop("seq_not_increasing", event.seq, did)
+            return
+        self.cursor = event.seq
+        self.bucket.wait()
+        verdict = self.verifier.check(event, self.host)
+        if not isinstance(verdict, Accepted):
+            self._drop(verdict.reason, event.seq, did, verdict.detail[:200])
+            self._advance()
+            return
+        if verdict.new_account:
+            limit = self.host.account_limit
+            if limit is not None and self.account_count >= limit:
+                self._drop("host_account_limit", event.seq, did)
+                self._advance()
+                return
+            self.account_count += 1
+        for warning in verdict.warnings:
+            VERIFY_WARNINGS.labels(self.host.hostname, warning).inc()
+        if verdict.gap:
+            ACCOUNTS_RESYNC.inc()
+        self.verifier.accounts.put(verdict.account)
+        self.stats["accepted"] += 1
+        self._wait_for_room()
+        self.sequencer.tell(PersistEvent(self.host.host_id, event.seq, event, verdict.account, received_at))
+        gevent.sleep(0)  # let the sequencer and other hosts run
+
+    def _wait_for_room(self) -> None:
+        inbox = self.sequencer.actor_inbox
+        while inbox.qsize() > self.config.max_queue and not self._stopping:
+            gevent.sleep(0.002)
+
+    def _advance(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.cursor >= 0 and (force or now - self._last_advance >= self.config.cursor_flush_seconds):
+            self._last_advance = now
+            self.sequencer.tell(AdvanceCursor(self.host.host_id, self.cursor))

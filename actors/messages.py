@@ -1,0 +1,91 @@
+"""Messages between the relay's actors: frozen dataclasses holding immutable values.
+
+Commands are imperative (``PersistEvent``), events past tense (``ChildFailed``), queries ``Get*``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from actors.accounts import AccountState
+from protocol.frames import RepoEvent
+
+
+@dataclass(frozen=True, slots=True)
+class PersistEvent:
+    """A verified upstream event: sequence it, log it durably, broadcast it, persist ``account``."""
+
+    host_id: int
+    upstream_seq: int
+    event: RepoEvent
+    account: AccountState | None
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AdvanceCursor:
+    """Everything from ``host_id`` up to ``upstream_seq`` is processed (logged or dropped)."""
+
+    host_id: int
+    upstream_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlushBatch:
+    """Sequencer to itself: write what has accumulated."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """A periodic timer fired (flushes, retention, cursors)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChildFailed:
+    """A supervised child stopped with an error."""
+
+    name: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class RestartChild:
+    """Time to start a failed child again (sent by the supervisor to itself after a backoff)."""
+
+    name: str
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartHost:
+    """Subscribe to ``hostname`` (new from requestCrawl, or known at start-up)."""
+
+    hostname: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopHost:
+    """Unsubscribe from a host (ban, admin)."""
+
+    hostname: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HostGaveUp:
+    """A subscriber failed repeatedly; its supervisor marks it offline and retries slowly."""
+
+    hostname: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberCrashed:
+    """A subscriber's reader greenlet hit a bug: re-raised inside the actor so it fails."""
+
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetTree:
+    """Query: the supervision tree as nested dicts (for the admin interface)."""

@@ -1,0 +1,27 @@
+"""Prometheus metrics of the ingest spine (subscribers, verification, sequencer)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_RECEIVED = Counter("skyrelay_events_received_total", "Upstream frames received", ["type"])
+EVENTS_ACCEPTED = Counter("skyrelay_events_accepted_total", "Upstream events verified and sequenced", ["type"])
+EVENTS_DROPPED = Counter(
+    "skyrelay_events_dropped_total", "Upstream events dropped, by host and reason", ["host", "reason"]
+)
+VERIFY_WARNINGS = Counter(
+    "skyrelay_verify_warnings_total", "Events accepted in lenient mode despite a failed check", ["host", "reason"]
+)
+ACCOUNTS_RESYNC = Counter("skyrelay_accounts_marked_resync_total", "Accounts marked for re-sync after a gap")
+SEQUENCED_BATCH = Histogram(
+    "skyrelay_sequencer_batch_events", "Events per durable batch", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+)
+INGEST_TO_DURABLE = Histogram(
+    "skyrelay_ingest_to_durable_seconds",
+    "From frame receipt to durable in the output log",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+)
+LAST_SEQ = Gauge("skyrelay_last_seq", "Highest relay seq in the output log")
+UPSTREAM_CONNECTED = Gauge("skyrelay_upstream_hosts_connected", "Upstream hosts with an open firehose")
+UPSTREAM_RECONNECTS = Counter("skyrelay_upstream_reconnects_total", "Upstream websocket reconnects", ["reason"])
+CHILD_RESTARTS = Counter("skyrelay_actor_restarts_total", "Supervised actor restarts", ["kind"])

@@ -1,0 +1,173 @@
+"""The sequencer: gives accepted events the relay's seq, makes them durable, then broadcasts.
+
+It is the only writer of the output log. Batches form naturally: the first ``PersistEvent``
+of a batch queues a ``FlushBatch`` behind whatever is already in the inbox. Each batch is
+appended and fsynced before it is told to the broadcaster. Account state and upstream
+cursors are written behind to SQL on ``Tick``; the log is the truth, so after a crash
+``recover()`` re-applies the log tail past the last SQL checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import gevent
+import peewee
+import pykka
+
+from actors.accounts import AccountState
+from actors.messages import AdvanceCursor, FlushBatch, PersistEvent, Tick
+from actors.messages_broadcast import Broadcast
+from actors.metrics import EVENTS_ACCEPTED, INGEST_TO_DURABLE, LAST_SEQ, SEQUENCED_BATCH
+from protocol.car import read_car
+from protocol.commit import decode_commit
+from protocol.errors import ProtocolError
+from protocol.frames import AccountEvent, CommitEvent, SyncEvent, decode_frame, encode_frame, event_type
+from store.accounts import ACTIVE, load_account, upsert_accounts
+from store.eventlog import EventLog, LogRecord
+from store.hosts import get_state, save_cursors, set_state
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+CHECKPOINT_KEY = "sequencer_checkpoint_seq"
+
+
+def off_loop(fn: Callable[[], T]) -> T:
+    """Run blocking I/O (fsync, SQLite) in gevent's thread pool so other greenlets keep going."""
+    from gevent import monkey
+
+    if monkey.is_module_patched("threading"):
+        return gevent.get_hub().threadpool.apply(fn)
+    return fn()
+
+
+class Sequencer(pykka.ThreadingActor):
+    def __init__(self, db: peewee.Database, event_log: EventLog, broadcaster: Any) -> None:
+        super().__init__()
+        self.db = db
+        self.log = event_log
+        self.broadcaster = broadcaster
+        self._pending: list[PersistEvent] = []
+        self._flush_queued = False
+        self._accounts: dict[str, AccountState] = {}
+        self._cursors: dict[int, int] = {}
+        self._last_seq = event_log.last_seq
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, PersistEvent):
+            self._pending.append(message)
+            if not self._flush_queued:
+                self._flush_queued = True
+                self.actor_ref.tell(FlushBatch())
+        elif isinstance(message, FlushBatch):
+            self._flush_queued = False
+            self._flush()
+        elif isinstance(message, AdvanceCursor):
+            if message.upstream_seq > self._cursors.get(message.host_id, -1):
+                self._cursors[message.host_id] = message.upstream_seq
+        elif isinstance(message, Tick):
+            self._flush()
+            self._write_behind()
+        return None
+
+    def on_stop(self) -> None:
+        self._flush()
+        self._write_behind()
+        self.log.close()
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        now = time.time()
+        records = []
+        out = []
+        seq = self._last_seq
+        for item in batch:
+            seq += 1
+            frame = encode_frame(item.event, seq)
+            records.append(LogRecord(seq, now, item.host_id, item.upstream_seq, frame))
+            out.append((seq, frame))
+        self.log.append(records)
+        off_loop(self.log.sync)
+        self._last_seq = seq
+        self.broadcaster.tell(Broadcast(tuple(out)))
+        done = time.time()
+        for item in batch:
+            if item.account is not None:
+                self._accounts[item.account.did] = item.account
+            if item.upstream_seq > self._cursors.get(item.host_id, -1):
+                self._cursors[item.host_id] = item.upstream_seq
+            EVENTS_ACCEPTED.labels(event_type(item.event)).inc()
+            INGEST_TO_DURABLE.observe(done - item.received_at)
+        SEQUENCED_BATCH.observe(len(batch))
+        LAST_SEQ.set(seq)
+
+    def _write_behind(self) -> None:
+        accounts, self._accounts = self._accounts, {}
+        cursors = dict(self._cursors)
+        checkpoint = self._last_seq
+
+        def write() -> None:
+            with self.db.connection_context(), self.db.atomic():
+                upsert_accounts(self.db, (a.to_row() for a in accounts.values()))
+                save_cursors(self.db, cursors.items())
+                set_state(self.db, CHECKPOINT_KEY, str(checkpoint))
+
+        off_loop(write)
+
+
+def recover(db: peewee.Database, event_log: EventLog) -> int:
+    """Open the log and bring SQL up to it: account state and host cursors of the log tail.
+
+    Returns the last durable seq. Called once at start-up, before any actor runs.
+    """
+    with db.connection_context():
+        checkpoint = int(get_state(db, CHECKPOINT_KEY) or 0)
+    info = event_log.open(checkpoint)
+    if info.truncated_bytes:
+        log.warning("event log torn tail removed bytes=%d", info.truncated_bytes)
+    states: dict[str, AccountState] = {}
+    with db.connection_context():
+        for record in info.tail:
+            _reapply(db, record, states)
+        with db.atomic():
+            upsert_accounts(db, (s.to_row() for s in states.values()))
+            save_cursors(db, info.host_cursors.items())
+            set_state(db, CHECKPOINT_KEY, str(info.last_seq))
+    if info.tail:
+        log.info("recovered log tail events=%d last_seq=%d", len(info.tail), info.last_seq)
+    return info.last_seq
+
+
+def _reapply(db: peewee.Database, record: LogRecord, states: dict[str, AccountState]) -> None:
+    try:
+        event = decode_frame(record.frame)
+    except ProtocolError:  # our own frames; a failure here is corruption the crc missed
+        log.error("undecodable frame in log seq=%d", record.seq)
+        return
+    did = getattr(event, "repo", None) or getattr(event, "did", None)
+    if not isinstance(did, str):
+        return
+    state = states.get(did)
+    if state is None:
+        row = load_account(db, did)
+        state = AccountState.from_row(row) if row else AccountState(did=did, host_id=record.host_id or None)
+    if isinstance(event, CommitEvent | SyncEvent):
+        try:
+            car = read_car(event.blocks)
+            root = car.roots[0]
+            commit = decode_commit(car.blocks[root])
+        except (ProtocolError, IndexError, KeyError):
+            return
+        state = state.updated(rev=event.rev, commit_cid=root, data_cid=commit.data)
+    elif isinstance(event, AccountEvent):
+        state = state.updated(upstream_status=ACTIVE if event.active else (event.status or "deactivated"))
+    states[did] = state

@@ -1,0 +1,71 @@
+"""Named queries for accounts: load one, load a host's, upsert many (write-behind from memory)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import peewee
+
+from store.sql import executemany, fetchall, fetchone, to_bytes
+
+# statuses an account can have at the relay (relay-level moderation) or upstream (#account)
+ACTIVE = "active"
+INACTIVE_STATUSES = frozenset(("takendown", "suspended", "deleted", "deactivated", "desynchronized", "throttled"))
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRow:
+    did: str
+    host_id: int | None
+    status: str  # relay-level: active or takendown
+    upstream_status: str  # from the PDS's #account events
+    rev: str | None
+    commit_cid: bytes | None
+    data_cid: bytes | None
+    needs_resync: bool
+
+    @property
+    def active(self) -> bool:
+        return self.status == ACTIVE and self.upstream_status == ACTIVE
+
+
+_COLUMNS = "did, host_id, status, upstream_status, rev, commit_cid, data_cid, needs_resync"
+
+
+def _row(r: tuple[Any, ...]) -> AccountRow:
+    return AccountRow(r[0], r[1], r[2], r[3], r[4], to_bytes(r[5]), to_bytes(r[6]), bool(r[7]))
+
+
+def load_account(db: peewee.Database, did: str) -> AccountRow | None:
+    r = fetchone(db, f"SELECT {_COLUMNS} FROM account WHERE did = ?", (did,))
+    return _row(r) if r else None
+
+
+def list_accounts(db: peewee.Database, *, after_did: str = "", limit: int = 500) -> list[AccountRow]:
+    rows = fetchall(db, f"SELECT {_COLUMNS} FROM account WHERE did > ? ORDER BY did LIMIT ?", (after_did, limit))
+    return [_row(r) for r in rows]
+
+
+def count_accounts_by_host(db: peewee.Database) -> dict[int, int]:
+    rows = fetchall(db, "SELECT host_id, COUNT(*) FROM account WHERE host_id IS NOT NULL GROUP BY host_id")
+    return {int(h): int(n) for h, n in rows}
+
+
+def upsert_accounts(db: peewee.Database, rows: Iterable[AccountRow]) -> None:
+    """Insert or update many accounts in one batched statement (caller holds the transaction)."""
+    now = time.time()
+    executemany(
+        db,
+        "INSERT INTO account (did, host_id, status, upstream_status, rev, commit_cid, data_cid, needs_resync,"
+        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (did) DO UPDATE SET host_id = excluded.host_id, status = excluded.status,"
+        " upstream_status = excluded.upstream_status, rev = excluded.rev, commit_cid = excluded.commit_cid,"
+        " data_cid = excluded.data_cid, needs_resync = excluded.needs_resync, updated_at = excluded.updated_at",
+        [
+            (r.did, r.host_id, r.status, r.upstream_status, r.rev, r.commit_cid, r.data_cid, r.needs_resync, now, now)
+            for r in rows
+        ],
+    )

@@ -1,0 +1,125 @@
+"""Named queries for upstream hosts: create, list, cursors, status, limits, domain bans."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import peewee
+
+from store.sql import execute, executemany, fetchall, fetchone
+
+HOST_ACTIVE = "active"
+HOST_OFFLINE = "offline"  # kept failing; retried on a slow schedule
+HOST_BANNED = "banned"
+HOST_THROTTLED = "throttled"
+
+
+@dataclass(frozen=True, slots=True)
+class HostRow:
+    id: int
+    hostname: str
+    status: str
+    last_seq: int
+    account_limit: int | None
+    events_per_second: float | None
+    account_count: int
+    lenient: bool
+    trusted: bool
+    last_error: str | None
+
+
+_COLUMNS = (
+    "id, hostname, status, last_seq, account_limit, events_per_second, account_count, lenient, trusted, last_error"
+)
+
+
+def _row(r: tuple[Any, ...]) -> HostRow:
+    return HostRow(int(r[0]), r[1], r[2], int(r[3]), r[4], r[5], int(r[6]), bool(r[7]), bool(r[8]), r[9])
+
+
+def get_host(db: peewee.Database, hostname: str) -> HostRow | None:
+    r = fetchone(db, f"SELECT {_COLUMNS} FROM host WHERE hostname = ?", (hostname,))
+    return _row(r) if r else None
+
+
+def get_host_by_id(db: peewee.Database, host_id: int) -> HostRow | None:
+    r = fetchone(db, f"SELECT {_COLUMNS} FROM host WHERE id = ?", (host_id,))
+    return _row(r) if r else None
+
+
+def ensure_host(db: peewee.Database, hostname: str, *, account_limit: int | None = None) -> HostRow:
+    """The host row for ``hostname``, created (status active, no cursor) if it is new."""
+    existing = get_host(db, hostname)
+    if existing:
+        return existing
+    now = time.time()
+    with db.atomic():
+        execute(
+            db,
+            "INSERT INTO host (hostname, status, last_seq, account_limit, created_at, updated_at)"
+            " VALUES (?, ?, -1, ?, ?, ?) ON CONFLICT (hostname) DO NOTHING",
+            (hostname, HOST_ACTIVE, account_limit, now, now),
+        )
+    row = get_host(db, hostname)
+    assert row is not None
+    return row
+
+
+def list_hosts(db: peewee.Database, *, after_id: int = 0, limit: int = 1000) -> list[HostRow]:
+    rows = fetchall(db, f"SELECT {_COLUMNS} FROM host WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+    return [_row(r) for r in rows]
+
+
+def save_cursors(db: peewee.Database, cursors: Iterable[tuple[int, int]]) -> None:
+    """Persist upstream cursors: (host_id, last upstream seq processed); never moves backwards."""
+    now = time.time()
+    executemany(
+        db,
+        "UPDATE host SET last_seq = ?, updated_at = ? WHERE id = ? AND last_seq < ?",
+        [(seq, now, host_id, seq) for host_id, seq in cursors],
+    )
+
+
+def set_host_status(db: peewee.Database, host_id: int, status: str, error: str | None = None) -> None:
+    execute(db, "UPDATE host SET status = ?, last_error = ?, updated_at = ? WHERE id = ?",
+            (status, error, time.time(), host_id))  # fmt: skip
+
+
+def set_host_limits(
+    db: peewee.Database, host_id: int, *, account_limit: int | None, events_per_second: float | None
+) -> None:
+    execute(db, "UPDATE host SET account_limit = ?, events_per_second = ?, updated_at = ? WHERE id = ?",
+            (account_limit, events_per_second, time.time(), host_id))  # fmt: skip
+
+
+def save_account_counts(db: peewee.Database, counts: Iterable[tuple[int, int]]) -> None:
+    executemany(db, "UPDATE host SET account_count = ? WHERE id = ?", [(n, h) for h, n in counts])
+
+
+def banned_domains(db: peewee.Database) -> list[str]:
+    return [r[0] for r in fetchall(db, "SELECT domain FROM domain_ban ORDER BY domain")]
+
+
+def add_domain_ban(db: peewee.Database, domain: str) -> None:
+    execute(db, "INSERT INTO domain_ban (domain, created_at) VALUES (?, ?) ON CONFLICT (domain) DO NOTHING",
+            (domain.lower(), time.time()))  # fmt: skip
+
+
+def remove_domain_ban(db: peewee.Database, domain: str) -> None:
+    execute(db, "DELETE FROM domain_ban WHERE domain = ?", (domain.lower(),))
+
+
+def get_state(db: peewee.Database, key: str) -> str | None:
+    r = fetchone(db, "SELECT value FROM relay_state WHERE key = ?", (key,))
+    return r[0] if r else None
+
+
+def set_state(db: peewee.Database, key: str, value: str) -> None:
+    execute(
+        db,
+        "INSERT INTO relay_state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
