@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the reference atproto PDS and PLC directory (pinned in package-lock.json) into a cache folder.
 #
-#   scripts/refpds/install.sh            # into $SKYRELAY_REFPDS_DIR, default ~/.cache/skyrelay-refpds
+#   scripts/refpds/install.sh [DIR]      # into DIR, else $SKYRELAY_REFPDS_DIR, else ~/.cache/skyrelay-refpds
 #
 # Idempotent: a stamp file holds the sha256 of package.json + package-lock.json; when it matches, nothing
 # is done. Needs only node (any version npm runs on, e.g. 20) and npm: the node 22 binary that the PDS
@@ -10,7 +10,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-dest=${SKYRELAY_REFPDS_DIR:-$HOME/.cache/skyrelay-refpds}
+dest=${1:-${SKYRELAY_REFPDS_DIR:-$HOME/.cache/skyrelay-refpds}}
 min_node_major=22
 min_node_minor=19
 
