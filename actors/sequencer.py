@@ -45,8 +45,12 @@ def off_loop(fn: Callable[[], T]) -> T:
 
 
 class Sequencer(pykka.ThreadingActor):
-    def __init__(self, db: peewee.Database, event_log: EventLog, broadcaster: Any) -> None:
+    def __init__(
+        self, db: peewee.Database, event_log: EventLog, broadcaster: Any, *, prune_interval_seconds: float = 60.0
+    ) -> None:
         super().__init__()
+        self.prune_interval_seconds = prune_interval_seconds
+        self._last_prune = time.monotonic()
         self.db = db
         self.log = event_log
         self.broadcaster = broadcaster
@@ -75,6 +79,11 @@ class Sequencer(pykka.ThreadingActor):
         elif isinstance(message, Tick):
             self._flush()
             self._write_behind()
+            if time.monotonic() - self._last_prune >= self.prune_interval_seconds:
+                self._last_prune = time.monotonic()
+                removed = off_loop(self.log.prune)
+                if removed:
+                    log.info("event log pruned records=%d first_seq=%d", removed, self.log.first_seq)
         return None
 
     def on_stop(self) -> None:

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 from typing import Any
 
 import gevent
+import gevent.event
+from flask import Blueprint, Response
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from actors.supervisor import RelaySupervisor
 from config.logs import configure_logging
 from config.settings import Settings
 from store.db import open_database, ping
 from store.migrations import apply_migrations
 from web.app import create_app
+from web.firehose import firehose_blueprint, pre_upgrade_hook
+from web.xrpc_sync import sync_blueprint
 
 log = logging.getLogger(__name__)
 
@@ -22,31 +29,54 @@ log = logging.getLogger(__name__)
 class Services:
     """What the web layer needs from the running relay."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, relay: RelaySupervisor) -> None:
         self.settings = settings
-        self.db = open_database(settings.effective_database_url())
+        self.relay = relay
+        self.db = relay.db
 
     def health(self) -> bool:
-        return ping(self.db)
+        with self.db.connection_context():
+            return ping(self.db)
 
-    def blueprints(self) -> list[Any]:
-        return []
+    def blueprints(self) -> list[Blueprint]:
+        metrics = Blueprint("metrics", __name__)
+
+        @metrics.get("/metrics")
+        def prometheus() -> Any:
+            return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+
+        return [
+            firehose_blueprint(
+                self.relay.event_log, self.relay.registry, buffer_frames=self.settings.consumer_buffer_frames
+            ),
+            sync_blueprint(db=self.db, host_supervisor=self.relay.hosts, insecure=self.settings.allow_insecure_hosts),
+            metrics,
+        ]
 
 
 def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or until an essential actor dies (exit 1)."""
     configure_logging(settings.log_level, settings.log_format)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    services = Services(settings)
-    apply_migrations(services.db)
-    app = create_app(services)
+    db = open_database(settings.effective_database_url())
+    apply_migrations(db)
+    relay = RelaySupervisor(settings, db)
+    relay.start()
+    app = create_app(Services(settings, relay))
     host, port = settings.bind_host_port()
     server = WSGIServer((host, port), app, handler_class=WebSocketHandler, log=None)
+    server.pre_start_hook = pre_upgrade_hook
     stop = gevent.event.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(sig, stop.set)
     server.start()
+    gc.freeze()  # long-lived start-up objects out of the cyclic GC's way (see HACKING.md)
     log.info("relay listening bind=%s:%d", host, server.server_port)
-    stop.wait()
-    log.info("relay stopping")
+    status = relay.wait(stop)
+    if status:
+        log.error("relay stopping after a fatal error reason=%s", relay.fatal_reason)
+    else:
+        log.info("relay stopping")
     server.stop(timeout=5)
-    return 0
+    relay.stop()
+    return status

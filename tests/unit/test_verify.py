@@ -5,28 +5,22 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import libipld
 import pytest
 
 from actors.accounts import AccountCache
 from actors.verify import Accepted, Dropped, HostContext, Verifier, VerifyLimits
-from protocol.car import read_car, write_car
-from protocol.cid import cid_for_dag_cbor
-from protocol.commit import encode_commit
 from protocol.crypto import PrivateKey, parse_verification_method
 from protocol.frames import CommitEvent, decode_frame
 from protocol.repo_writer import RepoWriter, Write
-from protocol.syntax import make_tid
 from store.db import open_database
 from store.migrations import apply_migrations
+from tests.support import forge
 
 HOST = HostContext(host_id=1, hostname="pds.example.com")
 DID = "did:plc:verifytestaccount0000001"
-N_K256 = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
 @dataclass
@@ -107,14 +101,7 @@ def test_good_commits_pass_and_forgeries_between_them_drop(world: tuple[Verifier
     accept(verifier, good)
 
     # forged signature: another key signs the next commit
-    forger = RepoWriter(DID, PrivateKey.generate("k256"))
-    forger.blocks, forger.data, forger.records, forger.rev = (
-        dict(writer.blocks),
-        writer.data,
-        dict(writer.records),
-        writer.rev,
-    )
-    forged = forger.commit([Write("create", "app.bsky.feed.post/3bbbbbbbbbbbb", {"text": "evil"})], 3)
+    forged = forge.bad_signature(writer, [Write("create", "app.bsky.feed.post/3bbbbbbbbbbbb", {"text": "evil"})], 3)
     assert dropped(verifier, forged) == "bad_signature"
     assert identities.refreshes == 1  # one refresh before giving up
 
@@ -126,14 +113,7 @@ def test_high_s_signature_is_dropped(world: tuple[Verifier, RepoWriter, Identiti
     verifier, writer, _ = world
     accept(verifier, writer.commit([], 1))
     event = writer.commit([Write("create", "app.bsky.feed.post/3aaaaaaaaaaaa", {"text": "x"})], 2)
-    car = read_car(event.blocks)
-    commit = libipld.decode_dag_cbor(car.blocks[event.commit])
-    r, s = commit["sig"][:32], int.from_bytes(commit["sig"][32:], "big")
-    high = r + (N_K256 - s).to_bytes(32, "big")
-    block = encode_commit(DID, commit["data"], commit["rev"], None, lambda _unsigned: high)
-    cid = cid_for_dag_cbor(block)
-    blocks = {cid: block, **{k: v for k, v in car.blocks.items() if k != event.commit}}
-    forged = dataclasses.replace(event, commit=cid, blocks=write_car([cid], blocks.items()))
+    forged = forge.high_s(event)
     assert dropped(verifier, forged) == "bad_signature"
 
 
@@ -157,8 +137,7 @@ def test_rev_rollback_and_replay_are_dropped(world: tuple[Verifier, RepoWriter, 
 def test_future_rev_is_dropped(world: tuple[Verifier, RepoWriter, Identities]) -> None:
     verifier, writer, _ = world
     accept(verifier, writer.commit([], 1))
-    future = make_tid(int((time.time() + 3600) * 1_000_000), 0)
-    event = writer.commit([Write("create", "app.bsky.feed.post/3aaaaaaaaaaaa", {})], 2, rev=future)
+    event = forge.future_rev_commit(writer, [Write("create", "app.bsky.feed.post/3aaaaaaaaaaaa", {})], 2)
     assert dropped(verifier, event) == "rev_in_future"
 
 
@@ -169,7 +148,7 @@ def test_broken_prev_data_is_dropped_strict_and_warned_lenient(
     accept(verifier, writer.commit([], 1))
     accept(verifier, writer.commit([Write("create", "app.bsky.feed.post/3aaaaaaaaaaaa", {})], 2))
     event = writer.commit([Write("create", "app.bsky.feed.post/3bbbbbbbbbbbb", {})], 3)
-    broken = dataclasses.replace(event, prev_data=cid_for_dag_cbor(b"\xa0"))
+    broken = forge.broken_prev_data(event)
     assert dropped(verifier, broken) == "bad_prev_data"
     missing = dataclasses.replace(event, prev_data=None)
     assert dropped(verifier, missing) == "no_prev_data"
@@ -182,12 +161,7 @@ def test_wrong_block_hash_is_dropped(world: tuple[Verifier, RepoWriter, Identiti
     verifier, writer, _ = world
     accept(verifier, writer.commit([], 1))
     event = writer.commit([Write("create", "app.bsky.feed.post/3aaaaaaaaaaaa", {"text": "original"})], 2)
-    car = read_car(event.blocks)
-    record_cid = event.ops[0].cid
-    assert record_cid is not None
-    tampered = dict(car.blocks)
-    tampered[record_cid] = car.blocks[record_cid].replace(b"original", b"tampered")
-    forged = dataclasses.replace(event, blocks=write_car(car.roots, tampered.items()))
+    forged = forge.tampered_block(event)
     assert dropped(verifier, forged) == "bad_block_hash"
     accept(verifier, event)
 

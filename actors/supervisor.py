@@ -1,0 +1,181 @@
+"""The relay's supervision tree: start storage-facing actors in order, watch them, stop in reverse.
+
+``RelaySupervisor`` is the root: Broadcaster -> Sequencer -> IdentityResolver -> HostSupervisor
+(which owns one HostSubscriber per host). The sequencer and the broadcaster are essential:
+if either dies the relay cannot keep its promises (durable, ordered output), so the process
+stops with a non-zero status. The identity resolver is restarted with backoff. pykka has no
+supervision; failures are seen by a watchdog that checks the children's liveness.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import gevent
+import gevent.event
+import peewee
+
+from actors.accounts import AccountCache
+from actors.backoff import Backoff
+from actors.broadcaster import Broadcaster, ConsumerRegistry
+from actors.crawl import is_banned
+from actors.host_subscriber import SubscriberConfig
+from actors.host_supervisor import HostSupervisor
+from actors.identity import IdentityDirectory, IdentityResolver
+from actors.messages import GetTree, StartHost, Tick
+from actors.metrics import CHILD_RESTARTS
+from actors.sequencer import Sequencer, recover
+from actors.verify import Verifier, VerifyLimits
+from config.settings import Settings
+from store.eventlog import EventLog
+from store.hosts import HOST_ACTIVE, HOST_OFFLINE, banned_domains, list_hosts
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL_SECONDS = 0.5
+TICK_SECONDS = 1.0
+ASK_TIMEOUT_SECONDS = 5.0
+
+
+class RelaySupervisor:
+    """Owns the actor tree of one relay process. ``start()``, then ``wait()``; ``stop()`` on signal."""
+
+    def __init__(self, settings: Settings, db: peewee.Database) -> None:
+        self.settings = settings
+        self.db = db
+        self.registry = ConsumerRegistry()
+        self.event_log = EventLog(
+            settings.data_dir / "events",
+            db,
+            retention_seconds=settings.replay_window_hours * 3600,
+        )
+        self.directory = IdentityDirectory(
+            db,
+            plc_url=settings.plc_url,
+            allow_insecure_hosts=settings.allow_insecure_hosts,
+            ttl_seconds=settings.identity_ttl_seconds,
+        )
+        self.accounts = AccountCache(db)
+        self.verifier = Verifier(
+            self.directory,
+            self.accounts,
+            VerifyLimits(
+                max_ops=settings.max_commit_ops,
+                max_rev_future_seconds=settings.max_rev_future_seconds,
+                lenient=settings.lenient_sync_validation,
+            ),
+        )
+        self.fatal = gevent.event.Event()
+        self.fatal_reason: str | None = None
+        self.broadcaster: Any = None
+        self.sequencer: Any = None
+        self.identity: Any = None
+        self.hosts: Any = None
+        self._identity_backoff = Backoff()
+        self._stopping = False
+        self._greenlets: list[gevent.Greenlet] = []
+        self.started_at = time.time()
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        last_seq = recover(self.db, self.event_log)
+        log.info("event log open last_seq=%d first_seq=%d", last_seq, self.event_log.first_seq)
+        self.broadcaster = Broadcaster.start(self.registry)
+        self.sequencer = Sequencer.start(self.db, self.event_log, self.broadcaster, prune_interval_seconds=60.0)
+        self._start_identity()
+        self.hosts = HostSupervisor.start(
+            db=self.db,
+            verifier=self.verifier,
+            sequencer=self.sequencer,
+            config=SubscriberConfig(
+                max_frame_bytes=self.settings.max_frame_bytes,
+                max_ops=self.settings.max_commit_ops,
+                max_queue=max(1000, self.settings.host_inflight_events * 4),
+                cursor_flush_seconds=self.settings.cursor_flush_seconds,
+                insecure=self.settings.allow_insecure_hosts,
+            ),
+            default_account_limit=self.settings.default_host_account_limit,
+            default_events_per_second=self.settings.default_host_events_per_second,
+            lenient=self.settings.lenient_sync_validation,
+            is_banned=self._is_banned,
+        )
+        with self.db.connection_context():
+            known = [
+                h.hostname for h in list_hosts(self.db, limit=1_000_000) if h.status in (HOST_ACTIVE, HOST_OFFLINE)
+            ]
+        for hostname in dict.fromkeys([*known, *self.settings.crawl_hosts]):
+            self.hosts.tell(StartHost(hostname))
+        self._greenlets = [gevent.spawn(self._watch), gevent.spawn(self._tick)]
+
+    def _start_identity(self) -> None:
+        self.identity = IdentityResolver.start(self.directory)
+        self._identity_backoff.started()
+
+    def _is_banned(self, hostname: str) -> bool:
+        with self.db.connection_context():
+            return is_banned(hostname, banned_domains(self.db))
+
+    def wait(self, stop: gevent.event.Event) -> int:
+        """Block until ``stop`` is set or an essential actor dies; return the exit status."""
+        while not stop.is_set() and not self.fatal.is_set():
+            gevent.wait([stop, self.fatal], count=1, timeout=5)
+        return 1 if self.fatal.is_set() else 0
+
+    def stop(self) -> None:
+        """Stop in reverse start order: hosts (flush cursors), identity, sequencer (sync log), broadcaster."""
+        self._stopping = True
+        last_seq = self.event_log.last_seq
+        for g in self._greenlets:
+            g.kill(block=False)
+        for ref in (self.hosts, self.identity, self.sequencer, self.broadcaster):
+            if ref is not None and ref.is_alive():
+                try:
+                    ref.stop(block=True, timeout=30)
+                except Exception:
+                    log.exception("actor did not stop cleanly")
+        for consumer in self.registry.consumers():
+            consumer.close()
+        log.info("relay stopped last_seq=%d", last_seq)
+
+    # -- watching -----------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._stopping:
+            gevent.sleep(WATCH_INTERVAL_SECONDS)
+            if self._stopping:
+                return
+            for name, ref in (("sequencer", self.sequencer), ("broadcaster", self.broadcaster),
+                              ("hosts", self.hosts)):  # fmt: skip
+                if ref is not None and not ref.is_alive():
+                    self.fatal_reason = f"{name} stopped unexpectedly"
+                    log.error("essential actor died actor=%s: stopping the relay", name)
+                    self.fatal.set()
+                    return
+            if self.identity is not None and not self.identity.is_alive():
+                delay = self._identity_backoff.next_delay()
+                log.warning("identity resolver died: restarting in %.1fs", delay)
+                CHILD_RESTARTS.labels("identity_resolver").inc()
+                self.identity = None
+                gevent.spawn_later(delay, self._start_identity)
+
+    def _tick(self) -> None:
+        while not self._stopping:
+            gevent.sleep(TICK_SECONDS)
+            if self.sequencer is not None and self.sequencer.is_alive():
+                self.sequencer.tell(Tick())
+
+    # -- for the web layer --------------------------------------------------------------------
+    def tree(self) -> dict[str, Any]:
+        def leaf(name: str, kind: str, ref: Any) -> dict[str, Any]:
+            alive = ref is not None and ref.is_alive()
+            return {"name": name, "kind": kind, "state": "running" if alive else "stopped", "children": []}
+
+        children = [
+            leaf("broadcaster", "Broadcaster", self.broadcaster),
+            leaf("sequencer", "Sequencer", self.sequencer),
+            leaf("identity", "IdentityResolver", self.identity),
+        ]
+        if self.hosts is not None and self.hosts.is_alive():
+            children.append(self.hosts.ask(GetTree(), timeout=ASK_TIMEOUT_SECONDS))
+        return {"name": "relay", "kind": "RelaySupervisor", "state": "running", "children": children}
