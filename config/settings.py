@@ -60,6 +60,12 @@ class Settings:
     consumer_buffer_frames: int = 20_000
     # events in flight per upstream host before its subscriber stops reading
     host_inflight_events: int = 500
+    # consecutive failed connections before an upstream host is marked offline
+    upstream_max_failures: int = 8
+    # seconds before an offline host is tried again
+    offline_retry_seconds: float = 900.0
+    # seconds of upstream silence before a connection is considered dead (pings every third of it)
+    upstream_idle_timeout_seconds: float = 90.0
     # seconds between upstream cursor flushes to the database
     cursor_flush_seconds: float = 5.0
     # seconds an identity (DID document) stays fresh in the cache
