@@ -1,0 +1,388 @@
+"""The relay's output firehose: ``GET /xrpc/com.atproto.sync.subscribeRepos?cursor=N`` over a websocket.
+
+Behaviour, per the atproto event-stream spec:
+
+- no cursor: live events only, from the moment of connection;
+- a cursor that is not a non-negative integer: HTTP 400 ``InvalidRequest`` before any upgrade
+  (this needs ``pre_upgrade_hook`` installed on the server; see its docstring);
+- cursor > the log's last seq: error frame ``FutureCursor``, then close;
+- cursor older than retention (``cursor < first_seq - 1``): ``#info`` ``OutdatedCursor``, then
+  replay from the oldest retained event;
+- replay, then live, with no gap and no duplicate: the connection replays the log without
+  buffering, registers for live frames, replays the log again until it is exhausted, then sends
+  the buffered live frames whose seq is above the last one sent. Events are durable in the log
+  before they are broadcast, so every event is in the log or in the buffer.
+- a consumer whose buffer overflows is cut by the broadcaster: error frame ``ConsumerTooSlow``,
+  then close. A socket that accepts nothing for ``send_stall_seconds`` is shut down.
+
+Each connection is one writer (the request greenlet, the only one that writes to the socket)
+and one reader greenlet that discards client messages (frames over ``max_client_frame_bytes``
+close the connection), answers pings through the writer and notices the client's close.
+Frames are pre-built websocket frames (the broadcaster frames each live event once), written
+straight to the socket joined into ~1 MiB writes: one send per batch, not one per frame.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import parse_qs
+
+import gevent
+from flask import Blueprint, Response, jsonify, request
+
+from actors.broadcaster import Consumer, ConsumerRegistry, websocket_frame, websocket_header
+from protocol.frames import error_frame, info_frame
+from web.xrpc_errors import XrpcError
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBE_REPOS_PATH = "/xrpc/com.atproto.sync.subscribeRepos"
+
+_MAX_CURSOR = 2**63 - 1
+_SEND_CHUNK_BYTES = 1 << 20  # bytes joined into one sendall
+_TAKE_FRAMES = 4096  # live frames taken from the consumer queue at once
+_READ_RECORDS = 1000  # records per read_after call during replay
+_IDLE_WAIT_SECONDS = 30.0  # a waiting writer re-checks its state this often
+
+_OP_CONTINUATION, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_CLIENT_OPCODES = frozenset((_OP_CONTINUATION, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG))
+_CLOSE_PROTOCOL_ERROR, _CLOSE_POLICY, _CLOSE_TOO_BIG = 1002, 1008, 1009
+
+
+class EventLogReader(Protocol):
+    """What the firehose needs from the event log."""
+
+    @property
+    def last_seq(self) -> int: ...
+
+    @property
+    def first_seq(self) -> int: ...
+
+    def read_after(self, cursor: int, max_records: int = 1000) -> list[tuple[int, bytes]]: ...
+
+
+def parse_cursor(values: list[str]) -> int | None:
+    """The ``cursor`` query values as a seq (``None`` when absent); raises ``XrpcError`` if malformed."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise XrpcError("InvalidRequest", "cursor must be given at most once")
+    raw = values[0]
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > _MAX_CURSOR:
+        raise XrpcError("InvalidRequest", "cursor must be a non-negative integer")
+    return int(raw)
+
+
+def _handshake_complete(environ: dict[str, Any]) -> bool:
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION") not in ("13", "8", "7"):
+        return False
+    try:
+        return len(base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip(), validate=True)) == 16
+    except ValueError:
+        return False
+
+
+def pre_upgrade_hook(handler: Any) -> bool:
+    """gevent-websocket ``pre_start_hook``: ``True`` keeps a bad firehose request plain HTTP.
+
+    gevent-websocket's ``WebSocketHandler`` answers 101 before the application runs, so a
+    malformed cursor (or an incomplete handshake, which it would answer in plain text) must be
+    caught here; the request then reaches the view without a websocket and gets a 400 XRPC body.
+    Install with ``server.pre_start_hook = pre_upgrade_hook`` on the ``WSGIServer``.
+    """
+    environ = handler.environ
+    if environ.get("PATH_INFO") != SUBSCRIBE_REPOS_PATH:
+        return False
+    try:
+        parse_cursor(parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).get("cursor", []))
+    except XrpcError:
+        return True
+    return environ.get("HTTP_UPGRADE", "").lower() == "websocket" and not _handshake_complete(environ)
+
+
+def firehose_blueprint(
+    log_reader: EventLogReader,
+    registry: ConsumerRegistry,
+    *,
+    buffer_frames: int,
+    send_stall_seconds: float = 30.0,
+    max_client_frame_bytes: int = 4096,
+) -> Blueprint:
+    """The subscribeRepos websocket route, reading ``log_reader`` and registering in ``registry``.
+
+    ``buffer_frames`` bounds each consumer's queue of live frames; ``send_stall_seconds`` is how
+    long a socket may accept no bytes before the connection is dropped; ``max_client_frame_bytes``
+    caps any frame a client sends (the relay expects none but pings and close).
+    """
+    limits = _Limits(buffer_frames, send_stall_seconds, max_client_frame_bytes)
+    blueprint = Blueprint("firehose", __name__)
+
+    @blueprint.route(SUBSCRIBE_REPOS_PATH, websocket=True)
+    def subscribe_repos() -> Any:
+        ws = request.environ.get("wsgi.websocket")
+        if ws is None:
+            parse_cursor(request.args.getlist("cursor"))
+            raise XrpcError(
+                "InvalidRequest", "incomplete websocket handshake: Sec-WebSocket-Key and Sec-WebSocket-Version required"
+            )
+        try:
+            cursor = parse_cursor(request.args.getlist("cursor"))
+        except XrpcError as exc:  # already upgraded: the server runs without pre_upgrade_hook
+            ws.send(error_frame(exc.error, exc.message))
+            ws.close()
+            return ""
+        _Connection(ws, log_reader, registry, request.remote_addr or "", limits).serve(cursor)
+        return ""
+
+    @blueprint.get(SUBSCRIBE_REPOS_PATH)
+    def subscribe_repos_plain() -> Any:
+        parse_cursor(request.args.getlist("cursor"))
+        body = {"error": "InvalidRequest", "message": "subscribeRepos is a websocket endpoint: upgrade required"}
+        response: Response = jsonify(body)
+        response.status_code = 426
+        response.headers["Upgrade"] = "websocket"
+        return response
+
+    return blueprint
+
+
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    buffer_frames: int
+    stall_seconds: float
+    max_client_frame_bytes: int
+
+
+class _Disconnect(Exception):
+    """The connection is over: client gone, client closed, or the relay closed it."""
+
+
+class _SendStalled(Exception):
+    """The socket accepted no bytes for the stall timeout."""
+
+
+class _Connection:
+    """One firehose consumer: replay, hand-off, live fan-out, and its client reader."""
+
+    def __init__(
+        self,
+        ws: Any,
+        log_reader: EventLogReader,
+        registry: ConsumerRegistry,
+        remote: str,
+        limits: _Limits,
+    ) -> None:
+        self._ws = ws
+        self._socket = ws.handler.socket
+        self._log = log_reader
+        self._registry = registry
+        self._remote = remote
+        self._limits = limits
+        self._consumer: Consumer | None = None
+        self._pong: bytes | None = None  # the pong frame answering the latest client ping
+        self._client_close: bytes | None = None  # the close payload to echo
+        self._client_gone = False  # EOF or socket error on read
+        self._reader_failed: tuple[str, int] | None = None  # (cut reason, close code)
+
+    # -- writer ------------------------------------------------------------------------
+
+    def serve(self, cursor: int | None) -> None:
+        """Run the connection until it ends; never raises for a client going away."""
+        limits = self._limits
+        consumer = self._consumer = self._registry.register(buffer_frames=limits.buffer_frames, remote=self._remote)
+        reader = gevent.spawn(self._read_loop)
+        log.debug("firehose consumer connected remote=%s cursor=%s", self._remote, cursor)
+        try:
+            self._run(consumer, cursor)
+        except (_Disconnect, OSError) as exc:
+            log.debug("firehose consumer disconnected remote=%s reason=%s", self._remote, exc)
+        except _SendStalled:
+            consumer.cut("send_stalled")
+            log.info("firehose consumer cut reason=send_stalled remote=%s", self._remote)
+            self._shutdown()
+        except Exception:
+            log.exception("firehose connection failed remote=%s", self._remote)
+            self._shutdown()
+        finally:
+            self._registry.unregister(consumer)
+            reader.kill(block=False)
+            self._ws.closed = True  # we sent (or could not send) the close frame ourselves
+
+    def _run(self, consumer: Consumer, cursor: int | None) -> None:
+        last_sent = -1
+        if cursor is not None:
+            newest = self._log.last_seq
+            if cursor > newest:
+                self._write_frame(error_frame("FutureCursor", f"cursor {cursor} is ahead of the newest event {newest}"))
+                self._close(_CLOSE_POLICY, "FutureCursor")
+                return
+            last_sent = self._replay(cursor)  # catch up without buffering live frames
+            consumer.start_buffering()
+            last_sent = self._replay(last_sent)  # events that became durable meanwhile
+        else:
+            consumer.start_buffering()
+        self._live(consumer, last_sent)
+
+    def _replay(self, after: int) -> int:
+        """Send every logged frame with seq > ``after`` until the log is exhausted; the last seq sent."""
+        last = after
+        while True:
+            self._check_client()
+            first = self._log.first_seq
+            if first > 0 and last < first - 1:
+                message = f"cursor {last} is older than the oldest retained event {first}; replaying from there"
+                self._write_frame(info_frame("OutdatedCursor", message))
+            records = self._log.read_after(last, _READ_RECORDS)
+            if not records:
+                return last
+            parts: list[bytes] = []
+            size = count = 0
+            for seq, frame in records:
+                parts.append(websocket_header(len(frame)))
+                parts.append(frame)
+                size += len(frame)
+                count += 1
+                if size >= _SEND_CHUNK_BYTES:
+                    self._send(parts, count)
+                    last = seq
+                    parts, size, count = [], 0, 0
+            if parts:
+                self._send(parts, count)
+            last = records[-1][0]
+
+    def _live(self, consumer: Consumer, last_sent: int) -> None:
+        while True:
+            batch = consumer.take(_TAKE_FRAMES, _IDLE_WAIT_SECONDS)
+            if batch and batch[0][0] <= last_sent:
+                batch = [item for item in batch if item[0] > last_sent]
+            if batch:
+                parts: list[bytes] = []
+                size = 0
+                for _, wire in batch:
+                    parts.append(wire)
+                    size += len(wire)
+                    if size >= _SEND_CHUNK_BYTES:
+                        self._send(parts, len(parts))
+                        parts, size = [], 0
+                if parts:
+                    self._send(parts, len(parts))
+                last_sent = batch[-1][0]
+            self._check_client()
+            reason = consumer.cut_reason
+            if reason is not None:
+                self._write_frame(error_frame("ConsumerTooSlow", "consumer fell too far behind the live stream"))
+                self._close(_CLOSE_POLICY, "ConsumerTooSlow")
+                return
+
+    def _check_client(self) -> None:
+        """Send queued pongs; end the connection if the reader saw a close, EOF or a bad frame."""
+        pong, self._pong = self._pong, None
+        if pong is not None:
+            self._write_raw(pong)
+        if self._reader_failed is not None:
+            reason, code = self._reader_failed
+            if self._consumer is not None:
+                self._consumer.cut(reason)
+            log.debug("firehose consumer cut reason=%s remote=%s", reason, self._remote)
+            self._close(code, reason)
+            raise _Disconnect(reason)
+        if self._client_gone:
+            raise _Disconnect("client gone")
+        if self._client_close is not None:
+            self._write_raw(websocket_frame(self._client_close, _OP_CLOSE))
+            raise _Disconnect("client closed")
+
+    def _send(self, parts: list[bytes], frames: int) -> None:
+        self._write_raw(b"".join(parts))
+        if self._consumer is not None:
+            self._consumer.sent(frames)
+
+    def _write_frame(self, payload: bytes) -> None:
+        self._write_raw(websocket_frame(payload))
+
+    def _write_raw(self, data: bytes) -> None:
+        """Write ``data`` whole; ``_SendStalled`` if the socket accepts no byte for the stall timeout."""
+        view = memoryview(data)
+        try:
+            sent = self._socket.send(view, 0, timeout=0.0)  # gevent: fail instead of waiting
+        except BlockingIOError:
+            sent = 0
+        while sent < len(view):
+            view = view[sent:]
+            # gevent's send waits for the socket to be writable, then sends what fits: the
+            # timeout can only fire while waiting, so it measures time without progress.
+            with gevent.Timeout(self._limits.stall_seconds, _SendStalled):
+                sent = self._socket.send(view)
+
+    def _close(self, code: int, reason: str) -> None:
+        self._write_raw(websocket_frame(struct.pack("!H", code) + reason.encode()[:120], _OP_CLOSE))
+
+    def _shutdown(self) -> None:
+        try:
+            self._socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # -- reader ------------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        """Read and discard client frames; queue pongs; note close, EOF and bad frames; wake the writer."""
+        read: Callable[[int], bytes] = self._ws.stream.read
+        try:
+            while True:
+                opcode, payload = self._read_frame(read)
+                if opcode == _OP_PING:
+                    self._pong = websocket_frame(payload, _OP_PONG)  # only the latest ping needs an answer
+                    self._wake()
+                elif opcode == _OP_CLOSE:
+                    self._client_close = payload[:2] if len(payload) >= 2 else b""
+                    break
+        except _ClientFrameTooBig:
+            self._reader_failed = ("client_frame_too_big", _CLOSE_TOO_BIG)
+        except _ClientProtocolError:
+            self._reader_failed = ("client_protocol_error", _CLOSE_PROTOCOL_ERROR)
+        except (EOFError, OSError):
+            self._client_gone = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._consumer is not None:
+            self._consumer.wake()
+
+    def _read_frame(self, read: Callable[[int], bytes]) -> tuple[int, bytes]:
+        head = _read_exactly(read, 2)
+        opcode, length = head[0] & 0x0F, head[1] & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", _read_exactly(read, 2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", _read_exactly(read, 8))[0]
+        if length > self._limits.max_client_frame_bytes:
+            raise _ClientFrameTooBig
+        if opcode not in _CLIENT_OPCODES or not head[1] & 0x80 or (opcode >= _OP_CLOSE and length > 125):
+            raise _ClientProtocolError  # client frames are masked; control frames are small
+        mask = _read_exactly(read, 4)
+        payload = _read_exactly(read, length) if length else b""
+        if opcode in (_OP_PING, _OP_CLOSE):
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        return opcode, payload
+
+
+class _ClientFrameTooBig(Exception):
+    """A client frame exceeds ``max_client_frame_bytes``."""
+
+
+class _ClientProtocolError(Exception):
+    """A client frame breaks RFC 6455 (unmasked, or an oversized control frame)."""
+
+
+def _read_exactly(read: Callable[[int], bytes], size: int) -> bytes:
+    data = read(size)
+    if len(data) != size:
+        raise EOFError("client closed the connection")
+    return data
