@@ -29,8 +29,9 @@ from actors.metrics import (
 )
 from actors.verify import Accepted, HostContext, Verifier
 from actors.wsclient import WebSocketClient, WebSocketError
+from config.settings import Settings
 from protocol.errors import ProtocolError
-from protocol.frames import ErrorFrame, InfoEvent, decode_frame, event_type
+from protocol.frames import ErrorFrame, InfoEvent, decode_frame, encode_frame, event_type
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,19 @@ class SubscriberConfig:
     ping_seconds: float = 30.0
     max_failures: int = 8  # consecutive failed connections before the host is marked offline
     insecure: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SubscriberConfig:
+        return cls(
+            max_frame_bytes=settings.max_frame_bytes,
+            max_ops=settings.max_commit_ops,
+            max_queue=max(1000, settings.host_inflight_events * 4),
+            cursor_flush_seconds=settings.cursor_flush_seconds,
+            idle_timeout_seconds=settings.upstream_idle_timeout_seconds,
+            ping_seconds=settings.upstream_idle_timeout_seconds / 3,
+            max_failures=settings.upstream_max_failures,
+            insecure=settings.allow_insecure_hosts,
+        )
 
 
 class TokenBucket:
@@ -252,7 +266,8 @@ class HostSubscriber(pykka.ThreadingActor):
         self.verifier.accounts.put(verdict.account)
         self.stats["accepted"] += 1
         self._wait_for_room()
-        self.sequencer.tell(PersistEvent(self.host.host_id, event.seq, event, verdict.account, received_at))
+        frame = encode_frame(event, 0)
+        self.sequencer.tell(PersistEvent(self.host.host_id, event.seq, kind, frame, verdict.account, received_at))
         gevent.sleep(0)  # let the sequencer and other hosts run
 
     def _wait_for_room(self) -> None:

@@ -8,16 +8,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from actors.accounts import AccountState
-from protocol.frames import RepoEvent
 
 
 @dataclass(frozen=True, slots=True)
 class PersistEvent:
-    """A verified upstream event: sequence it, log it durably, broadcast it, persist ``account``."""
+    """A verified upstream event: sequence it, log it durably, broadcast it, persist ``account``.
+
+    ``frame`` is the event as this relay re-encodes it (typed fields only) with seq 0; the
+    sequencer puts its own seq in. Plain bytes, so it crosses process boundaries cheaply.
+    """
 
     host_id: int
     upstream_seq: int
-    event: RepoEvent
+    kind: str  # "#commit", "#sync", "#identity", "#account"
+    frame: bytes
     account: AccountState | None
     received_at: float
 

@@ -21,7 +21,10 @@ INGEST_TO_DURABLE = Histogram(
     "From frame receipt to durable in the output log",
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
 )
-LAST_SEQ = Gauge("skyrelay_last_seq", "Highest relay seq in the output log")
-UPSTREAM_CONNECTED = Gauge("skyrelay_upstream_hosts_connected", "Upstream hosts with an open firehose")
+# multiprocess_mode matters only with ingest workers (prometheus_client multiprocess mode)
+LAST_SEQ = Gauge("skyrelay_last_seq", "Highest relay seq in the output log", multiprocess_mode="max")
+UPSTREAM_CONNECTED = Gauge(
+    "skyrelay_upstream_hosts_connected", "Upstream hosts with an open firehose", multiprocess_mode="livesum"
+)
 UPSTREAM_RECONNECTS = Counter("skyrelay_upstream_reconnects_total", "Upstream websocket reconnects", ["reason"])
 CHILD_RESTARTS = Counter("skyrelay_actor_restarts_total", "Supervised actor restarts", ["kind"])

@@ -25,7 +25,7 @@ from actors.metrics import EVENTS_ACCEPTED, INGEST_TO_DURABLE, LAST_SEQ, SEQUENC
 from protocol.car import read_car
 from protocol.commit import decode_commit
 from protocol.errors import ProtocolError
-from protocol.frames import AccountEvent, CommitEvent, SyncEvent, decode_frame, encode_frame, event_type
+from protocol.frames import AccountEvent, CommitEvent, SyncEvent, decode_frame, resequence
 from store.accounts import ACTIVE, load_account, upsert_accounts
 from store.eventlog import EventLog, LogRecord
 from store.hosts import get_state, save_cursors, set_state
@@ -101,7 +101,7 @@ class Sequencer(pykka.ThreadingActor):
         seq = self._last_seq
         for item in batch:
             seq += 1
-            frame = encode_frame(item.event, seq)
+            frame = resequence(item.frame, seq)
             records.append(LogRecord(seq, now, item.host_id, item.upstream_seq, frame))
             out.append((seq, frame))
         self.log.append(records)
@@ -114,7 +114,7 @@ class Sequencer(pykka.ThreadingActor):
                 self._accounts[item.account.did] = item.account
             if item.upstream_seq > self._cursors.get(item.host_id, -1):
                 self._cursors[item.host_id] = item.upstream_seq
-            EVENTS_ACCEPTED.labels(event_type(item.event)).inc()
+            EVENTS_ACCEPTED.labels(item.kind).inc()
             INGEST_TO_DURABLE.observe(done - item.received_at)
         SEQUENCED_BATCH.observe(len(batch))
         LAST_SEQ.set(seq)

@@ -24,6 +24,7 @@ from actors.crawl import is_banned
 from actors.host_subscriber import SubscriberConfig
 from actors.host_supervisor import HostSupervisor
 from actors.identity import IdentityDirectory, IdentityResolver
+from actors.ingest_pool import IngestPool
 from actors.messages import GetTree, StartHost, Tick
 from actors.metrics import CHILD_RESTARTS
 from actors.sequencer import Sequencer, recover
@@ -85,26 +86,20 @@ class RelaySupervisor:
         self.broadcaster = Broadcaster.start(self.registry)
         self.sequencer = Sequencer.start(self.db, self.event_log, self.broadcaster, prune_interval_seconds=60.0)
         self._start_identity()
-        self.hosts = HostSupervisor.start(
-            db=self.db,
-            verifier=self.verifier,
-            sequencer=self.sequencer,
-            config=SubscriberConfig(
-                max_frame_bytes=self.settings.max_frame_bytes,
-                max_ops=self.settings.max_commit_ops,
-                max_queue=max(1000, self.settings.host_inflight_events * 4),
-                cursor_flush_seconds=self.settings.cursor_flush_seconds,
-                idle_timeout_seconds=self.settings.upstream_idle_timeout_seconds,
-                ping_seconds=self.settings.upstream_idle_timeout_seconds / 3,
-                max_failures=self.settings.upstream_max_failures,
-                insecure=self.settings.allow_insecure_hosts,
-            ),
-            offline_retry_seconds=self.settings.offline_retry_seconds,
-            default_account_limit=self.settings.default_host_account_limit,
-            default_events_per_second=self.settings.default_host_events_per_second,
-            lenient=self.settings.lenient_sync_validation,
-            is_banned=self._is_banned,
-        )
+        if self.settings.ingest_workers > 0:
+            self.hosts = IngestPool(self.settings, self.sequencer, self.settings.ingest_workers).start()
+        else:
+            self.hosts = HostSupervisor.start(
+                db=self.db,
+                verifier=self.verifier,
+                sequencer=self.sequencer,
+                config=SubscriberConfig.from_settings(self.settings),
+                offline_retry_seconds=self.settings.offline_retry_seconds,
+                default_account_limit=self.settings.default_host_account_limit,
+                default_events_per_second=self.settings.default_host_events_per_second,
+                lenient=self.settings.lenient_sync_validation,
+                is_banned=self._is_banned,
+            )
         with self.db.connection_context():
             known = [
                 h.hostname for h in list_hosts(self.db, limit=1_000_000) if h.status in (HOST_ACTIVE, HOST_OFFLINE)

@@ -26,6 +26,8 @@ _FALSE = {"0", "false", "no", "off", ""}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("text", "json")
 _FIELD_TYPES = typing.get_type_hints(Settings)
+# numeric settings where 0 is meaningful (all others must be positive)
+_ZERO_ALLOWED = frozenset({"ingest_workers"})
 # SKYRELAY_* variables read by tools and tests, not settings
 _TOOL_ENV = {"SKYRELAY_CONFIG", "SKYRELAY_SHARED_DIR", "SKYRELAY_REFPDS_DIR"}
 
@@ -142,7 +144,10 @@ def _validate(s: Settings, problems: list[str]) -> None:
         problems.append(f"log_format = {s.log_format!r} must be one of {', '.join(_LOG_FORMATS)}")
     for f in dataclasses.fields(s):
         value = getattr(s, f.name)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+        if f.name in _ZERO_ALLOWED:
+            if value < 0:
+                problems.append(f"{f.name} = {value} must not be negative")
+        elif isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
             problems.append(f"{f.name} = {value} must be positive")
 
 

@@ -7,6 +7,8 @@ needs it. Nothing outside ``config/`` reads the environment.
 from __future__ import annotations
 
 import dataclasses
+import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,8 @@ class Settings:
     offline_retry_seconds: float = 900.0
     # seconds of upstream silence before a connection is considered dead (pings every third of it)
     upstream_idle_timeout_seconds: float = 90.0
+    # processes that run upstream subscribers and verification; 0 runs them in the relay process
+    ingest_workers: int = 0
     # seconds between upstream cursor flushes to the database
     cursor_flush_seconds: float = 5.0
     # seconds an identity (DID document) stays fresh in the cache
@@ -117,3 +121,23 @@ def mask_url_password(url: str) -> str:
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings))
+
+
+def settings_to_json(settings: Settings) -> str:
+    """The settings as JSON for a child process (an ingest worker); secrets are left out."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, Secret):
+            continue
+        out[f.name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+    return json.dumps(out)
+
+
+def settings_from_json(text: str) -> Settings:
+    """Inverse of ``settings_to_json`` (values were validated by the parent)."""
+    hints = typing.get_type_hints(Settings)
+    values: dict[str, Any] = {}
+    for name, value in json.loads(text).items():
+        values[name] = Path(value) if hints[name] is Path else tuple(value) if isinstance(value, list) else value
+    return Settings(**values)

@@ -297,6 +297,21 @@ def encode_frame(event: Event, seq: int | None = None) -> bytes:
         raise CborError(f"cannot encode frame: {exc}") from None
 
 
+def resequence(frame: bytes, seq: int) -> bytes:
+    """``frame`` (one this relay encoded) with its body's ``seq`` replaced.
+
+    Only for frames built by ``encode_frame``: re-encoding a decoded body is safe there because
+    every byte string in a repo event body that parses as a CID is a link (``blocks`` is a CAR,
+    which never parses as one). Never use it on arbitrary upstream bytes (see HACKING.md).
+    """
+    try:
+        header, body = libipld.decode_dag_cbor_multi(frame)
+    except (ValueError, RecursionError, TypeError) as exc:
+        raise FrameError(f"cannot resequence: {exc}", reason="bad_cbor") from None
+    body["seq"] = seq
+    return bytes(libipld.encode_dag_cbor(header)) + bytes(libipld.encode_dag_cbor(body))
+
+
 def error_frame(error: str, message: str | None = None) -> bytes:
     return encode_frame(ErrorFrame(error, message))
 

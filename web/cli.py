@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
 
         monkey.patch_all()
         settings = _settings_from_args(args)
+        from config.process_env import prepare_process_environment
+
+        prepare_process_environment(settings)
         from web.server import serve
 
         return serve(settings)

@@ -12,7 +12,8 @@ import gevent.event
 from flask import Blueprint, Response
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from actors.supervisor import RelaySupervisor
 from config.logs import configure_logging
@@ -41,8 +42,14 @@ class Services:
     def blueprints(self) -> list[Blueprint]:
         metrics = Blueprint("metrics", __name__)
 
+        multiprocess = self.settings.ingest_workers > 0
+
         @metrics.get("/metrics")
         def prometheus() -> Any:
+            if multiprocess:  # sum what the relay and its ingest workers recorded
+                registry = CollectorRegistry()
+                MultiProcessCollector(registry)
+                return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
             return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
 
         return [

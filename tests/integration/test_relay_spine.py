@@ -58,11 +58,19 @@ def verify_commit_frames(frames: list[tuple[dict[str, Any], dict[str, Any]]], ke
         assert commit.verify(load_did_key(keys[body["repo"]])), body["repo"]
 
 
-def test_relay_passes_good_events_and_drops_forgeries(tmp_path: Path, db_url: str, plc: Any, host: Any) -> None:
+@pytest.fixture(params=[0, 2], ids=["in-process", "2-workers"])
+def workers(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Run each spine test with verification in the relay process and in 2 ingest workers."""
+    return {"SKYRELAY_INGEST_WORKERS": str(request.param)}
+
+
+def test_relay_passes_good_events_and_drops_forgeries(
+    tmp_path: Path, db_url: str, plc: Any, host: Any, workers: dict[str, str]
+) -> None:
     alice = make_account(plc, host, 1, "k256")
     bob = make_account(plc, host, 2, "p256")
     keys = {alice.did: alice.key.public_key().did_key(), bob.did: bob.key.public_key().did_key()}
-    relay = RelayProcess(tmp_path / "relay", database_url=db_url, plc_url=plc.url).start()
+    relay = RelayProcess(tmp_path / "relay", database_url=db_url, plc_url=plc.url, extra_env=workers).start()
     try:
         assert relay.request_crawl(host.hostname) == {}
         wait_until(lambda: host.status()["subscribers"] == 1, 20, "relay to subscribe")
@@ -138,10 +146,12 @@ def test_relay_passes_good_events_and_drops_forgeries(tmp_path: Path, db_url: st
         assert relay.stop() == 0, relay.log()
 
 
-def test_relay_survives_kill9_without_gap_or_duplicate(tmp_path: Path, db_url: str, plc: Any, host: Any) -> None:
+def test_relay_survives_kill9_without_gap_or_duplicate(
+    tmp_path: Path, db_url: str, plc: Any, host: Any, workers: dict[str, str]
+) -> None:
     writers = [make_account(plc, host, 10 + i) for i in range(4)]
     accounts = [{"did": w.did, "curve": "k256", "key_hex": w.key.to_bytes().hex()} for w in writers]
-    relay = RelayProcess(tmp_path / "relay", database_url=db_url, plc_url=plc.url).start()
+    relay = RelayProcess(tmp_path / "relay", database_url=db_url, plc_url=plc.url, extra_env=workers).start()
     relay.request_crawl(host.hostname)
     wait_until(lambda: host.status()["subscribers"] == 1, 20, "relay to subscribe")
     total = host.generate(accounts, commits=3000)  # a new host is read live, from now on

@@ -1,0 +1,167 @@
+"""An ingest worker process: upstream subscribers and verification for a shard of hosts.
+
+Started by ``actors.ingest_pool`` as ``python -m actors.ingest_worker --fd N``; it reads its
+settings (JSON, secrets left out) from stdin, then runs a ``HostSupervisor`` with the usual
+``HostSubscriber`` actors whose sequencer is a ``RemoteSequencer``: accepted events travel to
+the relay process in batches over the socket. The worker exits when the relay goes away.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gevent  # noqa: E402
+import gevent.event  # noqa: E402
+
+from actors.accounts import AccountCache  # noqa: E402
+from actors.crawl import is_banned  # noqa: E402
+from actors.host_subscriber import SubscriberConfig  # noqa: E402
+from actors.host_supervisor import HostSupervisor  # noqa: E402
+from actors.identity import IdentityDirectory, IdentityResolver  # noqa: E402
+from actors.ingest_link import (  # noqa: E402
+    LinkClosed,
+    encode_cursors,
+    encode_events,
+    recv_message,
+    send_message,
+)
+from actors.messages import AdvanceCursor, GetTree, PersistEvent, StartHost, StopHost  # noqa: E402
+from actors.verify import Verifier, VerifyLimits  # noqa: E402
+from config.logs import configure_logging  # noqa: E402
+from config.settings import Settings, settings_from_json  # noqa: E402
+from store.db import open_database  # noqa: E402
+from store.hosts import banned_domains  # noqa: E402
+
+log = logging.getLogger(__name__)
+BATCH_EVENTS = 256
+BATCH_SECONDS = 0.002
+
+
+class _Inbox:
+    def __init__(self, owner: RemoteSequencer) -> None:
+        self._owner = owner
+
+    def qsize(self) -> int:
+        return len(self._owner.pending)
+
+
+class RemoteSequencer:
+    """Looks like the sequencer's ActorRef to subscribers: ``tell`` and ``actor_inbox.qsize()``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending: list[PersistEvent] = []
+        self.cursors: list[AdvanceCursor] = []
+        self.actor_inbox = _Inbox(self)
+        self._wake = gevent.event.Event()
+        self.closed = gevent.event.Event()
+        self._flusher = gevent.spawn(self._run)
+
+    def tell(self, message: Any) -> None:
+        if isinstance(message, PersistEvent):
+            self.pending.append(message)
+            if len(self.pending) >= BATCH_EVENTS:
+                self._wake.set()
+        elif isinstance(message, AdvanceCursor):
+            self.cursors.append(message)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._wake.wait(BATCH_SECONDS)
+                self._wake.clear()
+                self.flush()
+        except (OSError, LinkClosed):
+            self.closed.set()
+
+    def flush(self) -> None:
+        # events first, then cursors: a cursor never overtakes the events before it
+        while self.pending:
+            batch, self.pending = self.pending[:BATCH_EVENTS], self.pending[BATCH_EVENTS:]
+            send_message(self.sock, "events", encode_events(batch))
+        if self.cursors:
+            cursors, self.cursors = self.cursors, []
+            send_message(self.sock, "cursors", encode_cursors(cursors))
+
+
+def run(settings: Settings, sock: socket.socket, index: int) -> int:
+    configure_logging(settings.log_level, settings.log_format)
+    db = open_database(settings.effective_database_url())
+    directory = IdentityDirectory(
+        db,
+        plc_url=settings.plc_url,
+        allow_insecure_hosts=settings.allow_insecure_hosts,
+        ttl_seconds=settings.identity_ttl_seconds,
+    )
+    verifier = Verifier(
+        directory,
+        AccountCache(db),
+        VerifyLimits(
+            max_ops=settings.max_commit_ops,
+            max_rev_future_seconds=settings.max_rev_future_seconds,
+            lenient=settings.lenient_sync_validation,
+        ),
+    )
+    remote = RemoteSequencer(sock)
+    identity = IdentityResolver.start(directory)
+    hosts = HostSupervisor.start(
+        db=db,
+        verifier=verifier,
+        sequencer=remote,
+        config=SubscriberConfig.from_settings(settings),
+        default_account_limit=settings.default_host_account_limit,
+        default_events_per_second=settings.default_host_events_per_second,
+        lenient=settings.lenient_sync_validation,
+        offline_retry_seconds=settings.offline_retry_seconds,
+        is_banned=lambda hostname: _banned(db, hostname),
+    )
+    log.info("ingest worker started index=%d", index)
+    try:
+        while not remote.closed.is_set():
+            kind, payload = recv_message(sock)
+            if kind == "start_host":
+                hosts.tell(StartHost(str(payload)))
+            elif kind == "stop_host":
+                hosts.tell(StopHost(str(payload[0]), str(payload[1])))
+            elif kind == "get_tree":
+                send_message(sock, "tree", hosts.ask(GetTree(), timeout=5))
+            elif kind == "quit":
+                break
+    except (OSError, LinkClosed):
+        pass
+    log.info("ingest worker stopping index=%d", index)
+    hosts.stop(block=True, timeout=30)  # subscribers tell their final cursors
+    identity.stop(block=True, timeout=10)
+    try:
+        remote.flush()
+        sock.shutdown(socket.SHUT_WR)  # the relay reads to the end, then sees EOF
+    except (OSError, LinkClosed):
+        pass
+    return 0
+
+
+def _banned(db: Any, hostname: str) -> bool:
+    with db.connection_context():
+        return is_banned(hostname, banned_domains(db))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="skyrelay ingest worker (started by the relay)")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--index", type=int, default=0)
+    args = parser.parse_args(argv)
+    settings = settings_from_json(sys.stdin.readline())
+    sock = socket.socket(fileno=args.fd)
+    return run(settings, sock, args.index)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
