@@ -34,6 +34,9 @@ def _add_setting_flags(p: argparse.ArgumentParser) -> None:
         const=True,
         help="accept commits from hosts not yet on Sync 1.1, with a counted warning",
     )
+    p.add_argument(
+        "--ingest-workers", help="processes for upstream subscribers and verification (0: in the relay process)"
+    )
     p.add_argument("--replay-window-hours", help="how long events stay replayable (default 72)")
     p.add_argument("--crawl", dest="crawl_hosts", help="comma-separated hostnames to subscribe to at start")
     p.add_argument("--log-level", help="debug, info, warning or error")

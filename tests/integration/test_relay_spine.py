@@ -8,6 +8,8 @@ with no gap, no duplicate, and resumes its upstream cursor.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from protocol.repo_writer import RepoWriter, Write
 from tests.support import forge
 from tests.support.consumer import collect
 from tests.support.fake_plc import FakePlc, make_did_doc, new_plc_did
-from tests.support.procs import FrameHost, RelayProcess, wait_until
+from tests.support.procs import FrameHost, RelayProcess, http_json, wait_until
 
 
 def post(i: int) -> Write:
@@ -167,4 +169,37 @@ def test_relay_survives_kill9_without_gap_or_duplicate(
     assert seqs == list(range(1, total + 1)), relay.log()
     upstream = [(b["repo"], b["rev"]) for _, b in got]
     assert len(set(upstream)) == len(upstream)  # no upstream event logged twice
+    assert relay.stop() == 0, relay.log()
+
+
+def test_dead_ingest_worker_is_restarted_without_gap_or_duplicate(
+    tmp_path: Path, db_url: str, plc: Any, host: Any
+) -> None:
+    writers = [make_account(plc, host, 20 + i) for i in range(2)]
+    accounts = [{"did": w.did, "curve": "k256", "key_hex": w.key.to_bytes().hex()} for w in writers]
+    relay = RelayProcess(
+        tmp_path / "relay", database_url=db_url, plc_url=plc.url, extra_env={"SKYRELAY_INGEST_WORKERS": "2"}
+    ).start()
+    relay.request_crawl(host.hostname)
+    wait_until(lambda: host.status()["subscribers"] == 1, 20, "relay to subscribe")
+    first = host.generate(accounts, commits=400)
+    wait_until(lambda: relay.metric("skyrelay_last_seq") >= first, 60, "first batch")
+    assert relay.proc is not None
+    workers = [int(p) for p in Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text().split()]
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: host.status()["subscribers"] == 1 and relay.metric("skyrelay_actor_restarts_total") >= 2,
+               60, "workers to restart and resubscribe")  # fmt: skip
+    more = host.generate(accounts, commits=300, start_seq=first + 1)
+    last_upstream = host.status()["last_seq"]
+    status_url = f"{relay.url}/xrpc/com.atproto.sync.getHostStatus?hostname={host.hostname}"
+    wait_until(lambda: http_json(status_url)["seq"] >= last_upstream, 60, "the relay to process everything")
+    total = int(relay.metric("skyrelay_last_seq"))
+    assert total >= first + more - len(accounts)  # at most the second run's genesis commits are refused
+    got = collect(relay.ws_url, cursor=0, count=total, timeout=60)
+    assert [b["seq"] for _, b in got] == list(range(1, total + 1)), relay.log()
+    assert collect(relay.ws_url, cursor=total, count=1, timeout=1.5) == []
+    upstream = [(b["repo"], b["rev"]) for _, b in got]
+    assert len(set(upstream)) == len(upstream)
     assert relay.stop() == 0, relay.log()
