@@ -6,9 +6,19 @@ answers ``describeServer`` like a PDS. Frames reach it through a control API on 
 - ``POST /control/frames``: a body of length-prefixed frames (4-byte big-endian length, then
   the frame), each already carrying its upstream ``seq``; appended and pushed to subscribers.
 - ``POST /control/generate``: JSON ``{"accounts": [{"did", "curve", "key_hex"}], "commits": N,
-  "start_seq": S}``: builds N signed Sync 1.1 commits round-robin over the accounts (with their
-  genesis commits first), appends them, answers with the number of frames.
-- ``GET /control/status``: ``{"frames": n, "last_seq": s, "subscribers": k}``.
+  "start_seq": S, "hold": false}``: builds N signed Sync 1.1 commits round-robin over the
+  accounts (with their genesis commits first), appends them, answers with the number of frames.
+  With ``"hold": true`` the frames are kept aside, unseen by subscribers, until released; the
+  accounts' repos carry on from one call to the next (a later call may repeat the accounts).
+- ``POST /control/release``: JSON ``{"count": n, "rate": r, "record_sends": bool}`` (all
+  optional): hands the first ``n`` held frames (default all) to subscribers, at once or paced at
+  ``r`` frames/s; with ``record_sends`` the time each frame is handed to a subscriber's socket is
+  recorded. Answers at once with ``{"released": n}``; releases run one after another.
+- ``GET /control/sends``: ``{"clock": "monotonic", "sends": [[seq, did, rev, t], ...]}``, the
+  first send time (``time.monotonic()``, comparable between processes on one Linux machine)
+  of every recorded frame.
+- ``GET /control/status``: ``{"frames": n, "last_seq": s, "subscribers": k, "held": h,
+  "releasing": bool}``.
 - ``POST /control/close``: drops every subscriber connection (to test reconnects).
 """
 
@@ -20,7 +30,10 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
+from collections import deque  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
@@ -39,6 +52,12 @@ class FrameStore:
         self.frames: list[tuple[int, bytes]] = []
         self.changed = gevent.event.Event()
         self.subscribers: set[Any] = set()
+        self.writers: dict[str, RepoWriter] = {}  # generated accounts' repos, by DID
+        self.held: deque[tuple[int, bytes]] = deque()  # generated with "hold", not yet released
+        self.meta: dict[int, tuple[str, str]] = {}  # seq -> (did, rev) of generated frames
+        self.track: set[int] = set()  # seqs whose send time is recorded
+        self.sent_at: dict[int, float] = {}  # seq -> time.monotonic() of its first send
+        self.releaser: gevent.Greenlet | None = None
 
     def add(self, items: list[tuple[int, bytes]]) -> None:
         self.frames.extend(items)
@@ -50,22 +69,63 @@ class FrameStore:
         return self.frames[-1][0] if self.frames else 0
 
 
-def generate(spec: dict[str, Any]) -> list[tuple[int, bytes]]:
+def generate(spec: dict[str, Any], store: FrameStore | None = None) -> list[tuple[int, bytes]]:
+    """Frames of the spec; with a ``store``, accounts it already knows continue their repos."""
     seq = int(spec.get("start_seq", 1))
+    known = store.writers if store is not None else {}
     writers = []
     out: list[tuple[int, bytes]] = []
-    for acct in spec["accounts"]:
-        key = PrivateKey.from_bytes(acct["curve"], bytes.fromhex(acct["key_hex"]))
-        writer = RepoWriter(acct["did"], key)
-        writers.append(writer)
-        out.append((seq, encode_frame(writer.commit([], seq))))
+
+    def add(event: Any) -> None:
+        nonlocal seq
+        out.append((seq, encode_frame(event)))
+        if store is not None:
+            store.meta[seq] = (event.repo, event.rev)
         seq += 1
+
+    for acct in spec["accounts"]:
+        writer = known.get(acct["did"])
+        if writer is None:
+            key = PrivateKey.from_bytes(acct["curve"], bytes.fromhex(acct["key_hex"]))
+            writer = RepoWriter(acct["did"], key)
+            if store is not None:
+                store.writers[writer.did] = writer
+            add(writer.commit([], seq))
+        writers.append(writer)
     for i in range(int(spec["commits"])):
         writer = writers[i % len(writers)]
-        event = writer.commit([Write("create", f"app.bsky.feed.post/{3_000_000_000_000 + i:013d}", {"t": i})], seq)
-        out.append((seq, encode_frame(event)))
-        seq += 1
+        rkey = 3_000_000_000_000 + len(writer.records)
+        add(writer.commit([Write("create", f"app.bsky.feed.post/{rkey:013d}", {"t": i})], seq))
     return out
+
+
+def release(store: FrameStore, count: int, rate: float | None, record_sends: bool) -> None:
+    """Move ``count`` held frames to subscribers, all at once or ``rate`` frames/s (a greenlet's body)."""
+    items = [store.held.popleft() for _ in range(min(count, len(store.held)))]
+    if record_sends:
+        store.track.update(seq for seq, _ in items)
+    if not rate:
+        store.add(items)
+        return
+    started = time.monotonic()
+    done = 0
+    while done < len(items):
+        due = min(len(items), int((time.monotonic() - started) * rate) + 1)
+        if due > done:
+            store.add(items[done:due])
+            done = due
+        gevent.sleep(max(0.0005, min(0.005, 1.0 / rate)))  # about one frame a tick; send times are recorded
+
+
+def start_release(store: FrameStore, count: int, rate: float | None, record_sends: bool) -> None:
+    previous = store.releaser
+
+    def run() -> None:
+        if previous is not None:
+            previous.join()
+        release(store, count, rate, record_sends)
+
+    store.releaser = gevent.spawn(run)
 
 
 def make_app(store: FrameStore, did: str) -> Any:
@@ -89,11 +149,13 @@ def make_app(store: FrameStore, did: str) -> Any:
         if path == "/xrpc/com.atproto.server.describeServer":
             return reply("200 OK", {"did": did, "availableUserDomains": [".test"]})
         if path == "/control/status":
+            releasing = store.releaser is not None and not store.releaser.dead
             return reply("200 OK", {"frames": len(store.frames), "last_seq": store.last_seq,
-                                    "subscribers": len(store.subscribers)})  # fmt: skip
+                                    "subscribers": len(store.subscribers), "held": len(store.held),
+                                    "releasing": releasing})  # fmt: skip
         if path == "/control/frames" and method == "POST":
             body = environ["wsgi.input"].read()
-            items = []
+            items: list[tuple[int, bytes]] = []
             from protocol.frames import decode_frame
 
             for frame in split_frames(body):
@@ -106,9 +168,22 @@ def make_app(store: FrameStore, did: str) -> Any:
             return reply("200 OK", {"frames": len(items)})
         if path == "/control/generate" and method == "POST":
             spec = json.loads(environ["wsgi.input"].read())
-            items = generate(spec)
+            items = generate(spec, store)
+            if spec.get("hold"):
+                store.held.extend(items)
+                return reply("200 OK", {"frames": len(items), "last_seq": items[-1][0] if items else 0})
             store.add(items)
             return reply("200 OK", {"frames": len(items), "last_seq": store.last_seq})
+        if path == "/control/release" and method == "POST":
+            spec = json.loads(environ["wsgi.input"].read() or b"{}")
+            count = len(store.held) if spec.get("count") is None else int(spec["count"])
+            count = min(count, len(store.held))
+            rate = float(spec["rate"]) if spec.get("rate") else None
+            start_release(store, count, rate, bool(spec.get("record_sends")))
+            return reply("200 OK", {"released": count})
+        if path == "/control/sends":
+            sends = [[seq, *store.meta.get(seq, ("", "")), t] for seq, t in sorted(store.sent_at.items())]
+            return reply("200 OK", {"clock": "monotonic", "sends": sends})
         if path == "/control/close" and method == "POST":
             for ws in list(store.subscribers):
                 ws.close()
@@ -119,6 +194,9 @@ def make_app(store: FrameStore, did: str) -> Any:
 
 
 def serve_ws(store: FrameStore, ws: Any, cursor: int) -> None:
+    sock = getattr(getattr(ws, "handler", None), "socket", None)
+    if sock is not None:  # as a PDS does (Node's ws sets noDelay): Nagle would hold paced frames for ACKs
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     store.subscribers.add(ws)
     try:
         if cursor < 0:
@@ -129,7 +207,9 @@ def serve_ws(store: FrameStore, ws: Any, cursor: int) -> None:
             if index < len(store.frames):
                 batch = store.frames[index : index + 256]
                 index += len(batch)
-                for _, frame in batch:
+                for seq, frame in batch:
+                    if seq in store.track and seq not in store.sent_at:
+                        store.sent_at[seq] = time.monotonic()
                     ws.send(frame, binary=True)
                 gevent.sleep(0)
             else:

@@ -1,0 +1,962 @@
+"""Benchmark the relay spine end to end: synthetic PDS hosts -> the relay (a subprocess) -> C firehose consumers.
+
+    python scripts/bench_ingest.py [--hosts 4] [--accounts-per-host 100] [--commits 40000] [--rate 2000]
+                                   [--consumers 10] [--database-url URL] [--keep] [--quick] [--profile PREFIX]
+
+Processes: this one (orchestrates, runs the fake PLC on loopback HTTP, prints), ``--hosts``
+frame hosts (``tests/support/frame_host.py``, real websockets, each with its own accounts and
+keys; every fourth account signs with P-256, the rest K-256), the relay (``python -m web.cli
+serve``, SQLite unless ``--database-url``) and one consumer process holding the ``--consumers``
+websockets (plain sockets and ``selectors``, no library). The machine has few cores: the CPU of
+every process is measured and printed, so it is clear what the relay had for itself.
+
+Steps: every host generates all its signed Sync 1.1 commits up front and holds them (generation
+is not measured); the relay is told to crawl each host; the consumers connect; a warm-up
+releases every account's genesis commit and a few commits more (DID resolution, account rows,
+key caches). Then:
+
+(a) max throughput: every host releases ``--commits / --hosts`` commits at once, as fast as the
+    relay reads them. Verified commits/s = commits / time from the release until
+    ``skyrelay_last_seq`` reaches the total (polled every 0.1 s); delivered commits/s = the same
+    until the slowest consumer has them all. Relay CPU from /proc/PID/stat, peak RSS (VmHWM).
+(b) latency: the hosts release ``--rate`` commits/s in total for ``--latency-seconds``, recording
+    when each frame is handed to the relay's socket. Each consumer maps every ``#commit`` it gets
+    back to the upstream (did, rev) and its send time: ingest-to-delivery = arrival - send
+    (``time.monotonic``, one clock for every process on a Linux machine). Ingest-to-durable comes
+    from the relay's own ``skyrelay_ingest_to_durable_seconds`` histogram (bucket estimates).
+
+Conditions worth knowing when reading the figures: the frame hosts set TCP_NODELAY (as a PDS
+does) and the consumers are ordinary clients (delayed ACKs, no TCP_QUICKACK), so any Nagle
+stall on the relay's own sockets shows in the latency; the 10 Hz /metrics polling costs the
+relay about 1 ms of CPU per scrape; "other" in the CPU line is load on the machine that is not
+ours (other users, and the PostgreSQL server with ``--database-url``).
+
+``--profile PREFIX`` runs ``py-spy record --threads`` on the relay during (a) and (b) (raw
+collapsed stacks to PREFIX-throughput.txt and PREFIX-latency.txt) and prints where the main
+thread's samples fall. Every subprocess is stopped on exit, on errors and on Ctrl-C/SIGTERM;
+the temporary folder is removed unless ``--keep`` (and kept after an error, for the relay log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import queue
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.support.fake_plc import FakePlc, make_did_doc, new_plc_did  # noqa: E402
+from tests.support.procs import FrameHost, RelayProcess, http_json, wait_until  # noqa: E402
+
+PATH = "/xrpc/com.atproto.sync.subscribeRepos"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+POLL_SECONDS = 0.1
+PROFILE_HZ = 200
+
+
+# -- consumer process --------------------------------------------------------------------------
+
+
+@dataclass
+class Conn:
+    sock: socket.socket
+    index: int
+    buf: bytes = b""
+    handshake: bool = True
+    count: int = 0
+    closed: bool = False
+    target: int | None = None
+    reached_at: float | None = None
+
+
+def _ws_open(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    return sock
+
+
+class ConsumerWorker:
+    """C live websockets read with ``selectors``; commands and replies are JSON lines on stdin/stdout.
+
+    Commands: ``{"cmd": "arm", "delta": n}`` (reply ``reached`` once every open connection has
+    ``n`` more frames), ``{"cmd": "record", "on": bool}`` (decode ``#commit`` frames and keep
+    (did, rev, arrival)), ``{"cmd": "latency", "sends": path}`` (match arrivals to send times),
+    ``{"cmd": "quit"}``.
+    """
+
+    def __init__(self, port: int, connections: int) -> None:
+        self.conns = [Conn(_ws_open(port), i) for i in range(connections)]
+        self.selector = selectors.DefaultSelector()
+        for conn in self.conns:
+            conn.sock.setblocking(False)
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+        self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, None)
+        self.stdin_buf = b""
+        self.recording = False
+        self.arrivals: list[tuple[str, str, int, float]] = []
+        self.armed = False
+        self.cut = 0
+        self.running = True
+
+    def reply(self, **body: Any) -> None:
+        sys.stdout.write(json.dumps(body) + "\n")
+        sys.stdout.flush()
+
+    def run(self) -> int:
+        while self.running:
+            for key, _ in self.selector.select(timeout=1.0):
+                if key.data is None:
+                    self.read_stdin()
+                else:
+                    self.read_conn(key.data)
+            if self.armed:
+                self.check_reached()
+        return 0
+
+    def read_stdin(self) -> None:
+        data = os.read(sys.stdin.fileno(), 65536)
+        if not data:
+            self.running = False
+            return
+        self.stdin_buf += data
+        while b"\n" in self.stdin_buf:
+            line, self.stdin_buf = self.stdin_buf.split(b"\n", 1)
+            if line.strip():
+                self.command(json.loads(line))
+
+    def command(self, cmd: dict[str, Any]) -> None:
+        name = cmd["cmd"]
+        if name == "arm":
+            for conn in self.conns:
+                conn.target = conn.count + int(cmd["delta"])
+                conn.reached_at = None
+            self.armed = True
+            self.reply(type="armed")
+            self.check_reached()
+        elif name == "record":
+            self.recording = bool(cmd["on"])
+            if self.recording:
+                self.arrivals = []
+            self.reply(type="recording", on=self.recording)
+        elif name == "latency":
+            self.reply(type="latency", **self.latency(Path(cmd["sends"])))
+        elif name == "quit":
+            self.running = False
+
+    def check_reached(self) -> None:
+        if any(not c.closed and c.reached_at is None for c in self.conns):
+            return
+        self.armed = False
+        times = [c.reached_at for c in self.conns if c.reached_at is not None]
+        self.reply(
+            type="reached",
+            first=min(times, default=None),
+            last=max(times, default=None),
+            closed=sum(c.closed for c in self.conns),
+            cut=self.cut,
+            counts=[c.count for c in self.conns],
+        )
+
+    def read_conn(self, conn: Conn) -> None:
+        try:
+            data = conn.sock.recv(1 << 18)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        now = time.monotonic()
+        if not data:
+            self.close(conn)
+            return
+        buf = conn.buf + data if conn.buf else data
+        if conn.handshake:
+            head, sep, rest = buf.partition(b"\r\n\r\n")
+            if not sep:
+                conn.buf = buf
+                return
+            if b" 101 " not in head.split(b"\r\n", 1)[0]:
+                raise SystemExit(f"consumer {conn.index}: upgrade refused: {head[:200]!r}")
+            conn.handshake = False
+            buf = rest
+            if all(not c.handshake for c in self.conns):
+                self.reply(type="ready")
+        conn.buf = self.parse(conn, buf, now)
+        if conn.target is not None and conn.reached_at is None and conn.count >= conn.target:
+            conn.reached_at = now
+
+    def parse(self, conn: Conn, buf: bytes, now: float) -> bytes:
+        """Count complete websocket frames in ``buf`` (server frames are never masked); return the rest."""
+        pos, size = 0, len(buf)
+        while size - pos >= 2:
+            length = buf[pos + 1] & 0x7F
+            head = 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
+            end = pos + head + length
+            if end > size:
+                break
+            opcode = buf[pos] & 0x0F
+            if opcode == 0x2:
+                conn.count += 1
+                if self.recording:
+                    self.record(conn, buf[pos + head : end], now)
+            elif opcode == 0x8:
+                self.close(conn)
+                return b""
+            elif opcode == 0x9:  # ping: answer with a masked pong (zero mask) carrying the same data
+                payload = buf[pos + head : end]
+                conn.sock.sendall(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
+            pos = end
+        return buf[pos:]
+
+    def record(self, conn: Conn, payload: bytes, now: float) -> None:
+        import libipld
+
+        header, body = libipld.decode_dag_cbor_multi(payload)
+        if header.get("op") == -1:
+            self.cut += 1
+        elif header.get("t") == "#commit":
+            self.arrivals.append((body["repo"], body["rev"], conn.index, now))
+
+    def close(self, conn: Conn) -> None:
+        if not conn.closed:
+            conn.closed = True
+            self.selector.unregister(conn.sock)
+            conn.sock.close()
+
+    def latency(self, sends_path: Path) -> dict[str, Any]:
+        sent = {(did, rev): t for _, did, rev, t in json.loads(sends_path.read_text())}
+        per_frame: dict[tuple[str, str], list[float]] = {}
+        unmatched = 0
+        for did, rev, _, at in self.arrivals:
+            t = sent.get((did, rev))
+            if t is None:
+                unmatched += 1
+                continue
+            per_frame.setdefault((did, rev), []).append(at - t)
+        every = sorted(x for xs in per_frame.values() for x in xs)
+        slowest = sorted(max(xs) for xs in per_frame.values())
+        return {
+            "deliveries": len(every),
+            "frames": len(per_frame),
+            "sent": len(sent),
+            "unmatched": unmatched,
+            "all": _quantiles(every),
+            "slowest": _quantiles(slowest),
+        }
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+
+    def q(p: float) -> float:
+        return values[min(len(values) - 1, int(p * len(values)))]
+
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": values[-1]}
+
+
+# -- measurements ------------------------------------------------------------------------------
+
+
+def proc_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, its threads included, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (the relay's ingest workers), from /proc/PID/task/*/children."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out.extend(children)
+            todo.extend(children)
+    return out
+
+
+def relay_thread_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of the process's main thread: the gevent hub and every greenlet."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    total = sum(values[:8])
+    idle = values[3] + values[4]
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value} (labels as the relay writes them)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            head, _, value = line.rpartition(" ")
+            out[head] = float(value)
+    return out
+
+
+def metric_sum(metrics: dict[str, float], name: str, **labels: str) -> float:
+    total = 0.0
+    for head, value in metrics.items():
+        if head == name or (head.startswith(name + "{") and all(f'{k}="{v}"' in head for k, v in labels.items())):
+            total += value
+    return total
+
+
+def histogram_quantile(before: dict[str, float], after: dict[str, float], name: str, q: float) -> float | None:
+    """Estimate of quantile ``q`` of what a Prometheus histogram observed between two scrapes."""
+    buckets = []
+    for head, value in after.items():
+        if head.startswith(name + "_bucket{"):
+            le = head.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), value - before.get(head, 0.0)))
+    buckets.sort()
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            inside = count - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, count
+    return None
+
+
+@dataclass
+class Snapshot:
+    at: float
+    cpu: dict[str, dict[int, float]]  # role -> pid -> CPU seconds so far
+    relay_sys: float
+    relay_main: float
+    machine: tuple[float, float]
+    metrics: dict[str, float]
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    events: int
+    seconds: float
+    cpu: dict[str, float]
+    machine_busy: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- orchestration -----------------------------------------------------------------------------
+
+
+class ConsumerProcess:
+    """The consumer worker as a subprocess; replies are read by a thread into a queue."""
+
+    def __init__(self, port: int, connections: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--consumer-worker", str(connections), "--relay-port", str(port)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.replies.put(json.loads(line))
+        self.replies.put({"type": "exited"})
+
+    def send(self, **cmd: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def expect(self, kind: str, timeout: float) -> dict[str, Any]:
+        try:
+            reply = self.replies.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"consumer process: no {kind!r} within {timeout:.0f}s") from None
+        if reply["type"] != kind:
+            raise RuntimeError(f"consumer process: expected {kind!r}, got {reply}")
+        return reply
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send(cmd="quit")
+                self.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Account:
+    did: str
+    curve: str
+    key_hex: str
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, stack: ExitStack, workdir: Path) -> None:
+        self.args = args
+        self.stack = stack
+        self.workdir = workdir
+        self.plc: FakePlc = stack.enter_context(FakePlc())
+        self.hosts: list[FrameHost] = []
+        self.accounts: dict[str, list[Account]] = {}
+        self.relay: RelayProcess | None = None
+        self.consumer: ConsumerProcess | None = None
+        self.profiler: subprocess.Popen[bytes] | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+    def start_hosts(self) -> None:
+        from protocol.crypto import PrivateKey
+
+        for _ in range(self.args.hosts):
+            host = FrameHost()
+            self.stack.callback(host.stop)
+            self.hosts.append(host)
+            accounts = []
+            for i in range(self.args.accounts_per_host):
+                curve = "p256" if i % 4 == 3 else "k256"
+                key = PrivateKey.generate(curve)  # type: ignore[arg-type]
+                did = new_plc_did()
+                self.plc.put(did, make_did_doc(did, key.public_key().did_key(), host.url))
+                accounts.append(Account(did, curve, key.to_bytes().hex()))
+            self.accounts[host.url] = accounts
+
+    def generate(self, per_host_commits: int) -> None:
+        def one(host: FrameHost) -> int:
+            accounts = [a.__dict__ for a in self.accounts[host.url]]
+            body = {"accounts": accounts, "commits": per_host_commits, "hold": True}
+            return int(http_json(f"{host.url}/control/generate", body, timeout=900)["frames"])
+
+        with ThreadPoolExecutor(len(self.hosts)) as pool:
+            list(pool.map(one, self.hosts))
+
+    def database_url(self) -> str:
+        url = self.args.database_url
+        if not url:
+            return f"sqlite:///{self.workdir / 'relay' / 'relay.sqlite'}"
+        import psycopg2
+
+        schema = "bench_" + uuid.uuid4().hex[:12]
+        with psycopg2.connect(url) as conn:
+            conn.autocommit = True
+            conn.cursor().execute(f"CREATE SCHEMA {schema}")
+        if not self.args.keep:
+
+            def drop() -> None:
+                with psycopg2.connect(url) as conn:
+                    conn.autocommit = True
+                    conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
+
+            self.stack.callback(drop)
+        from urllib.parse import quote
+
+        return f"{url}{'&' if '?' in url else '?'}options={quote('-csearch_path=' + schema)}"
+
+    def start_relay(self) -> RelayProcess:
+        env = {"RUST_BACKTRACE": "0", "SKYRELAY_CURSOR_FLUSH_SECONDS": "5"}
+        env.update(item.split("=", 1) for item in self.args.relay_env)
+        args = ("--ingest-workers", str(self.args.ingest_workers)) if self.args.ingest_workers is not None else ()
+        relay = RelayProcess(self.workdir / "relay", database_url=self.database_url(), plc_url=self.plc.url,
+                             extra_env=env, args=args)  # fmt: skip
+        self.stack.callback(self._stop_relay, relay)
+        relay.start(timeout=60)
+        self.relay = relay
+        return relay
+
+    def crawl(self) -> None:
+        """requestCrawl for every host (the relay asks each host's describeServer), then wait for the subscriptions."""
+        assert self.relay is not None
+        for host in self.hosts:
+            self.relay.request_crawl(host.hostname)
+        wait_until(lambda: all(h.status()["subscribers"] == 1 for h in self.hosts), 30, "the relay to subscribe")
+
+    def _stop_relay(self, relay: RelayProcess) -> None:
+        status = relay.stop()
+        if status != 0:
+            print(f"warning: relay exited with status {status}; log tail:\n{relay.log()[-2000:]}", file=sys.stderr)
+
+    def start_consumers(self) -> None:
+        assert self.relay is not None
+        self.consumer = ConsumerProcess(self.relay.port, self.args.consumers)
+        self.stack.callback(self.consumer.stop)
+        self.consumer.expect("ready", 30)
+
+    # -- measuring ---------------------------------------------------------------------------
+    def pids(self) -> dict[str, list[int]]:
+        assert self.relay is not None and self.relay.proc is not None and self.consumer is not None
+        out = {
+            "relay": [self.relay.proc.pid],
+            "ingest workers": descendants(self.relay.proc.pid),
+            "frame hosts": [h.proc.pid for h in self.hosts],
+            "consumers": [self.consumer.proc.pid],
+            "bench + PLC": [os.getpid()],
+        }
+        if self.profiler is not None:
+            out["py-spy"] = [self.profiler.pid]
+        return out
+
+    def snapshot(self) -> Snapshot:
+        assert self.relay is not None
+        metrics = parse_metrics(self.relay.metrics())
+        cpu: dict[str, dict[int, float]] = {}
+        for role, pids in self.pids().items():
+            cpu[role] = {}
+            for pid in pids:
+                try:
+                    cpu[role][pid] = sum(proc_cpu_seconds(pid))
+                except OSError:  # it just exited
+                    pass
+        assert self.relay is not None and self.relay.proc is not None
+        relay_sys = proc_cpu_seconds(self.relay.proc.pid)[1]
+        relay_main = relay_thread_seconds(self.relay.proc.pid)
+        return Snapshot(time.monotonic(), cpu, relay_sys, relay_main, machine_cpu_seconds(), metrics)
+
+    def relay_kib(self, key: str) -> int:
+        """A /proc/PID/status figure summed over the relay and its ingest workers."""
+        assert self.relay is not None and self.relay.proc is not None
+        return sum(proc_status_kib(pid, key) for pid in [self.relay.proc.pid, *descendants(self.relay.proc.pid)])
+
+    def last_seq(self) -> int:
+        assert self.relay is not None and self.relay.proc is not None
+        if self.relay.proc.poll() is not None:
+            raise RuntimeError(f"relay exited with {self.relay.proc.returncode}; log tail:\n{self.relay.log()[-3000:]}")
+        return int(metric_sum(parse_metrics(self.relay.metrics()), "skyrelay_last_seq"))
+
+    def wait_seq(self, target: int, what: str) -> float:
+        """Poll until skyrelay_last_seq >= target; the time it was first seen there. Fails on a stall."""
+        last, moved = self.last_seq(), time.monotonic()
+        while True:
+            seq = self.last_seq()
+            now = time.monotonic()
+            if seq >= target:
+                return now
+            if seq != last:
+                last, moved = seq, now
+            elif now - moved > 30:
+                assert self.relay is not None
+                dropped = {k: v for k, v in parse_metrics(self.relay.metrics()).items() if "dropped_total{" in k}
+                raise RuntimeError(f"{what}: relay stalled at seq {seq} < {target}; drops {dropped}")
+            time.sleep(POLL_SECONDS)
+
+    def release(self, per_host: int, rate: float | None = None, record_sends: bool = False) -> float:
+        """Release frames on every host (in parallel); the moment just before the first request."""
+        per_host_rate = rate / len(self.hosts) if rate else None
+        body = {"count": per_host, "rate": per_host_rate, "record_sends": record_sends}
+        with ThreadPoolExecutor(len(self.hosts)) as pool:
+            started = time.monotonic()
+            list(pool.map(lambda h: http_json(f"{h.url}/control/release", body), self.hosts))
+        return started
+
+    def phase(self, name: str, per_host: int, rate: float | None, record: bool) -> tuple[PhaseResult, Snapshot]:
+        assert self.consumer is not None
+        total = per_host * len(self.hosts)
+        base = self.last_seq()
+        before = self.snapshot()
+        self.consumer.send(cmd="arm", delta=total)
+        self.consumer.expect("armed", 10)
+        if record:
+            self.consumer.send(cmd="record", on=True)
+            self.consumer.expect("recording", 10)
+        started = self.release(per_host, rate, record)
+        durable_at = self.wait_seq(base + total, name)
+        reached = self.consumer.expect("reached", 120)
+        after = self.snapshot()
+        if record:
+            self.consumer.send(cmd="record", on=False)
+            self.consumer.expect("recording", 10)
+        seconds = durable_at - started
+        cpu = {  # processes started during the phase count whole; those gone by its end are missed
+            role: sum(t - before.cpu.get(role, {}).get(pid, 0.0) for pid, t in pids.items())
+            for role, pids in after.cpu.items()
+            if pids or role in ("relay", "ingest workers")
+        }
+        busy = (after.machine[0] - before.machine[0]) / max(1e-9, after.machine[1] - before.machine[1])
+        result = PhaseResult(name, total, seconds, cpu, busy * (os.cpu_count() or 1))
+        result.extra["delivered_seconds"] = (reached["last"] or durable_at) - started
+        result.extra["consumers_closed"] = reached["closed"]
+        result.extra["measured_seconds"] = after.at - before.at
+        result.extra["relay_sys_seconds"] = after.relay_sys - before.relay_sys
+        result.extra["relay_main_thread_seconds"] = after.relay_main - before.relay_main
+        result.extra["dropped"] = metric_sum(after.metrics, "skyrelay_events_dropped_total") - metric_sum(
+            before.metrics, "skyrelay_events_dropped_total"
+        )
+        for q in (0.5, 0.99):
+            result.extra[f"durable_p{int(q * 100)}"] = histogram_quantile(
+                before.metrics, after.metrics, "skyrelay_ingest_to_durable_seconds", q
+            )
+        return result, after
+
+    def latencies(self) -> dict[str, Any]:
+        assert self.consumer is not None
+        sends = []
+        for host in self.hosts:
+            sends.extend(http_json(f"{host.url}/control/sends", timeout=60)["sends"])
+        path = self.workdir / "sends.json"
+        path.write_text(json.dumps(sends))
+        self.consumer.send(cmd="latency", sends=str(path))
+        return self.consumer.expect("latency", 120)
+
+    def profile_path(self, tag: str) -> Path | None:
+        return Path(f"{self.args.profile}-{tag}.txt") if self.args.profile else None
+
+    @contextmanager
+    def profiling(self, tag: str) -> Iterator[None]:
+        """``py-spy record`` on the relay while the block runs (with ``--profile``)."""
+        path = self.profile_path(tag)
+        if path is None:
+            yield
+            return
+        assert self.relay is not None and self.relay.proc is not None
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        self.profiler = subprocess.Popen(
+            [py_spy, "record", "--pid", str(self.relay.proc.pid), "--format", "raw", "--rate", str(PROFILE_HZ),
+             "--nonblocking", "--threads", "--subprocesses", "--output", str(path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(0.5)  # py-spy attaches; it gives no readiness signal to wait on
+        try:
+            yield
+        finally:
+            self.profiler.send_signal(signal.SIGINT)
+            try:
+                self.profiler.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.profiler.kill()
+                self.profiler.wait()
+            self.profiler = None
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        warm = a.accounts_per_host * a.warmup_commits_per_account
+        thr = max(1, a.commits // a.hosts)
+        lat = max(1, int(a.rate * a.latency_seconds) // a.hosts)
+        accounts = a.hosts * a.accounts_per_host
+        p256 = a.hosts * (a.accounts_per_host // 4)
+        db_kind = "PostgreSQL" if a.database_url else "SQLite"
+        workers = "" if a.ingest_workers is None else f", {a.ingest_workers} ingest workers"
+        print(f"skyrelay ingest benchmark: {a.hosts} hosts x {a.accounts_per_host} accounts "
+              f"({accounts - p256} K-256, {p256} P-256), {a.consumers} consumers, {db_kind}{workers}, "
+              f"{os.cpu_count()} CPUs")  # fmt: skip
+        self.start_hosts()
+        t = time.monotonic()
+        with ThreadPoolExecutor(1) as pool:  # generate while the relay starts
+            generating = pool.submit(self.generate, warm + thr + lat)
+            self.start_relay()
+            generating.result()  # a generating host answers nothing (one greenlet, CPU-bound)
+        self.crawl()
+        per_host_frames = a.accounts_per_host + warm + thr + lat
+        print(f"set-up: {per_host_frames * a.hosts:,} frames generated and held, relay up "
+              f"({time.monotonic() - t:.1f} s)", flush=True)  # fmt: skip
+        self.start_consumers()
+
+        warm_result, _ = self.phase("warm-up", a.accounts_per_host + warm, None, False)
+        print(f"warm-up: {warm_result.events:,} events ({accounts} new accounts) in {warm_result.seconds:.1f} s",
+              flush=True)  # fmt: skip
+        with self.profiling("throughput"):
+            thr_result, _ = self.phase("max throughput", thr, None, False)
+        assert self.relay is not None and self.relay.proc is not None
+        thr_result.extra["peak_rss_kib"] = self.relay_kib("VmHWM")
+        thr_result.extra["rss_kib"] = self.relay_kib("VmRSS")
+        with self.profiling("latency"):
+            lat_result, _ = self.phase("latency", lat, a.rate, True)
+        lat_result.extra["latency"] = self.latencies()
+        lat_result.extra["peak_rss_kib"] = self.relay_kib("VmHWM")
+        results = {"warm-up": warm_result, "max throughput": thr_result, "latency": lat_result}
+        report(a, results)
+        for tag, title in (("throughput", "(a) max throughput"), ("latency", f"(b) {a.rate:,.0f} commits/s")):
+            path = self.profile_path(tag)
+            if path is not None:
+                print_profile(path, title, self.relay.proc.pid)
+        return {
+            name: {"events": r.events, "seconds": r.seconds, "cpu_seconds": r.cpu, "machine_busy_cores": r.machine_busy,
+                   **r.extra}
+            for name, r in results.items()
+        }  # fmt: skip
+
+
+def report(args: argparse.Namespace, results: dict[str, PhaseResult]) -> None:
+    """The table of figures: one ``  label  value`` line per figure, a header line per phase."""
+
+    def row(label: str, value: str) -> None:
+        print(f"  {label:<26} {value}")
+
+    thr, lat = results["max throughput"], results["latency"]
+    cpu, wall = _relay_cpu(thr), thr.extra["measured_seconds"]
+    print(f"\n== (a) max throughput: {thr.events:,} commits released at once ==")
+    row("verified commits/s", f"{thr.events / thr.seconds:,.0f}  ({thr.events:,} durable in {thr.seconds:.2f} s)")
+    closed = thr.extra["consumers_closed"]
+    delivered = thr.events / thr.extra["delivered_seconds"]
+    row("delivered commits/s", f"{delivered:,.0f}  (to all {args.consumers} consumers; {closed} cut or closed)")
+    row("relay CPU", f"{cpu:.2f} s = {cpu / wall:.2f} cores, {cpu / thr.events * 1e6:,.0f} µs per commit" + _sys(thr))
+    peak, now = thr.extra["peak_rss_kib"] / 1024, thr.extra["rss_kib"] / 1024
+    row("relay peak RSS", f"{peak:,.0f} MiB (VmHWM; VmRSS now {now:,.0f} MiB; ingest workers included)")
+    row("ingest-to-durable", _ms_pair(thr.extra["durable_p50"], thr.extra["durable_p99"]) + "  (relay histogram)")
+    row("CPU by process", _cpu_split(thr))
+    row("dropped", f"{thr.extra['dropped']:.0f}")
+
+    lt = lat.extra["latency"]
+    every, slowest = lt["all"], lt["slowest"]
+    cpu, wall = _relay_cpu(lat), lat.extra["measured_seconds"]
+    print(f"== (b) latency at {args.rate:,.0f} commits/s: {lat.events:,} commits ==")
+    row("achieved rate", f"{lat.events / lat.seconds:,.0f} commits/s over {lat.seconds:.1f} s")
+    row("p50 ingest-to-delivery", f"{_ms(every.get('p50'))}  (all {lt['deliveries']:,} deliveries)")
+    row(
+        "p99 ingest-to-delivery", f"{_ms(every.get('p99'))}  (p90 {_ms(every.get('p90'))}, max {_ms(every.get('max'))})"
+    )
+    row("p99 to slowest consumer", f"{_ms(slowest.get('p99'))}  (p50 {_ms(slowest.get('p50'))}; per commit, the "
+                                   f"last of {args.consumers} consumers)")  # fmt: skip
+    row("ingest-to-durable", _ms_pair(lat.extra["durable_p50"], lat.extra["durable_p99"]) + "  (relay histogram)")
+    row("relay CPU", f"{cpu / wall:.2f} cores, {cpu / lat.events * 1e6:,.0f} µs per commit" + _sys(lat))
+    row("CPU by process", _cpu_split(lat))
+    unmatched, dropped = lt["unmatched"], lat.extra["dropped"]
+    row("matched", f"{lt['frames']:,} of {lt['sent']:,} commits; {unmatched} unmatched arrivals; dropped {dropped:.0f}")
+    print(flush=True)
+
+
+def _relay_cpu(result: PhaseResult) -> float:
+    return result.cpu["relay"] + result.cpu.get("ingest workers", 0.0)
+
+
+def _sys(result: PhaseResult) -> str:
+    """Where the relay process's own CPU went: kernel, main thread; and the workers' share."""
+    cpu = max(1e-9, result.cpu["relay"])
+    kernel, main = result.extra["relay_sys_seconds"] / cpu, result.extra["relay_main_thread_seconds"] / cpu
+    workers = result.cpu.get("ingest workers", 0.0)
+    split = f"; ingest workers {workers / max(1e-9, _relay_cpu(result)):.0%} of it" if workers else ""
+    return f" (relay process: {100 * kernel:.0f}% in the kernel, {100 * main:.0f}% on its main thread{split})"
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 1000:,.1f} ms"
+
+
+def _ms_pair(p50: float | None, p99: float | None) -> str:
+    return f"p50 {_ms(p50)}, p99 {_ms(p99)}"
+
+
+def _cpu_split(result: PhaseResult) -> str:
+    seconds = result.extra["measured_seconds"]
+    ours = " + ".join(
+        f"{name} {cpu / seconds:.2f}" for name, cpu in result.cpu.items() if cpu or name != "ingest workers"
+    )
+    other = max(0.0, result.machine_busy - sum(result.cpu.values()) / seconds)
+    return f"{ours} cores; machine busy {result.machine_busy:.2f} of {os.cpu_count()} (other {other:.2f})"
+
+
+@dataclass
+class Profile:
+    """Samples of one role (the relay's main thread, the ingest workers' main threads)."""
+
+    total: int = 0
+    own: Counter[str] = field(default_factory=Counter)
+    own_file: Counter[str] = field(default_factory=Counter)
+    inclusive: Counter[str] = field(default_factory=Counter)
+
+    def add(self, frames: list[str], count: int) -> None:
+        self.total += count
+        self.own[frames[-1]] += count
+        self.own_file[frames[-1].rpartition(" (")[2].rstrip(")")] += count
+        for frame in set(frames):
+            self.inclusive[frame] += count
+
+
+def read_profile(path: Path, relay_pid: int) -> tuple[Profile, Profile, Counter[str]]:
+    """py-spy raw stacks (``--threads --subprocesses``) -> (relay main thread, workers' main threads, other threads).
+
+    A line is ``[process P:"cmd";]... thread (T)[: name];frame;frame... count``; a process's main thread has T = P.
+    """
+    main, workers, others = Profile(), Profile(), Counter[str]()
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        parts = stack.split(";")
+        pid = relay_pid
+        while parts and parts[0].startswith("process "):
+            pid = int(parts.pop(0).split()[1].split(":")[0])
+        if not parts or not parts[0].startswith("thread ("):
+            continue
+        tid = int(parts[0][len("thread (") :].split(")")[0])
+        frames = [_short_frame(f) for f in parts[1:]] or ["(no Python frame)"]
+        if tid != pid:
+            others[frames[-1]] += count
+        elif pid == relay_pid:
+            main.add(frames, count)
+        else:
+            workers.add(frames, count)
+    return main, workers, others
+
+
+def print_profile(path: Path, title: str, relay_pid: int, top: int = 20) -> None:
+    """Where py-spy's samples fall: own samples per file and function, inclusive per function of ours."""
+    main, workers, others = read_profile(path, relay_pid)
+    if not main.total:
+        print(f"profile: no samples of the relay's main thread in {path}")
+        return
+    header = f"(py-spy {PROFILE_HZ} Hz, busy samples only)"
+    for name, prof in (
+        ("the relay's main thread (every greenlet)", main),
+        ("the ingest workers' main threads", workers),
+    ):
+        if not prof.total:
+            continue
+        print(f"== relay profile during {title}: {prof.total:,} samples of {name} {header} ==")
+        print(f"  {'own %':>6}  file")
+        for where, count in prof.own_file.most_common(top // 2):
+            print(f"  {100 * count / prof.total:6.1f}  {where}")
+        print(f"  {'own %':>6}  function")
+        for frame, count in prof.own.most_common(top):
+            print(f"  {100 * count / prof.total:6.1f}  {frame}")
+        print(f"  {'incl %':>6}  function (inclusive, ours only)")
+        mine = ("actors", "protocol", "store", "web")
+        ours = [(f, c) for f, c in prof.inclusive.most_common() if any(f"({d}/" in f for d in mine)]
+        for frame, count in ours[:top]:
+            print(f"  {100 * count / prof.total:6.1f}  {frame}")
+    busiest = ", ".join(f"{frame} {count}" for frame, count in others.most_common(3))
+    print(f"  other threads: {sum(others.values()):,} samples ({busiest})")
+    print(f"  raw stacks: {path}", flush=True)
+
+
+def _short_frame(frame: str) -> str:
+    """'fn (/abs/path/to/site-packages/pkg/mod.py:12)' -> 'fn (pkg/mod.py)'."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", f"{ROOT}/", "lib/python3"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+            break
+    return f"{name} ({where})"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--hosts", type=int, default=4, help="frame host processes (default 4)")
+    parser.add_argument("--accounts-per-host", type=int, default=100, help="accounts per host (default 100)")
+    parser.add_argument("--commits", type=int, default=40_000, help="commits released at once in (a) (default 40000)")
+    parser.add_argument("--rate", type=float, default=2000.0, help="commits/s in total in (b) (default 2000)")
+    parser.add_argument("--latency-seconds", type=float, default=20.0, help="length of (b) (default 20)")
+    parser.add_argument("--consumers", type=int, default=10, help="firehose consumers (default 10)")
+    parser.add_argument("--warmup-commits-per-account", type=int, default=2, help="after the genesis (default 2)")
+    parser.add_argument("--database-url", default="", help="PostgreSQL URL (a fresh schema is used); default SQLite")
+    parser.add_argument("--ingest-workers", type=int, help="pass --ingest-workers N to the relay (default: its own)")
+    parser.add_argument(
+        "--relay-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the relay, e.g. SKYRELAY_HOST_INFLIGHT_EVENTS=1000 (repeatable)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (relay data and log)")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run (~20 s)")
+    parser.add_argument("--profile", help="py-spy the relay in (a) and (b): PREFIX-throughput.txt, PREFIX-latency.txt")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
+    parser.add_argument("--consumer-worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--relay-port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.hosts, args.accounts_per_host, args.commits = 2, 8, 1000
+        args.rate, args.latency_seconds, args.consumers = 400.0, 2.0, min(args.consumers, 3)
+        args.warmup_commits_per_account = 1
+    if args.consumer_worker is None and min(args.hosts, args.accounts_per_host, args.consumers, args.commits) < 1:
+        parser.error("--hosts, --accounts-per-host, --consumers and --commits must be at least 1")
+    if any("=" not in item for item in args.relay_env):
+        parser.error("--relay-env takes KEY=VALUE")
+    return args
+
+
+def _raise_on_signal(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.consumer_worker is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator stops us (quit or kill)
+        return ConsumerWorker(args.relay_port, args.consumer_worker).run()
+    signal.signal(signal.SIGTERM, _raise_on_signal)
+    signal.signal(signal.SIGHUP, _raise_on_signal)
+    workdir = Path(tempfile.mkdtemp(prefix="skyrelay-bench-"))
+    status = 1
+    try:
+        with ExitStack() as stack:
+            figures = Bench(args, stack, workdir).run()
+            if args.json:
+                args.json.write_text(json.dumps(figures, indent=2))
+            status = 0
+    except KeyboardInterrupt:
+        print("interrupted: every subprocess stopped", file=sys.stderr)
+        status = 130
+    except Exception:
+        args.keep = True  # the relay log and data are the evidence
+        raise
+    finally:
+        if args.keep:
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
