@@ -151,6 +151,11 @@ class Consumer:
             del pending[:max_frames]
             return batch
 
+    @property
+    def closed(self) -> bool:
+        """The relay closed this consumer (shutting down); its writer should say goodbye."""
+        return self._closed
+
     def sent(self, frames: int) -> None:
         """Record that the writer wrote ``frames`` frames to the client."""
         self.frames_sent += frames

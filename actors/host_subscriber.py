@@ -9,6 +9,7 @@ a bug in the reader is re-raised inside the actor so the supervisor sees the fai
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -88,6 +89,14 @@ class TokenBucket:
         return delay
 
 
+YIELD_EVERY_SECONDS = 0.002  # longest a subscriber runs before letting other greenlets in
+
+
+@functools.lru_cache(maxsize=16)
+def _received(kind: str) -> Any:
+    return EVENTS_RECEIVED.labels(kind)
+
+
 class Reconnect(Exception):
     """The upstream asked us to (error frame) or the connection is unusable."""
 
@@ -124,6 +133,7 @@ class HostSubscriber(pykka.ThreadingActor):
         self._reader: gevent.Greenlet | None = None
         self._stopping = False
         self._last_advance = time.monotonic()
+        self._last_yield = time.monotonic()
         self.connected = False
         self.stats = {"received": 0, "accepted": 0, "dropped": 0, "reconnects": 0}
 
@@ -240,7 +250,7 @@ class HostSubscriber(pykka.ThreadingActor):
             log.info("upstream info host=%s name=%s message=%s", self.host.hostname, event.name, event.message)
             return
         kind = event_type(event)
-        EVENTS_RECEIVED.labels(kind).inc()
+        _received(kind).inc()
         did = getattr(event, "repo", None) or getattr(event, "did", None)
         if event.seq <= self.cursor:
             self._drop("seq_not_increasing", event.seq, did)
@@ -268,7 +278,10 @@ class HostSubscriber(pykka.ThreadingActor):
         self._wait_for_room()
         frame = encode_frame(event, 0)
         self.sequencer.tell(PersistEvent(self.host.host_id, event.seq, kind, frame, verdict.account, received_at))
-        gevent.sleep(0)  # let the sequencer and other hosts run
+        now = time.monotonic()
+        if now - self._last_yield >= YIELD_EVERY_SECONDS:  # let the sequencer and other hosts run
+            self._last_yield = now
+            gevent.sleep(0)
 
     def _wait_for_room(self) -> None:
         inbox = self.sequencer.actor_inbox

@@ -26,7 +26,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from actors.backoff import Backoff
 from actors.ingest_link import LinkClosed, decode_cursors, decode_events, recv_message, send_message
-from actors.messages import GetTree, StartHost, StopHost, Tick
+from actors.messages import GetTree, StartHost, StopHost, WriteBehind
 from actors.metrics import CHILD_RESTARTS
 from config.settings import Settings, settings_to_json
 
@@ -172,7 +172,7 @@ class IngestPool:
             worker.sock = None
         # everything the dead worker delivered is in the sequencer's inbox: make it durable and
         # write it behind, so the new worker resumes each host right after its last logged event
-        self.sequencer.ask(Tick(), timeout=60)
+        self.sequencer.ask(WriteBehind(), timeout=60)
         delay = worker.backoff.next_delay()
         worker.restarts += 1
         CHILD_RESTARTS.labels("ingest_worker").inc()

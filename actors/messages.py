@@ -45,6 +45,11 @@ class Tick:
 
 
 @dataclass(frozen=True, slots=True)
+class WriteBehind:
+    """Sequencer: make everything durable and write its state to SQL before answering."""
+
+
+@dataclass(frozen=True, slots=True)
 class ChildFailed:
     """A supervised child stopped with an error."""
 

@@ -19,7 +19,7 @@ import peewee
 import pykka
 
 from actors.accounts import AccountState
-from actors.messages import AdvanceCursor, FlushBatch, PersistEvent, Tick
+from actors.messages import AdvanceCursor, FlushBatch, PersistEvent, Tick, WriteBehind
 from actors.messages_broadcast import Broadcast
 from actors.metrics import EVENTS_ACCEPTED, INGEST_TO_DURABLE, LAST_SEQ, SEQUENCED_BATCH
 from protocol.car import read_car
@@ -46,10 +46,18 @@ def off_loop(fn: Callable[[], T]) -> T:
 
 class Sequencer(pykka.ThreadingActor):
     def __init__(
-        self, db: peewee.Database, event_log: EventLog, broadcaster: Any, *, prune_interval_seconds: float = 60.0
+        self,
+        db: peewee.Database,
+        event_log: EventLog,
+        broadcaster: Any,
+        *,
+        prune_interval_seconds: float = 60.0,
+        batch_window_seconds: float = 0.0,
     ) -> None:
         super().__init__()
         self.prune_interval_seconds = prune_interval_seconds
+        self.batch_window_seconds = batch_window_seconds
+        self._writer: gevent.Greenlet | None = None  # the write-behind in flight, if any
         self._last_prune = time.monotonic()
         self.db = db
         self.log = event_log
@@ -58,6 +66,7 @@ class Sequencer(pykka.ThreadingActor):
         self._flush_queued = False
         self._accounts: dict[str, AccountState] = {}
         self._cursors: dict[int, int] = {}
+        self._written_cursors: dict[int, int] = {}
         self._last_seq = event_log.last_seq
 
     @property
@@ -69,16 +78,22 @@ class Sequencer(pykka.ThreadingActor):
             self._pending.append(message)
             if not self._flush_queued:
                 self._flush_queued = True
-                self.actor_ref.tell(FlushBatch())
+                if self.batch_window_seconds > 0:  # gather a little more: fewer fsyncs and sends
+                    gevent.spawn_later(self.batch_window_seconds, self.actor_ref.tell, FlushBatch())
+                else:
+                    self.actor_ref.tell(FlushBatch())
         elif isinstance(message, FlushBatch):
             self._flush_queued = False
             self._flush()
         elif isinstance(message, AdvanceCursor):
             if message.upstream_seq > self._cursors.get(message.host_id, -1):
                 self._cursors[message.host_id] = message.upstream_seq
+        elif isinstance(message, WriteBehind):
+            self._flush()
+            self._write_behind(wait=True)
         elif isinstance(message, Tick):
             self._flush()
-            self._write_behind()
+            self._write_behind(wait=False)
             if time.monotonic() - self._last_prune >= self.prune_interval_seconds:
                 self._last_prune = time.monotonic()
                 removed = off_loop(self.log.prune)
@@ -88,7 +103,7 @@ class Sequencer(pykka.ThreadingActor):
 
     def on_stop(self) -> None:
         self._flush()
-        self._write_behind()
+        self._write_behind(wait=True)
         self.log.close()
 
     def _flush(self) -> None:
@@ -109,17 +124,31 @@ class Sequencer(pykka.ThreadingActor):
         self._last_seq = seq
         self.broadcaster.tell(Broadcast(tuple(out)))
         done = time.time()
+        kinds: dict[str, int] = {}
         for item in batch:
             if item.account is not None:
                 self._accounts[item.account.did] = item.account
             if item.upstream_seq > self._cursors.get(item.host_id, -1):
                 self._cursors[item.host_id] = item.upstream_seq
-            EVENTS_ACCEPTED.labels(item.kind).inc()
+            kinds[item.kind] = kinds.get(item.kind, 0) + 1
             INGEST_TO_DURABLE.observe(done - item.received_at)
+        for kind, count in kinds.items():
+            EVENTS_ACCEPTED.labels(kind).inc(count)
         SEQUENCED_BATCH.observe(len(batch))
         LAST_SEQ.set(seq)
 
-    def _write_behind(self) -> None:
+    def _write_behind(self, *, wait: bool) -> None:
+        """Write account state and cursors of durable events to SQL, in the background.
+
+        One write at a time; while one runs, changes accumulate for the next. With ``wait``
+        the call returns only once everything durable so far is in SQL.
+        """
+        if self._writer is not None:
+            if not wait:
+                return
+            self._writer.join()
+        if not self._accounts and self._cursors == self._written_cursors:
+            return
         accounts, self._accounts = self._accounts, {}
         cursors = dict(self._cursors)
         checkpoint = self._last_seq
@@ -130,7 +159,20 @@ class Sequencer(pykka.ThreadingActor):
                 save_cursors(self.db, cursors.items())
                 set_state(self.db, CHECKPOINT_KEY, str(checkpoint))
 
-        off_loop(write)
+        def run() -> None:
+            try:
+                off_loop(write)
+                self._written_cursors = cursors
+            except peewee.DatabaseError as exc:  # keep the changes for the next attempt
+                log.warning("write-behind failed error=%s: retrying at the next tick", exc)
+                for did, state in accounts.items():
+                    self._accounts.setdefault(did, state)
+            finally:
+                self._writer = None
+
+        self._writer = gevent.spawn(run)
+        if wait:
+            self._writer.join()
 
 
 def recover(db: peewee.Database, event_log: EventLog) -> int:

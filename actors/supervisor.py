@@ -84,7 +84,13 @@ class RelaySupervisor:
         last_seq = recover(self.db, self.event_log)
         log.info("event log open last_seq=%d first_seq=%d", last_seq, self.event_log.first_seq)
         self.broadcaster = Broadcaster.start(self.registry)
-        self.sequencer = Sequencer.start(self.db, self.event_log, self.broadcaster, prune_interval_seconds=60.0)
+        self.sequencer = Sequencer.start(
+            self.db,
+            self.event_log,
+            self.broadcaster,
+            prune_interval_seconds=60.0,
+            batch_window_seconds=self.settings.sequencer_batch_window_seconds,
+        )
         self._start_identity()
         if self.settings.ingest_workers > 0:
             self.hosts = IngestPool(self.settings, self.sequencer, self.settings.ingest_workers).start()

@@ -18,6 +18,7 @@ blocks for creates are present beyond what inversion needs.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -83,6 +84,7 @@ class VerifyLimits:
     lenient: bool = False
 
 
+@functools.lru_cache(maxsize=65536)
 def host_of_endpoint(endpoint: str | None) -> str | None:
     """``https://pds.example.com/`` -> ``pds.example.com``; keeps a non-default port."""
     if not endpoint:

@@ -62,6 +62,10 @@ class WebSocketClient:
         except (OSError, ssl.SSLError) as exc:
             raise WebSocketError(f"connect failed: {exc}", reason="connect_failed") from None
         sock.settimeout(self.timeout_s)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         self._sock = sock
         self._rfile = cast(BinaryIO, sock.makefile("rb", buffering=256 * 1024))
         key = base64.b64encode(os.urandom(16))

@@ -27,7 +27,7 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("text", "json")
 _FIELD_TYPES = typing.get_type_hints(Settings)
 # numeric settings where 0 is meaningful (all others must be positive)
-_ZERO_ALLOWED = frozenset({"ingest_workers"})
+_ZERO_ALLOWED = frozenset({"ingest_workers", "sequencer_batch_window_seconds"})
 # SKYRELAY_* variables read by tools and tests, not settings
 _TOOL_ENV = {"SKYRELAY_CONFIG", "SKYRELAY_SHARED_DIR", "SKYRELAY_REFPDS_DIR"}
 

@@ -52,7 +52,7 @@ _IDLE_WAIT_SECONDS = 30.0  # a waiting writer re-checks its state this often
 
 _OP_CONTINUATION, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _CLIENT_OPCODES = frozenset((_OP_CONTINUATION, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG))
-_CLOSE_PROTOCOL_ERROR, _CLOSE_POLICY, _CLOSE_TOO_BIG = 1002, 1008, 1009
+_CLOSE_GOING_AWAY, _CLOSE_PROTOCOL_ERROR, _CLOSE_POLICY, _CLOSE_TOO_BIG = 1001, 1002, 1008, 1009
 
 
 class EventLogReader(Protocol):
@@ -180,6 +180,10 @@ class _Connection:
     ) -> None:
         self._ws = ws
         self._socket = ws.handler.socket
+        try:  # small frames must not wait for the client's delayed ACK (Nagle)
+            self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         self._log = log_reader
         self._registry = registry
         self._remote = remote
@@ -278,6 +282,9 @@ class _Connection:
             if reason is not None:
                 self._write_frame(error_frame("ConsumerTooSlow", "consumer fell too far behind the live stream"))
                 self._close(_CLOSE_POLICY, "ConsumerTooSlow")
+                return
+            if consumer.closed:  # closed without a cut: the relay is shutting down
+                self._close(_CLOSE_GOING_AWAY, "relay shutting down")
                 return
 
     def _check_client(self) -> None:

@@ -52,3 +52,27 @@ def test_serve_health_and_clean_stop(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out.decode(errors="replace")
+
+
+def test_stop_with_a_consumer_attached_exits_promptly(tmp_path: Path) -> None:
+    import websocket
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "web.cli", "serve", "--bind", f"127.0.0.1:{port}", "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/xrpc/_health")
+        ws = websocket.create_connection(f"ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos", timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)  # a consumer must not keep the relay alive
+        assert proc.returncode == 0, out.decode(errors="replace")
+        opcode, _ = ws.recv_data(control_frame=True)
+        assert opcode == websocket.ABNF.OPCODE_CLOSE
+        ws.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
