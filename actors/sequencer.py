@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import gevent
+import libipld
 import peewee
 import pykka
 
 from actors.accounts import AccountState
+from actors.blocking import off_loop
 from actors.messages import AdvanceCursor, FlushBatch, PersistEvent, Tick, WriteBehind
 from actors.messages_broadcast import Broadcast
+from actors.messages_mirror import MirrorBatch, MirrorEvent
 from actors.metrics import EVENTS_ACCEPTED, INGEST_TO_DURABLE, LAST_SEQ, SEQUENCED_BATCH
 from protocol.car import read_car
 from protocol.commit import decode_commit
@@ -31,17 +33,7 @@ from store.eventlog import EventLog, LogRecord
 from store.hosts import get_state, save_cursors, set_state
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 CHECKPOINT_KEY = "sequencer_checkpoint_seq"
-
-
-def off_loop(fn: Callable[[], T]) -> T:
-    """Run blocking I/O (fsync, SQLite) in gevent's thread pool so other greenlets keep going."""
-    from gevent import monkey
-
-    if monkey.is_module_patched("threading"):
-        return gevent.get_hub().threadpool.apply(fn)
-    return fn()
 
 
 class Sequencer(pykka.ThreadingActor):
@@ -53,8 +45,10 @@ class Sequencer(pykka.ThreadingActor):
         *,
         prune_interval_seconds: float = 60.0,
         batch_window_seconds: float = 0.0,
+        mirror: Any = None,
     ) -> None:
         super().__init__()
+        self.mirror = mirror  # told each durable batch's repo events (None: no repo mirror)
         self.prune_interval_seconds = prune_interval_seconds
         self.batch_window_seconds = batch_window_seconds
         self._writer: gevent.Greenlet | None = None  # the write-behind in flight, if any
@@ -134,6 +128,10 @@ class Sequencer(pykka.ThreadingActor):
             INGEST_TO_DURABLE.observe(done - item.received_at)
         for kind, count in kinds.items():
             EVENTS_ACCEPTED.labels(kind).inc(count)
+        if self.mirror is not None:
+            mirrored = tuple(e for e in (mirror_event(item) for item in batch) if e is not None)
+            if mirrored:
+                self.mirror.tell(MirrorBatch(mirrored))
         SEQUENCED_BATCH.observe(len(batch))
         LAST_SEQ.set(seq)
 
@@ -173,6 +171,27 @@ class Sequencer(pykka.ThreadingActor):
         self._writer = gevent.spawn(run)
         if wait:
             self._writer.join()
+
+
+def mirror_event(item: PersistEvent) -> MirrorEvent | None:
+    """What the repo mirror needs of a durable event (None for events it ignores)."""
+    account = item.account
+    if item.kind == "#commit":
+        body = libipld.decode_dag_cbor_multi(item.frame)[1]
+        return MirrorEvent(
+            did=body["repo"],
+            kind="#commit",
+            rev=body["rev"],
+            since=body.get("since"),
+            commit_cid=body["commit"],
+            data_cid=account.data_cid if account else None,
+            car=body["blocks"],
+        )
+    if item.kind == "#sync" and account is not None:
+        return MirrorEvent(did=account.did, kind="#sync")
+    if item.kind == "#account" and account is not None and account.upstream_status == "deleted":
+        return MirrorEvent(did=account.did, kind="#account", deleted=True)
+    return None
 
 
 def recover(db: peewee.Database, event_log: EventLog) -> int:

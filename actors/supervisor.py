@@ -16,6 +16,7 @@ from typing import Any
 import gevent
 import gevent.event
 import peewee
+import pykka
 
 from actors.accounts import AccountCache
 from actors.backoff import Backoff
@@ -27,9 +28,12 @@ from actors.identity import IdentityDirectory, IdentityResolver
 from actors.ingest_pool import IngestPool
 from actors.messages import GetTree, StartHost, Tick
 from actors.metrics import CHILD_RESTARTS
+from actors.mirror import MirrorConfig, RepoMirror
 from actors.sequencer import Sequencer, recover
 from actors.verify import Verifier, VerifyLimits
 from config.settings import Settings
+from store.carstore import CarStore
+from store.db import open_database
 from store.eventlog import EventLog
 from store.hosts import HOST_ACTIVE, HOST_OFFLINE, banned_domains, list_hosts
 
@@ -38,6 +42,28 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL_SECONDS = 0.5
 TICK_SECONDS = 1.0
 ASK_TIMEOUT_SECONDS = 5.0
+
+
+class Forwarder:
+    """A stable address for a restartable actor: ``tell`` goes to its current incarnation.
+
+    While the actor is down, messages are dropped and counted; the repo mirror heals such a
+    gap itself (the next commit does not follow its head, so it backfills the account).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ref: Any = None
+
+    def tell(self, message: Any) -> None:
+        ref = self.ref
+        if ref is None:
+            CHILD_RESTARTS.labels(f"{self.name}_message_dropped").inc()
+            return
+        try:
+            ref.tell(message)
+        except pykka.ActorDeadError:
+            CHILD_RESTARTS.labels(f"{self.name}_message_dropped").inc()
 
 
 class RelaySupervisor:
@@ -75,6 +101,13 @@ class RelaySupervisor:
         self.identity: Any = None
         self.hosts: Any = None
         self._identity_backoff = Backoff()
+        self._mirror_backoff = Backoff()
+        self.mirror = Forwarder("mirror")
+        self.carstore_db: peewee.Database | None = None
+        self.carstore: CarStore | None = None
+        if settings.mirror_enabled:
+            self.carstore_db = open_database(settings.effective_carstore_database_url())
+            self.carstore = CarStore(settings.data_dir / "repos", self.carstore_db)
         self._stopping = False
         self._greenlets: list[gevent.Greenlet] = []
         self.started_at = time.time()
@@ -84,12 +117,16 @@ class RelaySupervisor:
         last_seq = recover(self.db, self.event_log)
         log.info("event log open last_seq=%d first_seq=%d", last_seq, self.event_log.first_seq)
         self.broadcaster = Broadcaster.start(self.registry)
+        if self.carstore is not None:
+            self.carstore.open()
+            self._start_mirror()
         self.sequencer = Sequencer.start(
             self.db,
             self.event_log,
             self.broadcaster,
             prune_interval_seconds=60.0,
             batch_window_seconds=self.settings.sequencer_batch_window_seconds,
+            mirror=self.mirror if self.carstore is not None else None,
         )
         self._start_identity()
         if self.settings.ingest_workers > 0:
@@ -114,6 +151,21 @@ class RelaySupervisor:
             self.hosts.tell(StartHost(hostname))
         self._greenlets = [gevent.spawn(self._watch), gevent.spawn(self._tick)]
 
+    def _start_mirror(self) -> None:
+        assert self.carstore is not None
+        self.mirror.ref = RepoMirror.start(
+            self.carstore,
+            self.directory,
+            MirrorConfig(
+                max_concurrent_fetches=self.settings.backfill_concurrency,
+                max_fetches_per_host=self.settings.backfill_per_host,
+                compaction_min_slices=self.settings.compaction_min_slices,
+                compaction_interval_seconds=self.settings.compaction_interval_seconds,
+                allow_insecure_hosts=self.settings.allow_insecure_hosts,
+            ),
+        )
+        self._mirror_backoff.started()
+
     def _start_identity(self) -> None:
         self.identity = IdentityResolver.start(self.directory)
         self._identity_backoff.started()
@@ -134,7 +186,7 @@ class RelaySupervisor:
         last_seq = self.event_log.last_seq
         for g in self._greenlets:
             g.kill(block=False)
-        for ref in (self.hosts, self.identity, self.sequencer, self.broadcaster):
+        for ref in (self.hosts, self.identity, self.sequencer, self.mirror.ref, self.broadcaster):
             if ref is not None and ref.is_alive():
                 try:
                     ref.stop(block=True, timeout=30)
@@ -142,6 +194,8 @@ class RelaySupervisor:
                     log.exception("actor did not stop cleanly")
         for consumer in self.registry.consumers():
             consumer.close()
+        if self.carstore is not None:
+            self.carstore.close()
         log.info("relay stopped last_seq=%d", last_seq)
 
     # -- watching -----------------------------------------------------------------------------
@@ -157,6 +211,13 @@ class RelaySupervisor:
                     log.error("essential actor died actor=%s: stopping the relay", name)
                     self.fatal.set()
                     return
+            mirror = self.mirror.ref
+            if mirror is not None and not mirror.is_alive():
+                delay = self._mirror_backoff.next_delay()
+                log.warning("repo mirror died: restarting in %.1fs", delay)
+                CHILD_RESTARTS.labels("repo_mirror").inc()
+                self.mirror.ref = None
+                gevent.spawn_later(delay, self._start_mirror)
             if self.identity is not None and not self.identity.is_alive():
                 delay = self._identity_backoff.next_delay()
                 log.warning("identity resolver died: restarting in %.1fs", delay)
@@ -180,6 +241,7 @@ class RelaySupervisor:
             leaf("broadcaster", "Broadcaster", self.broadcaster),
             leaf("sequencer", "Sequencer", self.sequencer),
             leaf("identity", "IdentityResolver", self.identity),
+            leaf("mirror", "RepoMirror", self.mirror.ref),
         ]
         if self.hosts is not None and self.hosts.is_alive():
             children.append(self.hosts.ask(GetTree(), timeout=ASK_TIMEOUT_SECONDS))

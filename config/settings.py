@@ -78,6 +78,14 @@ class Settings:
     identity_ttl_seconds: float = 24 * 3600.0
     # hostnames subscribed to at start-up, besides those already known
     crawl_hosts: tuple[str, ...] = ()
+    # keep a verified mirror of every account's repo (carstore) and serve the sync read API
+    mirror_enabled: bool = True
+    # whole-repo fetches (backfill and re-sync) running at once, overall and per upstream host
+    backfill_concurrency: int = 8
+    backfill_per_host: int = 2
+    # an account is compacted once it has this many slices; how often compaction runs
+    compaction_min_slices: int = 32
+    compaction_interval_seconds: float = 60.0
     # log level: debug, info, warning or error
     log_level: str = "info"
     # log format: text or json

@@ -1,0 +1,311 @@
+"""The repo mirror: writes every durable commit's blocks to the carstore, backfills what it lacks.
+
+``RepoMirror`` receives ``MirrorBatch`` from the sequencer after each durable batch. A commit
+that follows the mirrored head (``since`` == head rev, or a genesis commit) becomes a slice.
+Anything else — an account first seen mid-history, a gap, a ``#sync`` — starts a backfill:
+``getRepo`` from the account's PDS, verified whole (``protocol.repo_verify``), then swapped in
+atomically with ``replace_repo``. Live commits that arrive during a fetch are held and applied
+after it in order, so none is lost. Fetch concurrency is bounded overall and per host.
+``#account`` deleted removes the mirror. Compaction runs on a timer in the thread pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import pykka
+from prometheus_client import Counter, Gauge, Histogram
+
+from actors.blocking import off_loop
+from actors.messages_mirror import (
+    BackfillDone,
+    CompactNow,
+    FlushMirror,
+    MirrorBatch,
+    MirrorEvent,
+    RequestResync,
+)
+from actors.verify import host_of_endpoint
+from protocol.car import read_car
+from protocol.crypto import load_did_key
+from protocol.errors import ProtocolError
+from protocol.repo_verify import verify_repo
+from store.carstore import CarStore, SliceWrite
+
+log = logging.getLogger(__name__)
+
+SLICES_WRITTEN = Counter("skyrelay_mirror_slices_written_total", "Commit slices written to the repo mirror")
+BACKFILLS = Counter("skyrelay_mirror_backfills_total", "Whole-repo fetches, by result", ["result"])
+BACKFILL_SECONDS = Histogram("skyrelay_mirror_backfill_seconds", "Time to fetch and verify a whole repo")
+BACKFILL_QUEUE = Gauge("skyrelay_mirror_backfill_queue", "Accounts waiting for a backfill", multiprocess_mode="max")
+HELD_DROPPED = Counter("skyrelay_mirror_held_dropped_total", "Live commits dropped while a backfill ran too long")
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorConfig:
+    max_concurrent_fetches: int = 8
+    max_fetches_per_host: int = 2
+    fetch_timeout_seconds: float = 60.0
+    max_repo_bytes: int = 512 * 1024 * 1024
+    max_held_per_account: int = 2000
+    retry_seconds: float = 60.0
+    max_attempts: int = 5
+    compaction_min_slices: int = 32
+    compaction_interval_seconds: float = 60.0
+    allow_insecure_hosts: bool = False
+
+
+def fetch_repo(pds_endpoint: str, did: str, *, timeout: float, max_bytes: int) -> bytes:
+    url = f"{pds_endpoint.rstrip('/')}/xrpc/com.atproto.sync.getRepo?did={urllib.parse.quote(did)}"
+    req = urllib.request.Request(url, headers={"User-Agent": "skyrelay/0.1", "Accept": "application/vnd.ipld.car"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        data = resp.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"repo larger than {max_bytes} bytes")
+    return bytes(data)
+
+
+class RepoMirror(pykka.ThreadingActor):
+    def __init__(self, carstore: CarStore, identities: Any, config: MirrorConfig) -> None:
+        super().__init__()
+        self.carstore = carstore
+        self.identities = identities
+        self.config = config
+        self._heads: OrderedDict[str, str] = OrderedDict()  # did -> mirrored head rev (LRU)
+        self._pending: list[SliceWrite] = []
+        self._flush_queued = False
+        self._held: dict[str, list[MirrorEvent]] = {}  # dids being backfilled -> live commits held
+        self._queue: deque[str] = deque()
+        self._queued: set[str] = set()
+        self._active: dict[str, str] = {}  # did -> host, fetches in flight
+        self._attempts: dict[str, int] = {}
+        self._timer: gevent.Greenlet | None = None
+
+    def on_start(self) -> None:
+        self._timer = gevent.spawn(self._tick)
+
+    def on_stop(self) -> None:
+        if self._timer is not None:
+            self._timer.kill(block=False)
+        self._flush()
+
+    def _tick(self) -> None:
+        while True:
+            gevent.sleep(self.config.compaction_interval_seconds)
+            self.actor_ref.tell(CompactNow())
+
+    # -- messages -----------------------------------------------------------------------------
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, MirrorBatch):
+            for event in message.events:
+                self._apply(event)
+            if self._pending and not self._flush_queued:
+                self._flush_queued = True
+                self.actor_ref.tell(FlushMirror())
+        elif isinstance(message, FlushMirror):
+            self._flush_queued = False
+            self._flush()
+        elif isinstance(message, RequestResync):
+            self._flush()
+            self._start_backfill(message.did, message.reason)
+        elif isinstance(message, BackfillDone):
+            self._backfilled(message)
+        elif isinstance(message, CompactNow):
+            self._compact(message.limit)
+        return None
+
+    # -- live events --------------------------------------------------------------------------
+    def _head(self, did: str) -> str | None:
+        rev = self._heads.get(did)
+        if rev is not None:
+            self._heads.move_to_end(did)
+            return rev
+        head = off_loop(lambda: self.carstore.head(did))
+        if head is None:
+            return None
+        self._remember(did, head.rev)
+        return head.rev
+
+    def _remember(self, did: str, rev: str) -> None:
+        self._heads[did] = rev
+        self._heads.move_to_end(did)
+        while len(self._heads) > 1_000_000:
+            self._heads.popitem(last=False)
+
+    def _apply(self, event: MirrorEvent) -> None:
+        did = event.did
+        if event.kind == "#account":
+            if event.deleted:
+                self._forget(did)
+                self._flush()
+                off_loop(lambda: self.carstore.delete_repo(did))
+            return
+        if event.kind == "#sync":
+            self._flush()
+            self._start_backfill(did, "sync")
+            return
+        if did in self._held:
+            self._hold(event)
+            return
+        head = self._head(did)
+        follows = event.since == head if head is not None else event.since is None
+        if not follows:
+            self._hold(event)
+            self._flush()
+            self._start_backfill(did, "gap" if head is not None else "first_seen")
+            return
+        self._write(event)
+
+    def _write(self, event: MirrorEvent) -> None:
+        assert event.car is not None and event.rev and event.commit_cid and event.data_cid
+        try:
+            blocks = list(read_car(event.car).blocks.items())
+        except ProtocolError as exc:  # verified upstream; a failure here is a bug worth seeing
+            log.error("mirror cannot parse verified blocks did=%s error=%s", event.did, exc)
+            return
+        self._pending.append(SliceWrite(event.did, event.rev, event.since, event.commit_cid, event.data_cid, blocks))
+        self._remember(event.did, event.rev)
+
+    def _flush(self) -> None:
+        writes, self._pending = self._pending, []
+        if writes:
+            off_loop(lambda: self.carstore.write_slices(writes))
+            SLICES_WRITTEN.inc(len(writes))
+
+    def _forget(self, did: str) -> None:
+        self._heads.pop(did, None)
+        self._held.pop(did, None)
+        self._pending = [w for w in self._pending if w.did != did]
+        if did in self._queued:
+            self._queued.discard(did)
+            self._queue = deque(d for d in self._queue if d != did)
+
+    def _hold(self, event: MirrorEvent) -> None:
+        held = self._held.setdefault(event.did, [])
+        if event.kind == "#commit":
+            if len(held) >= self.config.max_held_per_account:
+                HELD_DROPPED.inc(len(held))
+                held.clear()  # the backfill that follows fetches a newer repo anyway
+            held.append(event)
+
+    # -- backfill -----------------------------------------------------------------------------
+    def _start_backfill(self, did: str, reason: str) -> None:
+        self._held.setdefault(did, [])
+        if did in self._queued or did in self._active:
+            return
+        log.info("mirror backfill queued did=%s reason=%s", did, reason)
+        self._queue.append(did)
+        self._queued.add(did)
+        self._pump()
+
+    def _pump(self) -> None:
+        BACKFILL_QUEUE.set(len(self._queue))
+        skipped: list[str] = []
+        while self._queue and len(self._active) < self.config.max_concurrent_fetches:
+            did = self._queue.popleft()
+            try:
+                ident = self.identities.resolve(did)
+            except Exception as exc:  # no identity: retry later
+                self._queued.discard(did)
+                self._retry(did, f"identity: {exc}")
+                continue
+            host = host_of_endpoint(ident.pds_endpoint) or "?"
+            if sum(1 for h in self._active.values() if h == host) >= self.config.max_fetches_per_host:
+                skipped.append(did)
+                continue
+            self._queued.discard(did)
+            self._active[did] = host
+            gevent.spawn(self._fetch, did, ident)
+        for did in reversed(skipped):
+            self._queue.appendleft(did)
+        BACKFILL_QUEUE.set(len(self._queue))
+
+    def _fetch(self, did: str, ident: Any) -> None:
+        started = time.monotonic()
+        try:
+            if not ident.pds_endpoint:
+                raise ValueError("no PDS endpoint in the DID document")
+            data = fetch_repo(
+                ident.pds_endpoint, did, timeout=self.config.fetch_timeout_seconds, max_bytes=self.config.max_repo_bytes
+            )
+            key = load_did_key(ident.signing_key) if ident.signing_key else None
+            if key is None:
+                raise ValueError("no signing key in the DID document")
+            repo = off_loop(lambda: verify_repo(data, did, key, max_bytes=self.config.max_repo_bytes))
+            BACKFILL_SECONDS.observe(time.monotonic() - started)
+            self.actor_ref.tell(BackfillDone(did, repo, None))
+        except (urllib.error.URLError, OSError, ValueError, ProtocolError) as exc:
+            self.actor_ref.tell(BackfillDone(did, None, f"{type(exc).__name__}: {exc}"))
+        except pykka.ActorDeadError:
+            pass
+
+    def _backfilled(self, done: BackfillDone) -> None:
+        self._active.pop(done.did, None)
+        did = done.did
+        if did not in self._held:  # deleted meanwhile
+            self._pump()
+            return
+        if done.repo is None:
+            BACKFILLS.labels("failed").inc()
+            log.warning("mirror backfill failed did=%s error=%s", did, done.error)
+            self._retry(did, done.error or "failed")
+            self._pump()
+            return
+        repo = done.repo
+        rev = repo.commit.rev
+        off_loop(
+            lambda: self.carstore.replace_repo(
+                SliceWrite(did, rev, None, repo.commit_cid, repo.commit.data, list(repo.blocks.items()))
+            )
+        )
+        BACKFILLS.labels("ok").inc()
+        self._attempts.pop(did, None)
+        self._remember(did, rev)
+        held = self._held.pop(did, [])
+        log.info("mirror backfilled did=%s rev=%s records=%d held=%d", did, rev, len(repo.records), len(held))
+        for event in held:
+            if event.rev is not None and event.rev <= rev:
+                continue  # already in the fetched repo
+            self._apply(event)
+        if self._pending and not self._flush_queued:
+            self._flush_queued = True
+            self.actor_ref.tell(FlushMirror())
+        self._pump()
+
+    def _retry(self, did: str, error: str) -> None:
+        attempts = self._attempts.get(did, 0) + 1
+        self._attempts[did] = attempts
+        if attempts >= self.config.max_attempts:
+            log.warning("mirror backfill gave up did=%s attempts=%d error=%s", did, attempts, error)
+            BACKFILLS.labels("gave_up").inc()
+            self._held.pop(did, None)
+            self._attempts.pop(did, None)
+            return
+        delay = self.config.retry_seconds * attempts
+        gevent.spawn_later(delay, self._tell_quietly, RequestResync(did, "retry"))
+
+    def _tell_quietly(self, message: Any) -> None:
+        try:
+            self.actor_ref.tell(message)
+        except pykka.ActorDeadError:
+            pass
+
+    # -- compaction ---------------------------------------------------------------------------
+    def _compact(self, limit: int) -> None:
+        self._flush()
+        dids = off_loop(lambda: self.carstore.accounts_needing_compaction(self.config.compaction_min_slices, limit))
+        for did in dids:
+            if did in self._held or did in self._active:
+                continue
+            try:
+                off_loop(lambda d=did: self.carstore.compact(d))  # type: ignore[misc]
+            except Exception:
+                log.exception("mirror compaction failed did=%s", did)
