@@ -1,0 +1,241 @@
+"""Benchmark of the repo mirror (store.carstore): slice writes/s, full-repo read latency, compaction throughput.
+
+Usage: python scripts/bench_mirror.py [--quick] [--postgres URL] [--dir DIR] [--no-fsync]
+
+(a) ingest: batches of ``--batch`` single-commit slices (real signed commits of ~5 blocks)
+    from ``--accounts`` accounts, written with ``write_slices`` (one syncfs or fsync pass and
+    one metadata transaction per batch); slices/s, MiB/s and per-batch latency. The first half
+    also creates most of the 65,536 shard directories; the second half shows the steady state.
+(b) read: a ``--records``-record repo written as 10 slices: ``load_blocks`` and a full repo
+    CAR (``repo_car``) before and after compaction, median of several calls.
+(c) compaction: that repo (10 slices) and one account of ``--commits`` single-record commits
+    with updates and deletes (many small slices): blocks/s and MiB/s read.
+
+The metadata database is SQLite beside the files unless ``--postgres`` names a server
+(a temporary schema is created there and dropped). Files go to a temporary folder under
+``--dir``. ``time_calls``/``build_repo`` are meant for reuse by the getRepo HTTP benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import peewee
+
+from protocol.car import read_car
+from protocol.crypto import PrivateKey
+from protocol.frames import CommitEvent
+from protocol.repo_writer import RepoWriter, Write
+from protocol.syntax import make_tid
+from store.carstore import CarStore, SliceWrite
+from store.db import open_database
+
+KEY = PrivateKey.generate("k256")
+
+
+def slice_of(event: CommitEvent, data_cid: bytes) -> SliceWrite:
+    """The ``SliceWrite`` an accepted ``#commit`` event becomes."""
+    car = read_car(event.blocks)
+    return SliceWrite(event.repo, event.rev, event.since, event.commit, data_cid, list(car.blocks.items()))
+
+
+def build_repo(did: str, records: int, commits: int = 10) -> tuple[RepoWriter, list[SliceWrite]]:
+    """An account of ``records`` distinct records created in ``commits`` equal commits, and its slices."""
+    writer = RepoWriter(did, KEY)
+    slices = []
+    per = max(1, records // commits)
+    for c in range(0, records, per):
+        writes = [
+            Write(
+                "create", f"app.bsky.feed.post/{c + i:013d}", {"$type": "app.bsky.feed.post", "text": f"post {c + i}"}
+            )
+            for i in range(min(per, records - c))
+        ]
+        slices.append(slice_of(writer.commit(writes), writer.data))
+    return writer, slices
+
+
+def time_calls(fn: Callable[[], Any], n: int) -> tuple[float, float]:
+    """(median, max) seconds of ``n`` calls of ``fn``."""
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples), max(samples)
+
+
+@contextmanager
+def metadata_db(tmp: Path, postgres: str | None) -> Iterator[peewee.Database]:
+    if not postgres:
+        db = open_database(f"sqlite:///{tmp / 'carstore.sqlite'}")
+        yield db
+        db.close()
+        return
+    import psycopg2
+
+    schema = "bench_" + uuid.uuid4().hex[:10]
+    conn = psycopg2.connect(postgres)
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in postgres else "?"
+    db = open_database(f"{postgres}{sep}options={quote('-csearch_path=' + schema)}")
+    try:
+        yield db
+    finally:
+        db.close_all() if hasattr(db, "close_all") else db.close()
+        conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
+        conn.close()
+
+
+def ingest_slices(n_accounts: int, total: int, rng: random.Random) -> list[SliceWrite]:
+    """``total`` single-commit slices spread over ``n_accounts`` accounts (revs increase per account).
+
+    Real commits are made for a few template accounts and re-addressed to the others: a
+    slice's cost to store depends on its size, not on whose it is.
+    """
+    templates = []
+    writer = RepoWriter("did:plc:template", KEY)
+    for i in range(200):
+        path = f"app.bsky.feed.post/{i:013d}"
+        templates.append(slice_of(writer.commit([Write("create", path, {"text": "x" * 200})]), writer.data))
+    base_us = time.time_ns() // 1000
+    out = []
+    for i in range(total):
+        t = templates[i % len(templates)]
+        did = f"did:plc:bench{rng.randrange(n_accounts):08d}"
+        out.append(SliceWrite(did, make_tid(base_us + i, 0), None, t.commit_cid, t.data_cid, t.blocks))
+    return out
+
+
+def bench_ingest(store: CarStore, slices: list[SliceWrite], batch: int, label: str) -> None:
+    per_batch = []
+    start = time.perf_counter()
+    for b in range(0, len(slices), batch):
+        t0 = time.perf_counter()
+        store.write_slices(slices[b : b + batch])
+        per_batch.append(time.perf_counter() - t0)
+    secs = time.perf_counter() - start
+    size = sum(len(blk) + len(cid) for s in slices for cid, blk in s.blocks)
+    print(
+        f"  {label:<34} {len(slices) / secs:>9,.0f} slices/s  {size / secs / 2**20:6.1f} MiB/s"
+        f"  batch of {batch}: median {statistics.median(per_batch) * 1e3:.1f} ms, max {max(per_batch) * 1e3:.1f} ms"
+    )
+
+
+def store_big_repo(store: CarStore, records: int, did: str = "did:plc:bigrepo") -> tuple[RepoWriter, int]:
+    """Write a ``records``-record repo into ``store`` as 10 slices; (its writer, slice count).
+
+    The getRepo HTTP benchmark can serve this account from the same store and time requests
+    with ``time_calls``.
+    """
+    writer, slices = build_repo(did, records)
+    store.write_slices(slices)
+    return writer, len(slices)
+
+
+def bench_read_and_compact(store: CarStore, records: int, commits: int) -> None:
+    writer, n_slices = store_big_repo(store, records)
+    did = writer.did
+    n = 5
+    med, worst = time_calls(lambda: store.load_blocks(did), n)
+    print(f"  load_blocks, {n_slices} slices         {med * 1e3:8.1f} ms median  {worst * 1e3:.1f} ms max")
+    med, worst = time_calls(lambda: store.repo_car(did), n)
+    print(f"  repo_car (assembled), {n_slices} slices {med * 1e3:8.1f} ms median  {worst * 1e3:.1f} ms max")
+    before = store.repo_car(did)
+    stats = store.compact(did)
+    mib = stats.bytes_before / 2**20
+    print(
+        f"  compact {records:,}-record repo          {stats.seconds * 1e3:8.1f} ms  "
+        f"{stats.blocks_before / stats.seconds:,.0f} blocks/s  {mib / stats.seconds:.1f} MiB/s read"
+        f"  ({stats.slices_before} -> 1 slices, {stats.bytes_before:,} -> {stats.bytes_after:,} B)"
+    )
+    assert store.repo_car(did) == before, "repo CAR changed by compaction"
+    med, worst = time_calls(lambda: store.load_blocks(did), n)
+    print(f"  load_blocks, compacted              {med * 1e3:8.1f} ms median  {worst * 1e3:.1f} ms max")
+    med, worst = time_calls(lambda: store.repo_car(did), n)
+    print(f"  repo_car, compacted (file served)   {med * 1e3:8.1f} ms median  {worst * 1e3:.1f} ms max")
+
+    writer = RepoWriter("did:plc:manycommits", KEY)
+    rng = random.Random(7)
+    live: list[str] = []
+    small = []
+    for i in range(commits):
+        roll = rng.random()
+        if live and roll < 0.2:
+            w = Write("update", rng.choice(live), {"text": f"edit {i}"})
+        elif live and roll < 0.3:
+            w = Write("delete", live.pop(rng.randrange(len(live))))
+        else:
+            live.append(f"app.bsky.feed.post/{i:013d}")
+            w = Write("create", live[-1], {"text": f"post {i}"})
+        small.append(slice_of(writer.commit([w]), writer.data))
+    for b in range(0, len(small), 100):
+        store.write_slices(small[b : b + 100])
+    stats = store.compact(writer.did)
+    mib = stats.bytes_before / 2**20
+    print(
+        f"  compact {commits:,} one-op commits         {stats.seconds * 1e3:8.1f} ms  "
+        f"{stats.blocks_before / stats.seconds:,.0f} blocks/s  {mib / stats.seconds:.1f} MiB/s read"
+        f"  ({stats.slices_before} -> 1 files, {stats.bytes_before:,} -> {stats.bytes_after:,} B)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--postgres", default=None, help="PostgreSQL URL for the metadata (default: SQLite)")
+    parser.add_argument("--dir", default=None, help="where the temporary folder goes")
+    parser.add_argument("--no-fsync", action="store_true", help="skip fsync (shows the cost of durability)")
+    parser.add_argument("--slices", type=int, default=30_000)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--accounts", type=int, default=20_000)
+    parser.add_argument("--records", type=int, default=10_000)
+    parser.add_argument("--commits", type=int, default=1_000)
+    args = parser.parse_args()
+    if args.quick:
+        args.slices, args.accounts, args.records, args.commits = 2_000, 500, 1_000, 200
+
+    rng = random.Random(1)
+    slices = ingest_slices(args.accounts, args.slices, rng)
+    print(f"repo mirror benchmark (metadata: {'PostgreSQL' if args.postgres else 'SQLite'})")
+    print("== (a) ingest: write_slices")
+    methods = [("none", False)] if args.no_fsync else [("syncfs", True), ("fsync", True)]
+    for method, fsync in methods:
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-mirror-", dir=args.dir) as tmp,
+            metadata_db(Path(tmp), args.postgres) as db,
+        ):
+            store = CarStore(
+                Path(tmp) / "carstore", db, fsync=fsync, sync_method="fsync" if method == "fsync" else "auto"
+            )
+            store.open()
+            label = f"durable ({method})" if fsync else "no fsync"
+            n = len(slices) if method != "fsync" else min(len(slices), 5_000)
+            half = n // 2
+            bench_ingest(store, slices[:half], args.batch, f"{label}, first writes")
+            bench_ingest(store, slices[half:n], args.batch, f"{label}, directories exist")
+            store.close()
+    print("== (b) read and (c) compaction")
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-mirror-", dir=args.dir) as tmp,
+        metadata_db(Path(tmp), args.postgres) as db,
+    ):
+        store = CarStore(Path(tmp) / "carstore", db, fsync=not args.no_fsync)
+        store.open()
+        bench_read_and_compact(store, args.records, args.commits)
+        store.close()
+
+
+if __name__ == "__main__":
+    main()
