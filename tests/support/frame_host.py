@@ -4,7 +4,8 @@ Run as ``python -m tests.support.frame_host --port P``. It speaks real websocket
 answers ``describeServer`` like a PDS. Frames reach it through a control API on the same port:
 
 - ``POST /control/frames``: a body of length-prefixed frames (4-byte big-endian length, then
-  the frame), each already carrying its upstream ``seq``; appended and pushed to subscribers.
+  the frame), each already carrying its upstream ``seq``; appended and pushed to subscribers. A
+  frame without one (error, info, broken) is given the seq after the frame before it.
 - ``POST /control/generate``: JSON ``{"accounts": [{"did", "curve", "key_hex"}], "commits": N,
   "start_seq": S, "hold": false}``: builds N signed Sync 1.1 commits round-robin over the
   accounts (with their genesis commits first), appends them, answers with the number of frames.
@@ -20,6 +21,14 @@ answers ``describeServer`` like a PDS. Frames reach it through a control API on 
 - ``GET /control/status``: ``{"frames": n, "last_seq": s, "subscribers": k, "held": h,
   "releasing": bool}``.
 - ``POST /control/close``: drops every subscriber connection (to test reconnects).
+- ``GET /control/subscriptions``: ``{"subscriptions": [{"cursor": c, "answer": a}, ...]}``, every
+  subscribeRepos request so far in arrival order: its ``cursor`` query (``null`` without one)
+  and ``"FutureCursor"`` or ``null`` (served).
+
+A subscription whose cursor is beyond the newest seq is answered, as the reference PDS does,
+with an error frame (``FutureCursor``) and closed. ``--frames FILE`` starts the host with a
+history (length-prefixed frames, as ``/control/frames`` takes them), so a test can bring a
+host back on the same port with its events already there before any subscriber can connect.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from gevent.pywsgi import WSGIServer  # noqa: E402
 from geventwebsocket.handler import WebSocketHandler  # noqa: E402
 
 from protocol.crypto import PrivateKey  # noqa: E402
-from protocol.frames import encode_frame  # noqa: E402
+from protocol.frames import decode_frame, encode_frame, error_frame  # noqa: E402
 from protocol.repo_writer import RepoWriter, Write  # noqa: E402
 from tests.support.framing import split_frames  # noqa: E402
 
@@ -58,15 +67,34 @@ class FrameStore:
         self.track: set[int] = set()  # seqs whose send time is recorded
         self.sent_at: dict[int, float] = {}  # seq -> time.monotonic() of its first send
         self.releaser: gevent.Greenlet | None = None
+        self.subscriptions: list[dict[str, Any]] = []  # {"cursor": int | None, "answer": str | None}
+        self.max_seq = 0  # highest seq of any frame added (pushed frames may come out of order)
 
     def add(self, items: list[tuple[int, bytes]]) -> None:
         self.frames.extend(items)
+        self.max_seq = max([self.max_seq, *(seq for seq, _ in items)])
         self.changed.set()
         self.changed = gevent.event.Event()
 
     @property
     def last_seq(self) -> int:
         return self.frames[-1][0] if self.frames else 0
+
+
+def with_seqs(store: FrameStore, frames: list[bytes]) -> list[tuple[int, bytes]]:
+    """Pushed frames with the seq each carries; one without (error, info or broken) gets the next seq.
+
+    So a subscriber resuming after the frame before it is served it again.
+    """
+    items: list[tuple[int, bytes]] = []
+    for frame in frames:
+        following = (items[-1][0] if items else store.last_seq) + 1
+        try:
+            seq = getattr(decode_frame(frame), "seq", following)
+        except Exception:  # a deliberately broken frame
+            seq = following
+        items.append((seq, frame))
+    return items
 
 
 def generate(spec: dict[str, Any], store: FrameStore | None = None) -> list[tuple[int, bytes]]:
@@ -143,8 +171,15 @@ def make_app(store: FrameStore, did: str) -> Any:
             if ws is None:
                 return reply("400 Bad Request", {"error": "InvalidRequest", "message": "websocket required"})
             query = dict(p.split("=", 1) for p in environ.get("QUERY_STRING", "").split("&") if "=" in p)
-            cursor = int(query.get("cursor", "-1"))
-            serve_ws(store, ws, cursor)
+            cursor = int(query["cursor"]) if "cursor" in query else None
+            subscription: dict[str, Any] = {"cursor": cursor, "answer": None}
+            store.subscriptions.append(subscription)
+            if cursor is not None and cursor > store.max_seq:  # as the reference PDS answers
+                subscription["answer"] = "FutureCursor"
+                ws.send(error_frame("FutureCursor", "Cursor in the future."), binary=True)
+                ws.close()
+                return []
+            serve_ws(store, ws, -1 if cursor is None else cursor)
             return []
         if path == "/xrpc/com.atproto.server.describeServer":
             return reply("200 OK", {"did": did, "availableUserDomains": [".test"]})
@@ -154,16 +189,7 @@ def make_app(store: FrameStore, did: str) -> Any:
                                     "subscribers": len(store.subscribers), "held": len(store.held),
                                     "releasing": releasing})  # fmt: skip
         if path == "/control/frames" and method == "POST":
-            body = environ["wsgi.input"].read()
-            items: list[tuple[int, bytes]] = []
-            from protocol.frames import decode_frame
-
-            for frame in split_frames(body):
-                try:
-                    seq = getattr(decode_frame(frame), "seq", store.last_seq + 1)
-                except Exception:  # a deliberately broken frame: give it the next seq
-                    seq = store.last_seq + 1 + len(items)
-                items.append((seq, frame))
+            items = with_seqs(store, split_frames(environ["wsgi.input"].read()))
             store.add(items)
             return reply("200 OK", {"frames": len(items)})
         if path == "/control/generate" and method == "POST":
@@ -188,6 +214,8 @@ def make_app(store: FrameStore, did: str) -> Any:
             for ws in list(store.subscribers):
                 ws.close()
             return reply("200 OK", {"closed": True})
+        if path == "/control/subscriptions":
+            return reply("200 OK", {"subscriptions": store.subscriptions})
         return reply("404 Not Found", {"error": "NotFound", "message": path})
 
     return app
@@ -225,8 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--did", default="did:web:frame-host.test")
+    parser.add_argument("--frames", type=argparse.FileType("rb"), help="length-prefixed frames to start with")
     args = parser.parse_args(argv)
     store = FrameStore()
+    if args.frames is not None:
+        with args.frames:
+            store.add(with_seqs(store, split_frames(args.frames.read())))
     server = WSGIServer((args.host, args.port), make_app(store, args.did), handler_class=WebSocketHandler, log=None)
     server.start()
     print(json.dumps({"port": server.server_port}), flush=True)
