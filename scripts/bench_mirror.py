@@ -10,6 +10,9 @@ Usage: python scripts/bench_mirror.py [--quick] [--postgres URL] [--dir DIR] [--
     CAR (``repo_car``) before and after compaction, median of several calls.
 (c) compaction: that repo (10 slices) and one account of ``--commits`` single-record commits
     with updates and deletes (many small slices): blocks/s and MiB/s read.
+(d) XRPC read API (``web.xrpc_repo`` through the Flask test client, no sockets): getRepo of a
+    ``--records``-record repo from 10 slices and compacted, getRepo ``since`` diffs, getRecord,
+    getLatestCommit, and a listRepos page of 1,000 accounts (one head query per account).
 
 The metadata database is SQLite beside the files unless ``--postgres`` names a server
 (a temporary schema is created there and dropped). Files go to a temporary folder under
@@ -37,8 +40,12 @@ from protocol.crypto import PrivateKey
 from protocol.frames import CommitEvent
 from protocol.repo_writer import RepoWriter, Write
 from protocol.syntax import make_tid
+from store.accounts import AccountRow, upsert_accounts
 from store.carstore import CarStore, SliceWrite
 from store.db import open_database
+from store.migrations import apply_migrations
+from web.app import create_app
+from web.xrpc_repo import repo_blueprint
 
 KEY = PrivateKey.generate("k256")
 
@@ -191,6 +198,70 @@ def bench_read_and_compact(store: CarStore, records: int, commits: int) -> None:
     )
 
 
+class _ApiServices:
+    def __init__(self, blueprint: Any) -> None:
+        self._blueprint = blueprint
+
+    def health(self) -> bool:
+        return True
+
+    def blueprints(self) -> list[Any]:
+        return [self._blueprint]
+
+
+def bench_repo_api(tmp: Path, car_db: peewee.Database, records: int) -> None:
+    """(d): the sync read endpoints over a carstore, timed through the Flask test client."""
+    main_db = open_database(f"sqlite:///{tmp / 'relay.sqlite'}")
+    apply_migrations(main_db)
+    store = CarStore(tmp / "carstore", car_db, fsync=False)
+    store.open()
+    writer, slices = build_repo("did:plc:apirepo", records)
+    store.write_slices(slices)
+    template = RepoWriter("did:plc:template", KEY)
+    small = slice_of(
+        template.commit([Write("create", "app.bsky.feed.post/3kaaaaaaaaaaa", {"text": "x"})]), template.data
+    )
+    others = [SliceWrite(f"did:plc:list{i:06d}", small.rev, None, small.commit_cid, small.data_cid, small.blocks)
+              for i in range(1000)]  # fmt: skip
+    store.write_slices(others)
+    accounts = [AccountRow(s.did, None, "active", "active", s.rev, s.commit_cid, s.data_cid, False) for s in others]
+    accounts.append(AccountRow(writer.did, None, "active", "active", writer.rev, writer.commit_cid, writer.data, False))
+    with main_db.connection_context(), main_db.atomic():
+        upsert_accounts(main_db, accounts)
+    client = create_app(_ApiServices(repo_blueprint(db=main_db, carstore=store))).test_client()
+    did = writer.did
+
+    def get(method: str, **params: Any) -> bytes:
+        resp = client.get(f"/xrpc/com.atproto.sync.{method}", query_string=params)
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        return bytes(resp.data)
+
+    rkey = sorted(writer.records)[len(writer.records) // 2].split("/")[1]
+    half = slices[len(slices) // 2 - 1].rev
+    full = (f"getRepo, {len(slices)} slices (assembled)", lambda: get("getRepo", did=did))
+    since = (f"getRepo since, last {len(slices) // 2} slices", lambda: get("getRepo", did=did, since=half))
+    record = ("getRecord", lambda: get("getRecord", did=did, collection="app.bsky.feed.post", rkey=rkey))
+    cases: list[tuple[str, Callable[[], bytes]]] = [
+        full,
+        since,
+        ("getRepo since head (root only)", lambda: get("getRepo", did=did, since=writer.rev)),
+        record,
+        ("getLatestCommit", lambda: get("getLatestCommit", did=did)),
+        ("listRepos, limit=1000", lambda: get("listRepos", limit=1000)),
+    ]
+    print(f"  {records:,}-record repo: getRepo CAR of {len(get('getRepo', did=did)):,} bytes")
+    for label, fn in cases:
+        med, worst = time_calls(fn, 7)
+        print(f"  {label:<38} {med * 1e3:8.1f} ms median  {worst * 1e3:.1f} ms max")
+    store.compact(did)
+    for label, fn in [("getRepo, compacted (file served)", full[1]), (since[0] + ", compacted", since[1]),
+                      ("getRecord, compacted", record[1])]:  # fmt: skip
+        med, worst = time_calls(fn, 7)
+        print(f"  {label:<38} {med * 1e3:8.1f} ms median  {worst * 1e3:.1f} ms max")
+    store.close()
+    main_db.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
@@ -235,6 +306,12 @@ def main() -> None:
         store.open()
         bench_read_and_compact(store, args.records, args.commits)
         store.close()
+    print("== (d) XRPC read API (Flask test client)")
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-mirror-", dir=args.dir) as tmp,
+        metadata_db(Path(tmp), args.postgres) as db,
+    ):
+        bench_repo_api(Path(tmp), db, args.records)
 
 
 if __name__ == "__main__":
