@@ -133,6 +133,7 @@ class HostSubscriber(pykka.ThreadingActor):
         self._reader: gevent.Greenlet | None = None
         self._stopping = False
         self._last_advance = time.monotonic()
+        self._advanced = cursor  # the last cursor told to the sequencer
         self._last_yield = time.monotonic()
         self.connected = False
         self.stats = {"received": 0, "accepted": 0, "dropped": 0, "reconnects": 0}
@@ -183,13 +184,17 @@ class HostSubscriber(pykka.ThreadingActor):
             gevent.sleep(delay)
 
     def _session(self) -> bool:
-        """One connection; True when it delivered at least one message."""
+        """One connection; True when it made progress (the cursor moved).
+
+        A connection that only yields error or info frames is a failed one, so a host that
+        answers every connection with an error ends up offline instead of being redialled forever.
+        """
+        start_cursor = self.cursor
         url = firehose_url(self.host.hostname, self.cursor, self.config.insecure)
         client = WebSocketClient(
             url, max_message_bytes=self.config.max_frame_bytes, timeout_s=self.config.idle_timeout_seconds
         )
         pinger: gevent.Greenlet | None = None
-        delivered = False
         try:
             client.connect()
             self.connected = True
@@ -197,16 +202,13 @@ class HostSubscriber(pykka.ThreadingActor):
             log.info("upstream connected host=%s cursor=%d", self.host.hostname, self.cursor)
             pinger = gevent.spawn(self._ping_loop, client)
             while not self._stopping:
-                data = client.recv()
-                delivered = True
-                self._handle(data)
+                self._handle(client.recv())
         except WebSocketError as exc:
             UPSTREAM_RECONNECTS.labels(exc.reason).inc()
             log.info("upstream disconnected host=%s reason=%s detail=%s", self.host.hostname, exc.reason, exc)
         except Reconnect as exc:
             UPSTREAM_RECONNECTS.labels("requested").inc()
             log.info("upstream reconnecting host=%s detail=%s", self.host.hostname, exc)
-            delivered = True
         finally:
             if pinger is not None:
                 pinger.kill(block=False)
@@ -215,15 +217,20 @@ class HostSubscriber(pykka.ThreadingActor):
                 self.connected = False
             client.close()
             self._advance(force=True)
-        return delivered
+        return self.cursor != start_cursor
 
     def _ping_loop(self, client: WebSocketClient) -> None:
+        """Ping the upstream (dead connections show as read timeouts) and save an idle cursor."""
+        next_ping = time.monotonic() + self.config.ping_seconds
         while True:
-            gevent.sleep(self.config.ping_seconds)
-            try:
-                client.ping(b"skyrelay")
-            except WebSocketError:
-                return
+            gevent.sleep(min(self.config.ping_seconds, self.config.cursor_flush_seconds))
+            self._advance()  # trailing dropped events move the cursor too
+            if time.monotonic() >= next_ping:
+                next_ping = time.monotonic() + self.config.ping_seconds
+                try:
+                    client.ping(b"skyrelay")
+                except WebSocketError:
+                    return
 
     def _drop(self, reason: str, seq: int | None, did: str | None, detail: str = "") -> None:
         self.stats["dropped"] += 1
@@ -245,6 +252,8 @@ class HostSubscriber(pykka.ThreadingActor):
                     "upstream says FutureCursor host=%s cursor=%d: resuming live", self.host.hostname, self.cursor
                 )
                 self.cursor = -1
+                self._advanced = -1
+                self.sequencer.tell(AdvanceCursor(self.host.host_id, -1, reset=True))
             raise Reconnect(f"error frame {event.error}: {event.message}")
         if isinstance(event, InfoEvent):
             log.info("upstream info host=%s name=%s message=%s", self.host.hostname, event.name, event.message)
@@ -289,7 +298,11 @@ class HostSubscriber(pykka.ThreadingActor):
             gevent.sleep(0.002)
 
     def _advance(self, force: bool = False) -> None:
+        """Tell the sequencer how far this host is processed (rate-limited unless ``force``)."""
         now = time.monotonic()
-        if self.cursor >= 0 and (force or now - self._last_advance >= self.config.cursor_flush_seconds):
+        if self.cursor < 0 or self.cursor == self._advanced:
+            return
+        if force or now - self._last_advance >= self.config.cursor_flush_seconds:
             self._last_advance = now
+            self._advanced = self.cursor
             self.sequencer.tell(AdvanceCursor(self.host.host_id, self.cursor))

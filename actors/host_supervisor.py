@@ -21,7 +21,15 @@ from actors.host_subscriber import HostSubscriber, SubscriberConfig
 from actors.messages import ChildFailed, GetTree, HostGaveUp, RestartChild, StartHost, StopHost
 from actors.metrics import CHILD_RESTARTS
 from actors.verify import HostContext, Verifier
-from store.hosts import HOST_ACTIVE, HOST_BANNED, HOST_OFFLINE, ensure_host, set_host_status
+from store.hosts import (
+    HOST_ACTIVE,
+    HOST_BANNED,
+    HOST_OFFLINE,
+    count_host_accounts,
+    ensure_host,
+    save_account_counts,
+    set_host_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +127,13 @@ class HostSupervisor(pykka.ThreadingActor):
             lenient=self.lenient or row.lenient,
             account_limit=row.account_limit if row.account_limit is not None else self.default_account_limit,
         )
+        with self.db.connection_context():  # the accounts table is the truth; keep the host row in step
+            account_count = count_host_accounts(self.db, row.id)
+            save_account_counts(self.db, [(row.id, account_count)])
         child.ref = HostSubscriber.start(
             host=ctx,
             cursor=row.last_seq,
-            account_count=row.account_count,
+            account_count=account_count,
             events_per_second=row.events_per_second or self.default_events_per_second,
             verifier=self.verifier,
             sequencer=self.sequencer,

@@ -72,8 +72,8 @@ def decode_events(payload: list[list[Any]]) -> list[PersistEvent]:
 
 
 def encode_cursors(cursors: list[AdvanceCursor]) -> list[list[int]]:
-    return [[c.host_id, c.upstream_seq] for c in cursors]
+    return [[c.host_id, c.upstream_seq, int(c.reset)] for c in cursors]
 
 
 def decode_cursors(payload: list[list[int]]) -> list[AdvanceCursor]:
-    return [AdvanceCursor(int(h), int(s)) for h, s in payload]
+    return [AdvanceCursor(int(h), int(s), bool(r)) for h, s, r in payload]

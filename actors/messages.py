@@ -28,10 +28,15 @@ class PersistEvent:
 
 @dataclass(frozen=True, slots=True)
 class AdvanceCursor:
-    """Everything from ``host_id`` up to ``upstream_seq`` is processed (logged or dropped)."""
+    """Everything from ``host_id`` up to ``upstream_seq`` is processed (logged or dropped).
+
+    ``reset``: the host's history restarted (it answered FutureCursor); forget the saved cursor
+    even though the new one is lower.
+    """
 
     host_id: int
     upstream_seq: int
+    reset: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from protocol.errors import ProtocolError
 from protocol.frames import AccountEvent, CommitEvent, SyncEvent, decode_frame, resequence
 from store.accounts import ACTIVE, load_account, upsert_accounts
 from store.eventlog import EventLog, LogRecord
-from store.hosts import get_state, save_cursors, set_state
+from store.hosts import get_state, reset_cursors, save_cursors, set_state
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "sequencer_checkpoint_seq"
@@ -61,6 +61,7 @@ class Sequencer(pykka.ThreadingActor):
         self._accounts: dict[str, AccountState] = {}
         self._cursors: dict[int, int] = {}
         self._written_cursors: dict[int, int] = {}
+        self._cursor_resets: set[int] = set()  # hosts whose saved cursor must be allowed to go down
         self._last_seq = event_log.last_seq
 
     @property
@@ -80,7 +81,10 @@ class Sequencer(pykka.ThreadingActor):
             self._flush_queued = False
             self._flush()
         elif isinstance(message, AdvanceCursor):
-            if message.upstream_seq > self._cursors.get(message.host_id, -1):
+            if message.reset:
+                self._cursors[message.host_id] = message.upstream_seq
+                self._cursor_resets.add(message.host_id)
+            elif message.upstream_seq > self._cursors.get(message.host_id, -1):
                 self._cursors[message.host_id] = message.upstream_seq
         elif isinstance(message, WriteBehind):
             self._flush()
@@ -145,15 +149,17 @@ class Sequencer(pykka.ThreadingActor):
             if not wait:
                 return
             self._writer.join()
-        if not self._accounts and self._cursors == self._written_cursors:
+        if not self._accounts and not self._cursor_resets and self._cursors == self._written_cursors:
             return
         accounts, self._accounts = self._accounts, {}
         cursors = dict(self._cursors)
+        resets, self._cursor_resets = self._cursor_resets, set()
         checkpoint = self._last_seq
 
         def write() -> None:
             with self.db.connection_context(), self.db.atomic():
                 upsert_accounts(self.db, (a.to_row() for a in accounts.values()))
+                reset_cursors(self.db, resets)
                 save_cursors(self.db, cursors.items())
                 set_state(self.db, CHECKPOINT_KEY, str(checkpoint))
 
@@ -163,6 +169,7 @@ class Sequencer(pykka.ThreadingActor):
                 self._written_cursors = cursors
             except peewee.DatabaseError as exc:  # keep the changes for the next attempt
                 log.warning("write-behind failed error=%s: retrying at the next tick", exc)
+                self._cursor_resets |= resets
                 for did, state in accounts.items():
                     self._accounts.setdefault(did, state)
             finally:

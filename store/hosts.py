@@ -83,6 +83,16 @@ def save_cursors(db: peewee.Database, cursors: Iterable[tuple[int, int]]) -> Non
     )
 
 
+def reset_cursors(db: peewee.Database, host_ids: Iterable[int]) -> None:
+    """Forget saved cursors (the host's history restarted); ``save_cursors`` then sets the new one."""
+    executemany(db, "UPDATE host SET last_seq = -1, updated_at = ? WHERE id = ?", [(time.time(), h) for h in host_ids])
+
+
+def count_host_accounts(db: peewee.Database, host_id: int) -> int:
+    row = fetchone(db, "SELECT COUNT(*) FROM account WHERE host_id = ?", (host_id,))
+    return int(row[0]) if row else 0
+
+
 def set_host_status(db: peewee.Database, host_id: int, status: str, error: str | None = None) -> None:
     execute(db, "UPDATE host SET status = ?, last_error = ?, updated_at = ? WHERE id = ?",
             (status, error, time.time(), host_id))  # fmt: skip

@@ -243,12 +243,6 @@ def test_future_cursor_resumes_live(
     assert relay.stop() == 0, relay.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: after FutureCursor the saved upstream cursor never moves back (Sequencer only raises "
-    "_cursors; store.hosts.save_cursors updates WHERE last_seq < ?), so after a restart the relay asks "
-    "the old cursor again, gets FutureCursor again and loses the events the host sent meanwhile",
-)
 def test_cursor_saved_after_future_cursor_is_the_new_one(
     tmp_path: Path, plc: FakePlc, frame_hosts: list[FrameHost], relays: list[RelayProcess]
 ) -> None:
@@ -347,12 +341,6 @@ def test_account_limit_drops_accounts_past_it(
     assert relay.stop() == 0, relay.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a host's account count is never written to SQL (store.hosts.save_account_counts has no "
-    "caller), so getHostStatus says accountCount 0 and every subscriber (re)start, which reads "
-    "host.account_count, begins at 0: after a restart the account limit lets new accounts in again",
-)
 def test_account_limit_holds_after_restart(
     tmp_path: Path, plc: FakePlc, new_host: Callable[[], FrameHost], relays: list[RelayProcess]
 ) -> None:
@@ -374,12 +362,6 @@ def test_account_limit_holds_after_restart(
     assert relay.stop() == 0, relay.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: HostSubscriber._advance after a dropped event is rate-limited and nothing flushes it "
-    "later while the connection idles, so the saved cursor stays behind trailing dropped events "
-    "(getHostStatus seq stale; after kill -9 they are read, verified and dropped again)",
-)
 def test_cursor_of_trailing_dropped_events_is_saved(
     tmp_path: Path, plc: FakePlc, new_host: Callable[[], FrameHost], relays: list[RelayProcess]
 ) -> None:
@@ -392,7 +374,7 @@ def test_cursor_of_trailing_dropped_events_is_saved(
     feed.seq += 1
     host.push([encode_frame(forge.bad_signature(alice, [post(99)], feed.seq))])  # seq 4, dropped
     wait_until(lambda: dropped(relay, "bad_signature") == 1, 20, "the forged event to be dropped")
-    wait_until(lambda: host_status(relay, host.hostname)["seq"] == 3, 10, "cursor 3 saved")
+    wait_until(lambda: host_status(relay, host.hostname)["seq"] >= 3, 10, "cursor 3 saved")
     # the cursor flush interval is 0.5 s and the sequencer writes cursors behind every 1 s
     wait_until(lambda: host_status(relay, host.hostname)["seq"] == 4, 5, "cursor 4 saved")
     assert relay.stop() == 0, relay.log()
@@ -444,12 +426,6 @@ def test_oversized_frame_drops_the_connection_and_the_host_ends_up_offline(
     assert relay.stop() == 0, relay.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: HostSubscriber._session counts a connection as good when any message arrived (an error "
-    "frame's Reconnect sets delivered too), so a host answering every connection with an error frame "
-    "resets the failure count and is redialled every ~0.5 s forever instead of going offline",
-)
 def test_host_answering_only_error_frames_ends_up_offline(
     tmp_path: Path, plc: FakePlc, new_host: Callable[[], FrameHost], relays: list[RelayProcess]
 ) -> None:
