@@ -24,6 +24,10 @@ def create_app(services: Any) -> Flask:
         name = {404: "NotFound", 405: "MethodNotAllowed", 413: "PayloadTooLarge"}.get(exc.code or 0, "InvalidRequest")
         return xrpc_error_response(exc.code or 400, name, exc.description or name)
 
+    @app.errorhandler(UnicodeDecodeError)
+    def _bad_encoding(exc: UnicodeDecodeError) -> Any:  # raw non-UTF-8 bytes in a query string
+        return xrpc_error_response(400, "InvalidRequest", "request parameters must be UTF-8")
+
     @app.errorhandler(Exception)
     def _internal(exc: Exception) -> Any:
         app.logger.exception("unhandled error in request")

@@ -22,6 +22,7 @@ from store.db import open_database, ping
 from store.migrations import apply_migrations
 from web.app import create_app
 from web.firehose import firehose_blueprint, pre_upgrade_hook
+from web.xrpc_repo import repo_blueprint
 from web.xrpc_sync import sync_blueprint
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Services:
                 self.relay.event_log, self.relay.registry, buffer_frames=self.settings.consumer_buffer_frames
             ),
             sync_blueprint(db=self.db, host_supervisor=self.relay.hosts, insecure=self.settings.allow_insecure_hosts),
+            repo_blueprint(db=self.db, carstore=self.relay.carstore),
             metrics,
         ]
 

@@ -182,3 +182,10 @@ def test_list_hosts_and_host_status(tmp_path: Path, pds_port: int) -> None:
     assert missing.status_code == 400 and missing.json is not None and missing.json["error"] == "HostNotFound"
     bad = client.get("/xrpc/com.atproto.sync.listHosts?limit=0")
     assert bad.status_code == 400 and bad.json is not None and bad.json["error"] == "InvalidRequest"
+
+
+def test_non_utf8_query_is_a_400_not_a_500(tmp_path: Path) -> None:
+    app, _, _ = make_app(tmp_path, insecure=True)
+    resp = app.test_client().get("/xrpc/com.atproto.sync.listHosts", environ_overrides={"QUERY_STRING": "limit=\xff"})
+    assert resp.status_code == 400
+    assert resp.json is not None and resp.json["error"] == "InvalidRequest"
