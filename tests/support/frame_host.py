@@ -42,6 +42,7 @@ import json  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import urllib.parse  # noqa: E402
 from collections import deque  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -62,6 +63,8 @@ class FrameStore:
         self.changed = gevent.event.Event()
         self.subscribers: set[Any] = set()
         self.writers: dict[str, RepoWriter] = {}  # generated accounts' repos, by DID
+        self.repos: dict[str, bytes] = {}  # uploaded repo CARs served by getRepo, by DID
+        self.repo_fetches: list[str] = []  # DIDs whose repo was fetched
         self.held: deque[tuple[int, bytes]] = deque()  # generated with "hold", not yet released
         self.meta: dict[int, tuple[str, str]] = {}  # seq -> (did, rev) of generated frames
         self.track: set[int] = set()  # seqs whose send time is recorded
@@ -183,6 +186,23 @@ def make_app(store: FrameStore, did: str) -> Any:
             return []
         if path == "/xrpc/com.atproto.server.describeServer":
             return reply("200 OK", {"did": did, "availableUserDomains": [".test"]})
+        if path == "/xrpc/com.atproto.sync.getRepo":
+            query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+            repo_did = query.get("did", [""])[0]
+            car = store.repos.get(repo_did)
+            if car is None and repo_did in store.writers:
+                car = store.writers[repo_did].repo_car()
+            if car is None:
+                return reply("400 Bad Request", {"error": "RepoNotFound", "message": repo_did})
+            store.repo_fetches.append(repo_did)
+            start_response("200 OK", [("Content-Type", "application/vnd.ipld.car"), ("Content-Length", str(len(car)))])
+            return [car]
+        if path == "/control/repo" and method == "POST":  # a test uploads the repo getRepo serves for a DID
+            query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+            store.repos[query["did"][0]] = environ["wsgi.input"].read()
+            return reply("200 OK", {"ok": True})
+        if path == "/control/repo_fetches":
+            return reply("200 OK", {"fetches": store.repo_fetches})
         if path == "/control/status":
             releasing = store.releaser is not None and not store.releaser.dead
             return reply("200 OK", {"frames": len(store.frames), "last_seq": store.last_seq,

@@ -69,6 +69,13 @@ class FrameHost:
         body = {"accounts": accounts, "commits": commits, "start_seq": start_seq}
         return int(http_json(f"{self.url}/control/generate", body, timeout=600)["frames"])
 
+    def upload_repo(self, did: str, car: bytes) -> None:
+        """Make the host's getRepo serve ``car`` for ``did`` (what a backfill will fetch)."""
+        http_json(f"{self.url}/control/repo?did={did}", raw=car)
+
+    def repo_fetches(self) -> list[str]:
+        return list(http_json(f"{self.url}/control/repo_fetches")["fetches"])
+
     def status(self) -> dict[str, Any]:
         return dict(http_json(f"{self.url}/control/status"))
 
