@@ -34,6 +34,7 @@ from store.hosts import get_state, reset_cursors, save_cursors, set_state
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "sequencer_checkpoint_seq"
+MIRROR_MAX_BACKLOG = 1000  # MirrorBatch messages waiting for the repo mirror
 
 
 class Sequencer(pykka.ThreadingActor):
@@ -135,6 +136,10 @@ class Sequencer(pykka.ThreadingActor):
         if self.mirror is not None:
             mirrored = tuple(e for e in (mirror_event(item) for item in batch) if e is not None)
             if mirrored:
+                # the mirror's inbox is bounded by waiting here: our own inbox then fills up and
+                # the subscribers stop reading their hosts (the firehose slows to the disk's pace)
+                while self.mirror.backlog() > MIRROR_MAX_BACKLOG:
+                    gevent.sleep(0.005)
                 self.mirror.tell(MirrorBatch(mirrored))
         SEQUENCED_BATCH.observe(len(batch))
         LAST_SEQ.set(seq)

@@ -55,6 +55,11 @@ class Forwarder:
         self.name = name
         self.ref: Any = None
 
+    def backlog(self) -> int:
+        """Messages waiting in the current incarnation's inbox (0 while it is down)."""
+        ref = self.ref
+        return int(ref.actor_inbox.qsize()) if ref is not None else 0
+
     def tell(self, message: Any) -> None:
         ref = self.ref
         if ref is None:
