@@ -1,27 +1,34 @@
-"""The repo mirror's storage: every account's blocks as CAR v1 "slice" files, indexed in SQL.
+"""The repo mirror's storage: every account's blocks as CAR v1 "slices" in pack files, indexed in SQL.
 
 A slice holds one accepted commit's blocks (root: the commit), or a whole repo from backfill,
-or, after compaction, exactly the blocks its head reaches (``store.carstore_compact``).
-Metadata lives in a database of its own (``store.carstore_schema``). Layout:
-``slices/ab/cd/<h>.<rev>.<r>.car``, ``h`` 32 hex digits of sha-256(did) (``ab``, ``cd`` its
-first four), ``r`` random: 65,536 leaf directories and none per account, so 30 million
-compacted accounts are ~460 files per directory and one inode each.
+or, after compaction, exactly the blocks its head reaches (``store.carstore_compact``). Each
+slice is a complete CAR v1 at a byte range of a file; metadata lives in a database of its own
+(``store.carstore_schema``). Layout under ``slices/``:
 
-Crash safety: the SQL row is the commit point, and a file gets one only once durable. A write
-is (1) a committed ``car_pending`` row naming the files to come; (2) the files, created with
-``O_EXCL`` at their final names (nothing reads a file without a row, so a temporary name and a
-rename would add nothing); (3) one ``syncfs`` (else an fsync per file and directory touched);
-(4) one transaction inserting the slice rows, updating ``car_repo``, deleting the pending row.
-Files are removed only after their rows are committed ``superseded``; the rows go after the
-files. ``open()`` finishes both: files of a pending row without a slice row, and superseded
-rows' files, are deleted. So after a kill -9 at any point every account reads back at its last
-acknowledged write; with ``fsync`` a SQLite metadata database runs ``synchronous=FULL`` so
-that holds across power loss too.
+- ``packs/<yyyymmdd>/<hhmm>/<ns>.<r>.pack``: one per ``write_slices`` batch, its slices' CARs
+  back to back (UTC minute directories: ~6,000 files each at 100 batches/s).
+- ``ab/cd/<h>.<rev>.<r>.car``: one slice (a replaced or compacted repo) as a plain CAR file,
+  ``h`` 32 hex digits of sha-256(did) (``ab``, ``cd`` its first four), ``r`` random.
+
+A file is removed once none of its slices is live. A pack lives as long as any of its slices:
+compacting an account frees its share of a pack only when the pack's other slices go too.
+
+Crash safety: the SQL row is the commit point, and a file gets rows only once durable. A write
+is (1) a committed ``car_pending`` row naming the file to come; (2) the file, created with
+``O_EXCL`` at its final name (nothing reads a file without a row, so a temporary name and a
+rename would add nothing), then an fsync of it and of its directory (and of the parents of
+directories just made); (3) one transaction inserting the slice rows, updating ``car_repo``,
+deleting the pending row. Slices are purged only after their rows are committed
+``superseded``: a file none of whose rows is live is unlinked (and its directory synced), then
+the superseded rows are deleted. ``open()`` finishes both: a pending row's file that no slice
+row names, and files of superseded rows without live ones, are deleted. So after a kill -9 at
+any point every account reads back at its last acknowledged write; with ``fsync`` a SQLite
+metadata database runs ``synchronous=FULL`` so that holds across power loss too.
 
 Concurrency: one ``CarStore`` per directory (a ``flock``), any number of threads or greenlets
 using it. ``compact`` reads and writes outside any transaction, then swaps metadata in one
 short one replacing only the slices it read; readers retry when a file goes meanwhile. File
-I/O and ``syncfs`` block the calling thread: under gevent call these in the thread pool.
+I/O and fsync block the calling thread: under gevent call these in the thread pool.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 
 import peewee
@@ -51,6 +59,8 @@ __all__ = ["CarStore", "CarStoreError", "CompactStats", "RepoHead", "SliceWrite"
 log = logging.getLogger(__name__)
 
 _REV_RE = re.compile(r"[A-Za-z0-9]{1,64}")
+_PACKS = "packs"  # under slices/; never a two-hex-digit shard name
+_MAX_KNOWN_DIRS = 200_000  # directories known durable (65,536 shards + pack minutes), then forgotten
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -68,8 +78,12 @@ class CarStore:
     """Slice files plus SQL metadata for every account's repo (see the module docstring)."""
 
     def __init__(self, directory: Path, db: peewee.Database, *, fsync: bool = True, sync_method: str = "auto") -> None:
-        """``fsync=False`` skips every sync (tests, benchmarks); ``sync_method="auto"`` uses syncfs on Linux."""
-        self._syncfs = _load_syncfs() if sync_method in ("auto", "syncfs") else None
+        """``fsync=False`` skips every sync (tests, benchmarks).
+
+        ``sync_method``: ``auto`` and ``fsync`` fsync the file written and its directory;
+        ``syncfs`` (Linux) flushes the whole filesystem instead (slower: it flushes everything).
+        """
+        self._syncfs = _load_syncfs() if sync_method == "syncfs" else None
         if sync_method not in ("auto", "fsync") and self._syncfs is None:
             raise ValueError(f"sync_method must be auto, syncfs (on Linux) or fsync, not {sync_method!r}")
         self.directory = Path(directory)
@@ -78,6 +92,7 @@ class CarStore:
         self._root = str(self.directory / "slices")
         self._root_fd = -1
         self._lock_fd = -1
+        self._dirs_ok = {self._root}  # directories whose entries are known durable
 
     # -- open and close --------------------------------------------------------------------
 
@@ -86,6 +101,8 @@ class CarStore:
         if self._lock_fd >= 0:
             raise CarStoreError("carstore is already open")
         os.makedirs(self._root, exist_ok=True)
+        if self._fsync:
+            self._fsync_dir(str(self.directory))  # the root's entry
         fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -106,15 +123,21 @@ class CarStore:
 
     def _recover(self) -> None:
         pending = q.load_pending(self._db)
-        files = [entry for _, entries in pending for entry in entries]
-        orphans = sum(self._unlink(rel) for rel in q.unrecorded(self._db, files))  # rows never committed
+        files = [rel for _, entries in pending for _, rel in entries]
+        orphans = sum(self._unlink(rel) for rel in q.unreferenced(self._db, files, live_only=False))  # never recorded
         if pending:
-            self._sync({os.path.dirname(os.path.join(self._root, rel)) for _, rel in files})
+            self._sync({os.path.dirname(os.path.join(self._root, rel)) for rel in files})
             with self._db.atomic():
                 q.delete_pending(self._db, *(token for token, _ in pending))
         dead = q.superseded_slices(self._db)
-        self._remove(dead)
-        log.info("carstore opened dir=%s orphans_removed=%d superseded_removed=%d", self.directory, orphans, len(dead))
+        files_removed = self._remove(dead)
+        log.info(
+            "carstore opened dir=%s orphans_removed=%d superseded_removed=%d files_removed=%d",
+            self.directory,
+            orphans,
+            len(dead),
+            files_removed,
+        )
 
     def close(self) -> None:
         """Release the directory (a no-op when not open)."""
@@ -126,22 +149,29 @@ class CarStore:
     # -- writing ---------------------------------------------------------------------------
 
     def write_slices(self, writes: Sequence[SliceWrite]) -> None:
-        """Store each write as a slice file; on return every one is durable and readable.
+        """Store the writes as slices of one new pack file; on return every one is durable and readable.
 
-        One fsync pass and one metadata transaction for the whole batch. Revs are not compared
-        (the verifier does that): each account's head becomes its last write in the batch.
+        One file, one fsync (and one of its directory) and one metadata transaction for the
+        whole batch. Revs are not compared (the verifier does that): each account's head
+        becomes its last write in the batch.
         """
         self._check_open()
         if not writes:
             return
-        staged = [(w, self._new_path(w.did, w.rev), write_car([w.commit_cid], w.blocks)) for w in writes]
-        token = self._stage([(w.did, rel, data) for w, rel, data in staged])
+        for w in writes:
+            self._check_rev(w.rev)
+        rel = self._new_pack_path()
+        cars = [write_car([w.commit_cid], w.blocks) for w in writes]
+        rows, offset = [], 0
+        for w, car in zip(writes, cars, strict=True):
+            rows.append(SliceRow.of(w, rel, len(car), len(w.blocks), KIND_COMMIT, offset))
+            offset += len(car)
+        token = self._stage(writes[0].did, rel, b"".join(cars))
         heads: dict[str, tuple[str, str, bytes, bytes, int]] = {}
-        for w, _, _ in staged:
+        for w in writes:
             count = heads[w.did][4] + 1 if w.did in heads else 1
             heads[w.did] = (w.did, w.rev, w.commit_cid, w.data_cid, count)
-        rows = [SliceRow.of(w, rel, len(data), len(w.blocks), KIND_COMMIT) for w, rel, data in staged]
-        # if this transaction fails, the files stay under their pending row: open() removes them
+        # if this transaction fails, the file stays under its pending row: open() removes it
         with self._db.atomic():
             q.insert_slices(self._db, rows)
             q.upsert_repos(self._db, list(heads.values()), reset=False)
@@ -151,7 +181,7 @@ class CarStore:
         """Make ``write`` (a whole verified repo) the account's only live data, atomically."""
         self._check_open()
         rel, data = self._new_path(write.did, write.rev), write_car([write.commit_cid], write.blocks)
-        token = self._stage([(write.did, rel, data)])
+        token = self._stage(write.did, rel, data)
         with self._db.atomic():
             dead = q.supersede_account(self._db, write.did)
             q.insert_slices(self._db, [SliceRow.of(write, rel, len(data), len(write.blocks), KIND_FULL)])
@@ -204,7 +234,8 @@ class CarStore:
         return q.dids_with_slices(self._db, min_slices, limit)
 
     def stats(self) -> dict[str, int]:
-        """``files``, ``bytes`` (live slices), ``superseded_files`` (awaiting removal), ``accounts``."""
+        """``files`` holding live slices, ``slices`` and ``bytes`` (live), ``superseded_files`` (superseded
+        slices awaiting purge), ``accounts``."""
         return q.totals(self._db)
 
     # -- internals ---------------------------------------------------------------------------
@@ -214,40 +245,47 @@ class CarStore:
             raise CarStoreError("carstore is not open")
 
     @staticmethod
-    def _new_path(did: str, rev: str) -> str:
+    def _check_rev(rev: str) -> None:
         if not _REV_RE.fullmatch(rev):
             raise ValueError(f"slice rev {rev!r} is not a TID")
+
+    @classmethod
+    def _new_path(cls, did: str, rev: str) -> str:
+        """A one-slice file's name, in the account's shard."""
+        cls._check_rev(rev)
         h = hashlib.sha256(did.encode()).hexdigest()[:32]
         return f"{h[:2]}/{h[2:4]}/{h}.{rev}.{secrets.token_hex(4)}.car"
 
-    def _stage(self, files: Sequence[tuple[str, str, bytes]]) -> str:
-        """Record the intent, then create and sync the (did, path, data) files; the intent's token."""
+    @staticmethod
+    def _new_pack_path() -> str:
+        """A batch's pack name, in the directory of the current UTC minute."""
+        ns = time.time_ns()
+        minute = time.strftime("%Y%m%d/%H%M", time.gmtime(ns // 1_000_000_000))
+        return f"{_PACKS}/{minute}/{ns:019d}.{secrets.token_hex(4)}.pack"
+
+    def _stage(self, did: str, rel: str, data: bytes) -> str:
+        """Record the intent, then create and sync the file ``rel`` (first slice's ``did``); the intent's token."""
         token = secrets.token_hex(12)
         with self._db.atomic():
-            q.insert_pending(self._db, token, [(did, rel) for did, rel, _ in files])
+            q.insert_pending(self._db, token, [(did, rel)])
         dirs: set[str] = set()
         try:
-            for _, rel, data in files:
-                self._write_file(rel, data, dirs)
+            self._write_file(rel, data, dirs)
             self._sync(dirs)
-        except BaseException:
-            self._discard(token, [rel for _, rel, _ in files])
+        except BaseException as exc:
+            # a name clash (FileExistsError from O_EXCL) created nothing: never unlink another's file
+            self._discard(token, [] if isinstance(exc, FileExistsError) else [rel])
             raise
         return token
 
     def _write_file(self, rel: str, data: bytes, dirs: set[str]) -> None:
+        """Create ``rel`` (and missing directories) and write it; ``dirs`` gets the directories to sync."""
         path = os.path.join(self._root, rel)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags, 0o644)
-        except FileNotFoundError:
-            shard = os.path.dirname(path)
-            top = os.path.dirname(shard)
-            if not os.path.isdir(top):
-                dirs.add(self._root)  # a new first-level directory: its entry is in the root
-            os.makedirs(shard, exist_ok=True)
-            dirs.add(top)
-            fd = os.open(path, flags, 0o644)
+        directory = os.path.dirname(path)
+        if directory not in self._dirs_ok:
+            self._ensure_dir(directory)
+        fd = os.open(path, flags, 0o644)
         try:
             view = memoryview(data)
             while view:
@@ -256,18 +294,46 @@ class CarStore:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        dirs.add(os.path.dirname(path))
+        dirs.add(directory)
 
-    def _sync(self, dirs: Iterable[str]) -> None:
-        """Make what was written or removed durable: one ``syncfs``, or an fsync of each of ``dirs``."""
-        if self._fsync and self._syncfs is not None and self._syncfs(self._root_fd) != 0:
-            raise OSError(ctypes.get_errno(), "syncfs failed")
-        for d in dirs if self._fsync and self._syncfs is None else ():
-            fd = os.open(d, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    def _ensure_dir(self, directory: str) -> None:
+        """Make ``directory`` (under the root) and its missing parents, each entry durable before use.
+
+        A directory is trusted once this process has synced its parent after seeing it exist,
+        whoever made it: no lock, every thread that has not seen it yet syncs it itself.
+        """
+        chain = []
+        d = directory
+        while d not in self._dirs_ok:
+            chain.append(d)
+            d = os.path.dirname(d)
+        for d in reversed(chain):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d)
+            if self._fsync and self._syncfs is None:
+                self._fsync_dir(os.path.dirname(d))
+        if len(self._dirs_ok) > _MAX_KNOWN_DIRS:
+            self._dirs_ok = {self._root}
+        self._dirs_ok.update(chain)
+
+    @staticmethod
+    def _fsync_dir(directory: str) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _sync(self, dirs: Collection[str]) -> None:
+        """Make what was written or removed in ``dirs`` durable: an fsync of each (or one ``syncfs``)."""
+        if not dirs or not self._fsync:
+            return
+        if self._syncfs is not None:
+            if self._syncfs(self._root_fd) != 0:
+                raise OSError(ctypes.get_errno(), "syncfs failed")
+            return
+        for d in dirs:
+            self._fsync_dir(d)
 
     def _unlink(self, rel: str) -> bool:
         with contextlib.suppress(FileNotFoundError):
@@ -285,15 +351,24 @@ class CarStore:
         except Exception:
             log.warning("carstore could not discard a staged write token=%s", token, exc_info=True)
 
-    def _remove(self, dead: Sequence[tuple[int, str]]) -> None:
-        """Delete the files of superseded slices, then their rows (best effort: ``open()`` retries)."""
+    def _remove(self, dead: Sequence[tuple[int, str]]) -> int:
+        """Purge committed-superseded slices: the files no live slice is in, then the rows; files removed.
+
+        Called after the transaction that superseded them, so whichever caller supersedes a
+        file's last live slice sees it unreferenced (a file gets no new rows once recorded).
+        Best effort: ``open()`` retries.
+        """
         if not dead:
-            return
+            return 0
         try:
-            for _, rel in dead:
+            paths = list(dict.fromkeys(rel for _, rel in dead))
+            gone = q.unreferenced(self._db, paths, live_only=True)
+            for rel in gone:
                 self._unlink(rel)
-            self._sync({os.path.dirname(os.path.join(self._root, rel)) for _, rel in dead})
+            self._sync({os.path.dirname(os.path.join(self._root, rel)) for rel in gone})
             with self._db.atomic():
                 q.delete_slices(self._db, [i for i, _ in dead])
         except Exception:
             log.warning("carstore could not remove superseded slices count=%d", len(dead), exc_info=True)
+            return 0
+        return len(gone)

@@ -1,15 +1,16 @@
 """Reading an account's slices: block loads, the repo in canonical order, the full repo CAR, compaction.
 
-Reads list the live slice rows and read their files; a file removed meanwhile (a compaction,
-replace or delete committed between the query and the read) makes the read start over with
-fresh rows, up to ``_READ_ATTEMPTS`` times. Every slice parsed is hash-checked (``read_car``);
-a lone compacted slice asked for as a full repo CAR is served as stored, unparsed.
+Reads list the live slice rows and read each slice's byte range of its file (a complete CAR
+v1); a file removed meanwhile (a compaction, replace or delete committed between the query and
+the read) makes the read start over with fresh rows, up to ``_READ_ATTEMPTS`` times. Every
+slice parsed is hash-checked (``read_car``); a lone compacted slice asked for as a full repo
+CAR is served as stored, unparsed.
 
 Canonical order is the commit block, then the MST in pre-order: each node, then in key order
 its left subtree, and for every entry the entry's record followed by the subtree to its right.
 The order depends only on the repo, never on which slices the blocks came from, so a full repo
-CAR is byte-for-byte the same before and after compaction (a compacted slice file *is* that
-CAR). A streaming reader meets every node before the nodes and records below it.
+CAR is byte-for-byte the same before and after compaction (a compacted slice *is* that CAR).
+A streaming reader meets every node before the nodes and records below it.
 
 ``repo_blocks`` walks with ``protocol.mst``'s strict ``PartialTree`` (node format, key order,
 heights and key ranges are checked, as in ``mst.walk``) and raises ``MissingBlock`` for any
@@ -69,7 +70,7 @@ class CompactStats:
 
     ``outcome``: ``compacted``; ``empty`` (no repo); ``already_compact`` (one compacted slice);
     ``conflict`` (a replace, delete or other compaction of the account won the race: nothing
-    changed, the new file was discarded). Block counts are per slice, so ``blocks_before``
+    changed, the new file was discarded). Block and byte counts are per slice, so ``blocks_before``
     counts a block once per slice holding it.
     """
 
@@ -98,9 +99,20 @@ def read_live(db: peewee.Database, did: str, read: Callable[[list[SliceRow]], T]
     raise CarStoreError(f"slices of {did} kept changing while being read")
 
 
-def read_file(root: str, rel: str) -> bytes:
-    with open(os.path.join(root, rel), "rb") as f:
-        return f.read()
+def read_slice(root: str, row: SliceRow) -> bytes:
+    """The slice's bytes (``FileNotFoundError`` when its file went away: the caller retries)."""
+    fd = os.open(os.path.join(root, row.path), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts, offset, left = [], row.byte_offset, row.byte_size
+        while left:
+            part = os.pread(fd, left, offset)
+            if not part:
+                raise CarStoreError(f"slice file {row.path} ends before byte {row.byte_offset + row.byte_size}")
+            parts.append(part)
+            offset, left = offset + len(part), left - len(part)
+    finally:
+        os.close(fd)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def blocks_of(root: str, rows: Sequence[SliceRow], since: str | None = None) -> dict[bytes, bytes]:
@@ -108,7 +120,7 @@ def blocks_of(root: str, rows: Sequence[SliceRow], since: str | None = None) -> 
     blocks: dict[bytes, bytes] = {}
     for row in rows:
         if since is None or row.rev > since:
-            blocks.update(read_car(read_file(root, row.path), max_blocks=_NO_LIMIT).blocks)
+            blocks.update(read_car(read_slice(root, row), max_blocks=_NO_LIMIT).blocks)
     return blocks
 
 
@@ -118,7 +130,7 @@ def find_blocks(root: str, rows: Sequence[SliceRow], wanted: set[bytes]) -> dict
     for row in reversed(rows):
         if len(found) == len(wanted):
             break
-        blocks = read_car(read_file(root, row.path), max_blocks=_NO_LIMIT).blocks
+        blocks = read_car(read_slice(root, row), max_blocks=_NO_LIMIT).blocks
         found.update((cid, blocks[cid]) for cid in wanted - found.keys() if cid in blocks)
     return found
 
@@ -171,7 +183,7 @@ def repo_car_bytes(blocks: Mapping[bytes, bytes], commit_cid: bytes) -> bytes:
 
 
 def compact_account(store: CarStore, did: str) -> CompactStats:
-    """Merge ``did``'s live slices into one compacted slice; old files go after the metadata swap.
+    """Merge ``did``'s live slices into one compacted slice file; old slices go after the metadata swap.
 
     Reads the slices and writes the new file outside any transaction; then, in one short
     transaction, marks exactly the slices it read superseded (all must still be live, else
@@ -187,7 +199,7 @@ def compact_account(store: CarStore, did: str) -> CompactStats:
     head = rows[-1]
     kept = repo_blocks(blocks, head.commit_cid)
     rel, data = store._new_path(did, head.rev), write_car([head.commit_cid], kept.items())
-    token = store._stage([(did, rel, data)])
+    token = store._stage(did, rel, data)
     new = SliceRow(0, did, head.rev, None, head.commit_cid, head.data_cid, rel, len(data), len(kept), KIND_COMPACTED)
     ids = [r.id for r in rows]
     try:
@@ -233,7 +245,7 @@ def assemble_repo_car(store: CarStore, did: str, since: str | None) -> bytes | N
         if since is not None:
             return write_car([commit], blocks_of(root, rows, since).items())
         if len(rows) == 1 and rows[0].kind == KIND_COMPACTED:
-            return read_file(root, rows[0].path)
+            return read_slice(root, rows[0])
         return repo_car_bytes(blocks_of(root, rows), commit)
 
     return read_live(store._db, did, assemble)

@@ -2,14 +2,17 @@
 
 Three tables, in a database of their own (``CARSTORE_DATABASE_URL``; with SQLite a second file):
 
-- ``car_slice``: one row per slice file (``path`` relative to the carstore directory). A row
-  with ``superseded`` true names a file that is to be removed (replaced, compacted away or
-  deleted); such rows are purged once their file is gone, and at every ``open()``.
+- ``car_slice``: one row per slice: the ``byte_size`` bytes at ``byte_offset`` of the file
+  ``path`` (relative to the carstore's ``slices/`` directory). A file is a pack of one batch's
+  slices, or one slice at offset 0; several rows name a pack. A row with ``superseded`` true is
+  to be purged (replaced, compacted away or deleted); its file is removed once no live row
+  names it, before the row goes (``path`` is indexed for that question).
 - ``car_repo``: one row per account with its head (the last slice written) and how many live
   slices it has (what the compaction scheduler ranks by).
-- ``car_pending``: write intents. Before a batch's files are created, one row lists them
-  (JSON ``[[did, path], ...]``); the transaction recording their slices deletes it. A row
-  left by a crash names exactly the files that may be orphans.
+- ``car_pending``: write intents. Before a write's file is created, one row lists it
+  (JSON ``[[did, path], ...]``; for a pack, the did of its first slice); the transaction
+  recording its slices deletes it. A row left by a crash names exactly the files that may be
+  orphans: those no slice row names.
 
 Multi-row statements are built per batch (one statement per up to ``_CHUNK`` rows), which
 costs the same on SQLite as ``executemany`` and saves a round trip per row on PostgreSQL.
@@ -67,6 +70,14 @@ CARSTORE_MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "carstore: slices at an offset of a pack file",
+        (
+            "ALTER TABLE car_slice ADD COLUMN byte_offset BIGINT NOT NULL DEFAULT 0",
+            "CREATE INDEX car_slice_path_idx ON car_slice (path)",
+        ),
+    ),
 )
 
 # slice kinds
@@ -75,7 +86,7 @@ KIND_FULL = 1  # a whole repo from backfill, as received
 KIND_COMPACTED = 2  # exactly the blocks reachable from its commit, in canonical order
 
 _CHUNK = 500  # rows per multi-row statement (SQLite allows 32,766 parameters)
-_SLICE_COLS = "id, did, rev, since, commit_cid, data_cid, path, byte_size, block_count, kind"
+_SLICE_COLS = "id, did, rev, since, commit_cid, data_cid, path, byte_size, block_count, kind, byte_offset"
 
 
 class CarStoreError(Exception):
@@ -110,21 +121,24 @@ class SliceRow:
     since: str | None
     commit_cid: bytes
     data_cid: bytes
-    path: str  # relative to the carstore directory
+    path: str  # relative to the carstore's slices/ directory
     byte_size: int
     block_count: int
     kind: int
+    byte_offset: int = 0  # where the slice's CAR starts in the file
 
     @classmethod
-    def of(cls, w: SliceWrite, path: str, byte_size: int, block_count: int, kind: int) -> SliceRow:
+    def of(
+        cls, w: SliceWrite, path: str, byte_size: int, block_count: int, kind: int, byte_offset: int = 0
+    ) -> SliceRow:
         """A row to insert for ``w`` (the database assigns the id)."""
-        return cls(0, w.did, w.rev, w.since, w.commit_cid, w.data_cid, path, byte_size, block_count, kind)
+        return cls(0, w.did, w.rev, w.since, w.commit_cid, w.data_cid, path, byte_size, block_count, kind, byte_offset)
 
 
 def _slice(r: Sequence[Any]) -> SliceRow:
     commit, data = to_bytes(r[4]), to_bytes(r[5])
     assert commit is not None and data is not None
-    return SliceRow(int(r[0]), r[1], r[2], r[3], commit, data, r[6], int(r[7]), int(r[8]), int(r[9]))
+    return SliceRow(int(r[0]), r[1], r[2], r[3], commit, data, r[6], int(r[7]), int(r[8]), int(r[9]), int(r[10]))
 
 
 def check_own_database(db: peewee.Database) -> None:
@@ -151,10 +165,13 @@ def insert_slices(db: peewee.Database, rows: Sequence[SliceRow]) -> None:
     """Insert live slice rows (their ``id`` is ignored: the database assigns it)."""
     _insert_many(
         db,
-        "INSERT INTO car_slice (did, rev, since, commit_cid, data_cid, path, byte_size, block_count, kind,"
-        " superseded, created_at)",
-        f"(?, ?, ?, ?, ?, ?, ?, ?, ?, FALSE, {time.time()!r})",  # constants inline: fewer parameters to quote
-        [(r.did, r.rev, r.since, r.commit_cid, r.data_cid, r.path, r.byte_size, r.block_count, r.kind) for r in rows],
+        "INSERT INTO car_slice (did, rev, since, commit_cid, data_cid, path, byte_offset, byte_size, block_count,"
+        " kind, superseded, created_at)",
+        f"(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, FALSE, {time.time()!r})",  # constants inline: fewer parameters to quote
+        [
+            (r.did, r.rev, r.since, r.commit_cid, r.data_cid, r.path, r.byte_offset, r.byte_size, r.block_count, r.kind)
+            for r in rows
+        ],
     )
 
 
@@ -213,8 +230,21 @@ def delete_slices(db: peewee.Database, ids: Sequence[int]) -> None:
 
 
 def superseded_slices(db: peewee.Database) -> list[tuple[int, str]]:
-    """(id, path) of every superseded slice, whose file is to be removed."""
+    """(id, path) of every superseded slice, to be purged (its file too when no live slice is in it)."""
     return [(int(i), str(p)) for i, p in fetchall(db, "SELECT id, path FROM car_slice WHERE superseded")]
+
+
+def unreferenced(db: peewee.Database, paths: Sequence[str], *, live_only: bool) -> list[str]:
+    """The ``paths`` that no slice row names (with ``live_only``: no live slice row), in order."""
+    named: set[str] = set()
+    cond = " AND NOT superseded" if live_only else ""
+    for start in range(0, len(paths), _CHUNK):
+        chunk = paths[start : start + _CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        named.update(
+            str(p) for (p,) in fetchall(db, f"SELECT DISTINCT path FROM car_slice WHERE path IN ({marks}){cond}", chunk)
+        )
+    return [p for p in paths if p not in named]
 
 
 def adjust_slice_count(db: peewee.Database, did: str, delta: int) -> None:
@@ -253,21 +283,17 @@ def load_pending(db: peewee.Database) -> list[tuple[str, list[tuple[str, str]]]]
     return [(str(token), [(str(d), str(p)) for d, p in json.loads(paths)]) for token, paths in rows]
 
 
-def unrecorded(db: peewee.Database, files: Sequence[tuple[str, str]]) -> list[str]:
-    """The paths among the (did, path) ``files`` that no slice row names."""
-    known: dict[str, set[str]] = {}
-    for did, _ in files:
-        if did not in known:
-            known[did] = {str(p) for (p,) in fetchall(db, "SELECT path FROM car_slice WHERE did = ?", (did,))}
-    return [path for did, path in files if path not in known[did]]
-
-
 def totals(db: peewee.Database) -> dict[str, int]:
-    """Live files and bytes, superseded files awaiting removal, and accounts (each a scan: not for hot paths)."""
-    files, size = fetchone(db, "SELECT COUNT(*), COALESCE(SUM(byte_size), 0) FROM car_slice WHERE NOT superseded") or (
-        0,
-        0,
-    )
+    """Live slices, their files and bytes, superseded slices awaiting purge, accounts (scans: not for hot paths)."""
+    live = "FROM car_slice WHERE NOT superseded"
+    n, size = fetchone(db, f"SELECT COUNT(*), COALESCE(SUM(byte_size), 0) {live}") or (0, 0)
+    files = fetchone(db, f"SELECT COUNT(DISTINCT path) {live}") or (0,)
     dead = fetchone(db, "SELECT COUNT(*) FROM car_slice WHERE superseded") or (0,)
     accounts = fetchone(db, "SELECT COUNT(*) FROM car_repo") or (0,)
-    return {"files": int(files), "bytes": int(size), "superseded_files": int(dead[0]), "accounts": int(accounts[0])}
+    return {
+        "files": int(files[0]),
+        "slices": int(n),
+        "bytes": int(size),
+        "superseded_files": int(dead[0]),
+        "accounts": int(accounts[0]),
+    }

@@ -189,7 +189,8 @@ def check_store(store: CarStore, db_url: str, acked: dict[str, str], round_: int
         repo_blocks(blocks, head.commit_cid)  # and every record present
     rows = store._db.execute_sql("SELECT path, superseded FROM car_slice").fetchall()
     assert not any(superseded for _, superseded in rows), f"round {round_}: superseded rows left"
-    on_disk = {str(p.relative_to(store.directory / "slices")) for p in store.directory.rglob("*.car")}
+    slices = store.directory / "slices"
+    on_disk = {str(p.relative_to(slices)) for p in slices.rglob("*") if p.is_file()}  # packs and single-slice CARs
     assert on_disk == {path for path, _ in rows}, f"round {round_}: files and rows disagree"
     assert store._db.execute_sql("SELECT COUNT(*) FROM car_pending").fetchone()[0] == 0
 

@@ -28,6 +28,7 @@ from store.migrations import apply_migrations
 
 KEY = PrivateKey.generate("k256")
 NAME_RE = re.compile(r"^slices/([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{32})\.[a-z2-7]{13}\.[0-9a-f]{8}\.car$")
+PACK_RE = re.compile(r"^slices/packs/[0-9]{8}/[0-9]{4}/[0-9]{19}\.[0-9a-f]{8}\.pack$")
 
 
 def slice_of(event: CommitEvent, data_cid: bytes) -> SliceWrite:
@@ -56,6 +57,16 @@ def disk_files(store: CarStore) -> set[str]:
 
 def live_paths(db: peewee.Database) -> set[str]:
     return {"slices/" + r[0] for r in db.execute_sql("SELECT path FROM car_slice WHERE NOT superseded").fetchall()}
+
+
+def slice_ranges(db: peewee.Database) -> list[tuple[str, str, int, int]]:
+    """(rev, file, offset, size) of every live slice."""
+    rows = db.execute_sql("SELECT rev, path, byte_offset, byte_size FROM car_slice WHERE NOT superseded").fetchall()
+    return [(str(r), "slices/" + str(p), int(o), int(n)) for r, p, o, n in rows]
+
+
+def disk_bytes(store: CarStore) -> int:
+    return sum((store.directory / f).stat().st_size for f in disk_files(store))
 
 
 def records(blocks: dict[bytes, bytes], data_cid: bytes) -> dict[str, bytes]:
@@ -98,7 +109,7 @@ def history() -> tuple[RepoWriter, list[SliceWrite]]:
     return writer, out
 
 
-def test_round_trip_of_slices_from_two_accounts(store: CarStore) -> None:
+def test_round_trip_of_slices_from_two_accounts(store: CarStore, db: peewee.Database) -> None:
     alice, bob = RepoWriter("did:plc:alice", KEY), RepoWriter("did:plc:bob", KEY)
     a, b = commits(alice, 3), commits(bob, 2)
     store.write_slices([a[0], b[0], a[1]])
@@ -115,11 +126,19 @@ def test_round_trip_of_slices_from_two_accounts(store: CarStore) -> None:
     assert store.load_blocks("did:plc:nobody") == {} and store.repo_car("did:plc:nobody") is None
     files = disk_files(store)
     size = sum((store.directory / f).stat().st_size for f in files)
-    assert store.stats() == {"files": 5, "bytes": size, "superseded_files": 0, "accounts": 2}
-    assert len(files) == 5 and all(NAME_RE.match(f) for f in files)
-    first = next(f for f in files if a[0].rev in f)
-    car = read_car((store.directory / first).read_bytes())
-    assert car.roots == (a[0].commit_cid,) and car.blocks == dict(a[0].blocks)
+    assert store.stats() == {"files": 2, "slices": 5, "bytes": size, "superseded_files": 0, "accounts": 2}
+    assert len(files) == 2 and all(PACK_RE.match(f) for f in files)  # one pack file per batch
+    # a pack is its slices' CARs back to back; each byte range is a CAR rooted at its commit
+    ranges = slice_ranges(db)
+    by_rev = {s.rev: s for s in a + b}
+    for path in files:
+        mine = sorted((off, n, rev) for rev, p, off, n in ranges if p == path)
+        assert [off for off, _, _ in mine] == [0] + [off + n for off, n, _ in mine[:-1]]
+        data = (store.directory / path).read_bytes()
+        assert len(data) == sum(n for _, n, _ in mine)
+        for off, n, rev in mine:
+            car = read_car(data[off : off + n])
+            assert car.roots == (by_rev[rev].commit_cid,) and car.blocks == dict(by_rev[rev].blocks)
 
 
 def test_load_blocks_of_many_slices_is_their_union_and_the_repo_walks(store: CarStore) -> None:
@@ -167,8 +186,9 @@ def test_replace_repo_makes_the_new_repo_the_only_live_data(store: CarStore, db:
     assert store.load_blocks(writer.did) == dict(full.blocks)
     head = store.head(writer.did)
     assert head is not None and head.commit_cid == fresh.commit_cid and head.rev == fresh.rev
-    assert disk_files(store) == live_paths(db)
-    assert store.stats()["files"] == 3 and store.accounts_needing_compaction(2) == [other.did]
+    assert disk_files(store) == live_paths(db)  # the replaced account's pack went with its last slice
+    assert (store.stats()["files"], store.stats()["slices"]) == (2, 3)
+    assert store.accounts_needing_compaction(2) == [other.did]
     assert store.repo_car(writer.did) == store.repo_car(writer.did)
     assert records(read_car(store.repo_car(writer.did) or b"").blocks, fresh.data) == fresh.records
     # later commits stack on top of the replaced repo
@@ -183,8 +203,10 @@ def test_delete_repo_removes_rows_and_files(store: CarStore, db: peewee.Database
     assert store.head(gone.did) is None and store.load_blocks(gone.did) == {}
     assert store.repo_car(gone.did) is None
     assert records(store.load_blocks(kept.did), kept.data) == kept.records
-    assert disk_files(store) == live_paths(db) and len(disk_files(store)) == 3
-    assert store.stats()["accounts"] == 1
+    assert disk_files(store) == live_paths(db) and len(disk_files(store)) == 1  # the pack holds kept's slices
+    assert store.stats()["accounts"] == 1 and store.stats()["slices"] == 3
+    store.delete_repo(kept.did)  # the pack's last live slices: now the file goes
+    assert disk_files(store) == set() and store.stats()["superseded_files"] == 0
     store.delete_repo("did:plc:never-seen")  # no-op
 
 
@@ -200,7 +222,7 @@ def test_compaction_keeps_exactly_the_reachable_blocks(
     before_car = store.repo_car(did)
     files_before, stats_before = disk_files(store), store.stats()
     disk_before = sum((store.directory / f).stat().st_size for f in files_before)
-    assert len(files_before) == 1000 and len(reachable) < len(before_blocks)  # updates and deletes left garbage
+    assert len(files_before) == 10 and len(reachable) < len(before_blocks)  # updates and deletes left garbage
 
     stats = store.compact(did)
     assert stats.compacted and (stats.slices_before, stats.slices_after) == (1000, 1)
@@ -233,7 +255,8 @@ def test_compaction_keeps_a_slice_written_while_it_ran(store: CarStore, monkeypa
     monkeypatch.setattr(carstore_compact, "repo_blocks", write_meanwhile)
     stats = store.compact(writer.did)
     assert stats.compacted and stats.slices_before == 30
-    assert store.stats()["files"] == 3  # the compacted slice and the two written meanwhile
+    assert store.stats()["slices"] == 3  # the compacted slice and the two written meanwhile
+    assert store.stats()["files"] == 2  # the compacted file and the pack written meanwhile
     head = store.head(writer.did)
     assert head is not None and head.rev == late[-1].rev
     assert records(store.load_blocks(writer.did), writer.data) == writer.records
@@ -276,7 +299,7 @@ def test_compaction_of_an_incomplete_mirror_fails_and_changes_nothing(store: Car
         store.compact(writer.did)
     with pytest.raises(MissingBlock):
         store.repo_car(writer.did)
-    assert disk_files(store) == files and store.stats()["files"] == 3
+    assert disk_files(store) == files and store.stats()["slices"] == 3
 
 
 def test_open_removes_orphans_and_superseded_files(db: peewee.Database, tmp_path: Path) -> None:
@@ -284,16 +307,20 @@ def test_open_removes_orphans_and_superseded_files(db: peewee.Database, tmp_path
     slices = commits(writer, 4)
     store = CarStore(tmp_path / "cs", db)
     store.open()
-    store.write_slices(slices[:2])
+    store.write_slices(slices[:1])
+    store.write_slices(slices[1:2])
     acked = disk_files(store)
     # a crash after the files were written and synced, before their metadata transaction
-    rel = store._new_path(writer.did, slices[2].rev)
-    store._stage([(writer.did, rel, b"partial or complete, never recorded")])
+    rel = store._new_pack_path()
+    store._stage(writer.did, rel, b"partial or complete, never recorded")
+    rel2 = store._new_path(writer.did, slices[2].rev)
+    store._stage(writer.did, rel2, b"a replace or compaction, never recorded")
     # a crash after a compaction's swap committed, before the old files were removed
     db.execute_sql("UPDATE car_slice SET superseded = TRUE WHERE rev = " + db.param, (slices[0].rev,))
-    superseded = {f for f in acked if slices[0].rev in f}
+    superseded = {"slices/" + str(p) for (p,) in db.execute_sql("SELECT path FROM car_slice WHERE superseded")}
+    assert len(superseded) == 1 and superseded < acked
     store.close()
-    assert disk_files(store) == acked | {"slices/" + rel}
+    assert disk_files(store) == acked | {"slices/" + rel, "slices/" + rel2}
 
     store = CarStore(tmp_path / "cs", db)
     store.open()
@@ -332,3 +359,60 @@ def test_durable_write_methods(db: peewee.Database, tmp_path: Path, method: str)
     store.close()
     with pytest.raises(ValueError, match="sync_method"):
         CarStore(tmp_path / "cs", db, sync_method="sometimes")
+
+
+def test_a_pack_goes_with_its_last_live_slice_and_compaction_shrinks_what_an_account_spans(
+    store: CarStore, db: peewee.Database
+) -> None:
+    alice, bob = RepoWriter("did:plc:pack-alice", KEY), RepoWriter("did:plc:pack-bob", KEY)
+    a, b = commits(alice, 40), commits(bob, 40)
+    for i in range(0, 40, 10):  # four packs, each holding both accounts' slices
+        store.write_slices([s for pair in zip(a[i : i + 10], b[i : i + 10], strict=True) for s in pair])
+    packs, disk_before = disk_files(store), disk_bytes(store)
+    assert len(packs) == 4 and all(PACK_RE.match(f) for f in packs)
+
+    assert store.compact(alice.did).compacted
+    alice_files = {p for rev, p, _, _ in slice_ranges(db) if rev in {s.rev for s in a}}
+    assert len(alice_files) == 1 and not alice_files & packs  # alice's live data is one file now
+    assert disk_files(store) == packs | alice_files == live_paths(db)  # the packs stay: bob's slices are live
+    assert records(store.load_blocks(bob.did), bob.data) == bob.records
+    assert records(store.load_blocks(alice.did), alice.data) == alice.records
+    assert store.stats()["superseded_files"] == 0
+
+    assert store.compact(bob.did).compacted  # the packs' last live slices: now they go
+    files = disk_files(store)
+    assert len(files) == 2 and not files & packs and files == live_paths(db)
+    assert disk_bytes(store) < disk_before and store.stats()["bytes"] == disk_bytes(store)
+    assert records(store.load_blocks(bob.did), bob.data) == bob.records
+
+
+def test_open_purges_superseded_slices_and_removes_only_packs_without_live_ones(
+    db: peewee.Database, tmp_path: Path
+) -> None:
+    alice, bob = RepoWriter("did:plc:open-alice", KEY), RepoWriter("did:plc:open-bob", KEY)
+    a, b = commits(alice, 2), commits(bob, 2)
+    store = CarStore(tmp_path / "cs", db)
+    store.open()
+    store.write_slices([a[0], b[0]])  # shared pack
+    store.write_slices([a[1]])  # alice only
+    shared = {p for rev, p, _, _ in slice_ranges(db) if rev == b[0].rev}
+    only_alice = {p for rev, p, _, _ in slice_ranges(db) if rev == a[1].rev}
+    # a crash after alice's slices were superseded (a replace committed), before any file went
+    db.execute_sql("UPDATE car_slice SET superseded = TRUE WHERE did = " + db.param, (alice.did,))
+    store.close()
+
+    store = CarStore(tmp_path / "cs", db)
+    store.open()
+    assert disk_files(store) == shared == live_paths(db)  # alice's own pack went, the shared one stays for bob
+    assert not only_alice & disk_files(store)
+    assert store.stats()["superseded_files"] == 0 and store.stats()["slices"] == 1
+    assert store.load_blocks(bob.did) == dict(b[0].blocks)
+    store.write_slices([b[1]])
+    db.execute_sql("UPDATE car_slice SET superseded = TRUE WHERE rev = " + db.param, (b[0].rev,))
+    store.close()
+
+    store = CarStore(tmp_path / "cs", db)
+    store.open()
+    assert disk_files(store) == live_paths(db) and not shared & disk_files(store)
+    assert store.load_blocks(bob.did) == dict(b[1].blocks)
+    store.close()
