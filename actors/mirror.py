@@ -34,7 +34,6 @@ from actors.messages_mirror import (
     RequestResync,
 )
 from actors.verify import host_of_endpoint
-from protocol.car import read_car
 from protocol.crypto import load_did_key
 from protocol.errors import ProtocolError
 from protocol.repo_verify import verify_repo
@@ -166,12 +165,10 @@ class RepoMirror(pykka.ThreadingActor):
 
     def _write(self, event: MirrorEvent) -> None:
         assert event.car is not None and event.rev and event.commit_cid and event.data_cid
-        try:
-            blocks = list(read_car(event.car).blocks.items())
-        except ProtocolError as exc:  # verified upstream; a failure here is a bug worth seeing
-            log.error("mirror cannot parse verified blocks did=%s error=%s", event.did, exc)
-            return
-        self._pending.append(SliceWrite(event.did, event.rev, event.since, event.commit_cid, event.data_cid, blocks))
+        # the event's CAR was verified on ingest (every hash, root = commit): stored as it came
+        self._pending.append(
+            SliceWrite(event.did, event.rev, event.since, event.commit_cid, event.data_cid, (), car=event.car)
+        )
         self._remember(event.did, event.rev)
 
     def _flush(self) -> None:

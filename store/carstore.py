@@ -161,7 +161,7 @@ class CarStore:
         for w in writes:
             self._check_rev(w.rev)
         rel = self._new_pack_path()
-        cars = [write_car([w.commit_cid], w.blocks) for w in writes]
+        cars = [w.car if w.car is not None else write_car([w.commit_cid], w.blocks) for w in writes]
         rows, offset = [], 0
         for w, car in zip(writes, cars, strict=True):
             rows.append(SliceRow.of(w, rel, len(car), len(w.blocks), KIND_COMMIT, offset))

@@ -111,6 +111,9 @@ class SliceWrite:
     commit_cid: bytes
     data_cid: bytes
     blocks: Sequence[tuple[bytes, bytes]]  # (cid, block bytes) as received
+    # the same blocks as a CAR v1 rooted at commit_cid, when the caller has it (a verified
+    # #commit's blocks): written as-is, no parse and re-encode; ``blocks`` may then be empty
+    car: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
