@@ -25,8 +25,8 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from actors.accounts import AccountCache, AccountState
-from protocol.car import read_car
-from protocol.commit import decode_commit
+from protocol.car import CarFile, read_car
+from protocol.commit import Commit, decode_commit
 from protocol.crypto import load_did_key
 from protocol.errors import InvalidKey, ProtocolError
 from protocol.frames import AccountEvent, CommitEvent, IdentityEvent, RepoEvent, SyncEvent
@@ -162,6 +162,42 @@ class Verifier:
             return Dropped("rev_in_future", f"rev {rev} is too far in the future")
         return None
 
+    def _signed_commit(
+        self,
+        blocks: bytes,
+        root: bytes | None,
+        did: str,
+        rev: str,
+        ident: IdentityLike,
+        state: AccountState,
+        now: float,
+        *,
+        allow_equal: bool,
+    ) -> tuple[CarFile, Commit] | Dropped:
+        """The CAR (every hash checked) and its signed commit: root, repo, rev and signature checked."""
+        if len(blocks) > self.limits.max_blocks_bytes:
+            return Dropped("too_large", f"blocks of {len(blocks)} bytes")
+        try:
+            car = read_car(blocks)
+            if not car.roots or (root is not None and car.roots[0] != root):
+                return Dropped("bad_car_root", "CAR root is not the event's commit")
+            block = car.blocks.get(car.roots[0])
+            if block is None:
+                return Dropped("missing_block", "commit block not in CAR")
+            commit = decode_commit(block)
+        except ProtocolError as exc:
+            return Dropped(exc.reason, str(exc))
+        if commit.did != did:
+            return Dropped("repo_mismatch", f"commit is for {commit.did}")
+        if commit.rev != rev:
+            return Dropped("rev_mismatch", f"event rev {rev} != commit rev {commit.rev}")
+        bad_rev = self._check_rev(rev, state, now, allow_equal=allow_equal)
+        if bad_rev:
+            return bad_rev
+        if not self._verify_signature(did, ident, commit.unsigned, commit.sig):
+            return Dropped("bad_signature", "commit signature does not verify")
+        return car, commit
+
     # -- event kinds --------------------------------------------------------------------------
     def _commit(self, ev: CommitEvent, host: HostContext, now: float) -> Verdict:
         got = self._account_state(ev.repo, host)
@@ -175,29 +211,12 @@ class Verifier:
             return ident
         if ev.too_big:
             return Dropped("too_big", "tooBig commits carry no verifiable blocks")
-        if len(ev.blocks) > self.limits.max_blocks_bytes:
-            return Dropped("too_large", f"blocks of {len(ev.blocks)} bytes")
         if len(ev.ops) > self.limits.max_ops:
             return Dropped("too_many_ops", f"{len(ev.ops)} ops")
-        try:
-            car = read_car(ev.blocks)
-            if not car.roots or car.roots[0] != ev.commit:
-                return Dropped("bad_car_root", "CAR root is not the event's commit")
-            block = car.blocks.get(ev.commit)
-            if block is None:
-                return Dropped("missing_block", "commit block not in CAR")
-            commit = decode_commit(block)
-        except ProtocolError as exc:
-            return Dropped(exc.reason, str(exc))
-        if commit.did != ev.repo:
-            return Dropped("repo_mismatch", f"commit is for {commit.did}")
-        if commit.rev != ev.rev:
-            return Dropped("rev_mismatch", f"event rev {ev.rev} != commit rev {commit.rev}")
-        bad_rev = self._check_rev(ev.rev, state, now)
-        if bad_rev:
-            return bad_rev
-        if not self._verify_signature(ev.repo, ident, commit.unsigned, commit.sig):
-            return Dropped("bad_signature", "commit signature does not verify")
+        checked = self._signed_commit(ev.blocks, ev.commit, ev.repo, ev.rev, ident, state, now, allow_equal=False)
+        if isinstance(checked, Dropped):
+            return checked
+        car, commit = checked
         warnings: list[str] = []
         lenient = self.limits.lenient or host.lenient
         if ev.prev_data is None:
@@ -235,27 +254,11 @@ class Verifier:
         ident = self._identity_for(ev.did, host)
         if isinstance(ident, Dropped):
             return ident
-        if len(ev.blocks) > self.limits.max_blocks_bytes:
-            return Dropped("too_large", f"blocks of {len(ev.blocks)} bytes")
-        try:
-            car = read_car(ev.blocks)
-            if not car.roots:
-                return Dropped("bad_car_root", "#sync CAR has no root")
-            block = car.blocks.get(car.roots[0])
-            if block is None:
-                return Dropped("missing_block", "commit block not in CAR")
-            commit = decode_commit(block)
-        except ProtocolError as exc:
-            return Dropped(exc.reason, str(exc))
-        if commit.did != ev.did:
-            return Dropped("repo_mismatch", f"commit is for {commit.did}")
-        if commit.rev != ev.rev:
-            return Dropped("rev_mismatch", f"event rev {ev.rev} != commit rev {commit.rev}")
-        bad_rev = self._check_rev(ev.rev, state, now, allow_equal=True)  # a #sync may restate the current rev
-        if bad_rev:
-            return bad_rev
-        if not self._verify_signature(ev.did, ident, commit.unsigned, commit.sig):
-            return Dropped("bad_signature", "#sync commit signature does not verify")
+        # a #sync may restate the current rev
+        checked = self._signed_commit(ev.blocks, None, ev.did, ev.rev, ident, state, now, allow_equal=True)
+        if isinstance(checked, Dropped):
+            return checked
+        car, commit = checked
         new_state = state.updated(
             host_id=host.host_id, rev=ev.rev, commit_cid=car.roots[0], data_cid=commit.data, needs_resync=True
         )
