@@ -148,6 +148,8 @@ class RepoMirror(pykka.ThreadingActor):
                 off_loop(lambda: self.carstore.delete_repo(did))
             return
         if event.kind == "#sync":
+            if did not in self._held and event.rev is not None and self._head(did) == event.rev:
+                return  # restates the commit the mirror already has (account creation, activation)
             self._flush()
             self._start_backfill(did, "sync")
             return

@@ -121,6 +121,11 @@ class Sequencer(pykka.ThreadingActor):
         self.log.append(records)
         off_loop(self.log.sync)
         self._last_seq = seq
+        # an account status change is written through before it is announced, so the read API
+        # (which checks SQL) never serves a repo the firehose has already said is taken down
+        changes = [item.account for item in batch if item.kind == "#account" and item.account is not None]
+        if changes:
+            off_loop(lambda: self._write_accounts(changes))
         self.broadcaster.tell(Broadcast(tuple(out)))
         done = time.time()
         kinds: dict[str, int] = {}
@@ -143,6 +148,10 @@ class Sequencer(pykka.ThreadingActor):
                 self.mirror.tell(MirrorBatch(mirrored))
         SEQUENCED_BATCH.observe(len(batch))
         LAST_SEQ.set(seq)
+
+    def _write_accounts(self, accounts: list[AccountState]) -> None:
+        with self.db.connection_context(), self.db.atomic():
+            upsert_accounts(self.db, (a.to_row() for a in accounts))
 
     def _write_behind(self, *, wait: bool) -> None:
         """Write account state and cursors of durable events to SQL, in the background.
@@ -200,7 +209,7 @@ def mirror_event(item: PersistEvent) -> MirrorEvent | None:
             car=body["blocks"],
         )
     if item.kind == "#sync" and account is not None:
-        return MirrorEvent(did=account.did, kind="#sync")
+        return MirrorEvent(did=account.did, kind="#sync", rev=account.rev, commit_cid=account.commit_cid)
     if item.kind == "#account" and account is not None and account.upstream_status == "deleted":
         return MirrorEvent(did=account.did, kind="#account", deleted=True)
     return None

@@ -13,8 +13,8 @@ API serves, over HTTP, must agree with what each PDS serves of itself:
 - an account first seen mid-history (it wrote before the relay crawled its PDS) is backfilled
   from the PDS's ``getRepo`` and then equals it;
 - a taken-down (or deactivated) account's repo is refused and comes back on reversal; a
-  deleted account's repo is ``RepoNotFound`` and its mirror is gone. A strict xfail records a
-  relay bug: the refusal lags the relay's own ``#account`` broadcast by up to a second.
+  deleted account's repo is ``RepoNotFound`` and its mirror is gone; the refusal holds from the
+  moment the relay's own firehose announces the ``#account`` change.
 
 "Processed everything" is observed, never slept for: the relay's ``getLatestCommit`` and the
 root of its ``getRepo`` equal the PDS's own ``getLatestCommit``, polled with a deadline.
@@ -507,11 +507,6 @@ def test_inactive_accounts_are_refused_and_deleted_ones_gone(
 
 
 @pytest.mark.interop
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay bug: the read API refuses by the SQL account row, written behind (next 1 s tick), so getRepo "
-    "still serves a repo for up to ~1 s after the relay has broadcast the account's #account takendown",
-)
 def test_takedown_is_refused_once_the_relay_has_announced_it(
     reference_network: ReferenceNetwork, relay: RelayProcess
 ) -> None:
