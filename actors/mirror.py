@@ -260,6 +260,16 @@ class RepoMirror(pykka.ThreadingActor):
             return
         repo = done.repo
         rev = repo.commit.rev
+        head = self._head(did)
+        if head is not None and rev < head:  # a lagging PDS (or cache): never move the mirror back
+            BACKFILLS.labels("stale").inc()
+            log.warning("mirror backfill older than the mirror did=%s fetched=%s head=%s", did, rev, head)
+            held = self._held.pop(did, [])
+            self._attempts.pop(did, None)
+            for event in held:
+                self._apply(event)
+            self._pump()
+            return
         off_loop(
             lambda: self.carstore.replace_repo(
                 SliceWrite(did, rev, None, repo.commit_cid, repo.commit.data, list(repo.blocks.items()))

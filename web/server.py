@@ -20,6 +20,7 @@ from config.logs import configure_logging
 from config.settings import Settings
 from store.db import open_database, ping
 from store.migrations import apply_migrations
+from web.admin_api import admin_blueprint
 from web.app import create_app
 from web.firehose import firehose_blueprint, pre_upgrade_hook
 from web.xrpc_repo import repo_blueprint
@@ -59,6 +60,11 @@ class Services:
             ),
             sync_blueprint(db=self.db, host_supervisor=self.relay.hosts, insecure=self.settings.allow_insecure_hosts),
             repo_blueprint(db=self.db, carstore=self.relay.carstore),
+            admin_blueprint(
+                password=self.settings.admin_password.reveal(),
+                mirror=self.relay.mirror if self.relay.carstore is not None else None,
+                tree=self.relay.tree,
+            ),
             metrics,
         ]
 

@@ -83,7 +83,9 @@ def make_writer(plc: FakePlc, host: FrameHost) -> RepoWriter:
 
 
 def test_mirror_follows_commits_backfills_first_seen_and_gaps(tmp_path: Path, db_url: str, plc: Any, host: Any) -> None:
-    relay = RelayProcess(tmp_path / "relay", database_url=db_url, plc_url=plc.url).start()
+    relay = RelayProcess(
+        tmp_path / "relay", database_url=db_url, plc_url=plc.url, extra_env={"SKYRELAY_ADMIN_PASSWORD": "s3cret"}
+    ).start()
     try:
         relay.request_crawl(host.hostname)
         wait_until(lambda: host.status()["subscribers"] == 1, 20, "relay to subscribe")
@@ -112,6 +114,19 @@ def test_mirror_follows_commits_backfills_first_seen_and_gaps(tmp_path: Path, db
         assert_mirrors(relay, alice)
         assert alice.did in host.repo_fetches()
         assert relay.metric("skyrelay_mirror_backfills_total", result="ok") >= 2
+
+        # an operator asks for a re-sync; the host still serves bob's older upload, and a backfill
+        # older than the mirror must never move it back
+        fetches = host.repo_fetches().count(bob.did)
+        request = urllib.request.Request(
+            f"{relay.url}/admin/repo/resync",
+            data=json.dumps({"did": bob.did}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": "Basic YWRtaW46czNjcmV0"},  # admin:s3cret
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert json.loads(resp.read()) == {"did": bob.did, "queued": True}
+        wait_until(lambda: host.repo_fetches().count(bob.did) > fetches, 30, "the admin re-sync fetch")
+        assert_mirrors(relay, bob)
 
         # deletion: the repo is gone
         feed.seq += 1
