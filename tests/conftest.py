@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,31 @@ def shared() -> Path:
     return shared_dir()
 
 
+@contextlib.contextmanager
+def postgres_schema(base_url: str, *, prefix: str) -> Iterator[str]:
+    """A URL for a fresh PostgreSQL schema (via search_path) on ``base_url``'s database; dropped after.
+
+    ``options`` already in ``base_url`` (another schema's search_path) are replaced.
+    """
+    import uuid
+    from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+    import psycopg2
+
+    parts = urlsplit(base_url)
+    base = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "options"])))
+    schema = prefix + uuid.uuid4().hex[:12]
+    conn = psycopg2.connect(base)
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in base else "?"
+    try:
+        yield f"{base}{sep}options={quote('-csearch_path=' + schema)}"
+    finally:
+        conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
+        conn.close()
+
+
 def _postgres_params() -> list[object]:
     url = os.environ.get("TEST_DATABASE_URL")
     return [pytest.param(url, id="postgres", marks=pytest.mark.postgres)] if url else []
@@ -37,19 +64,5 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> object:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'test.sqlite'}"
         return
-    import uuid
-    from urllib.parse import quote
-
-    import psycopg2
-
-    base = str(request.param)
-    schema = "t_" + uuid.uuid4().hex[:12]
-    conn = psycopg2.connect(base)
-    conn.autocommit = True
-    conn.cursor().execute(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in base else "?"
-    try:
-        yield f"{base}{sep}options={quote('-csearch_path=' + schema)}"
-    finally:
-        conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
-        conn.close()
+    with postgres_schema(str(request.param), prefix="t_") as url:
+        yield url

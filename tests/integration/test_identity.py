@@ -68,12 +68,6 @@ def register(plc: FakePlc, *, handle: str | None = "alice.example.com") -> tuple
 
 
 @pytest.fixture
-def plc() -> Iterator[FakePlc]:
-    with FakePlc() as server:
-        yield server
-
-
-@pytest.fixture
 def db(db_url: str) -> Iterator[peewee.Database]:
     database = open_database(db_url)
     apply_migrations(database)

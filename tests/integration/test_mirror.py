@@ -13,27 +13,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from protocol.crypto import PrivateKey, load_did_key
 from protocol.frames import AccountEvent, encode_frame
 from protocol.repo_verify import verify_repo
 from protocol.repo_writer import RepoWriter, Write, now_iso
 from tests.support.fake_plc import FakePlc, make_did_doc, new_plc_did
 from tests.support.procs import FrameHost, RelayProcess, wait_until
-
-
-@pytest.fixture
-def plc() -> Any:
-    with FakePlc() as server:
-        yield server
-
-
-@pytest.fixture
-def host() -> Any:
-    frame_host = FrameHost()
-    yield frame_host
-    frame_host.stop()
 
 
 def post(i: int) -> Write:

@@ -31,19 +31,6 @@ def post(i: int) -> Write:
     return Write("create", f"app.bsky.feed.post/3k{i:011d}", {"$type": "app.bsky.feed.post", "text": f"post {i}"})
 
 
-@pytest.fixture
-def plc() -> Any:
-    with FakePlc() as server:
-        yield server
-
-
-@pytest.fixture
-def host() -> Any:
-    frame_host = FrameHost()
-    yield frame_host
-    frame_host.stop()
-
-
 def make_account(plc: FakePlc, host: FrameHost, n: int, curve: str = "k256") -> RepoWriter:
     key = PrivateKey.generate(curve)  # type: ignore[arg-type]
     did = new_plc_did()

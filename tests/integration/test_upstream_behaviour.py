@@ -90,12 +90,6 @@ class Feed:
 
 
 @pytest.fixture
-def plc() -> Iterator[FakePlc]:
-    with FakePlc() as server:
-        yield server
-
-
-@pytest.fixture
 def frame_hosts() -> Iterator[list[FrameHost]]:
     """Frame hosts a test starts (append them); all stopped afterwards."""
     started: list[FrameHost] = []

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import libipld
 import pytest
@@ -45,6 +45,7 @@ from protocol.diddoc import parse_did_document
 from protocol.repo_verify import VerifiedRepo, verify_record_proof, verify_repo
 from store import carstore_schema
 from store.db import open_database
+from tests.conftest import postgres_schema
 from tests.interop.refpds import ReferenceNetwork, XrpcError, post, xrpc
 from tests.support.procs import RelayProcess, wait_until
 
@@ -65,20 +66,8 @@ def carstore_url(db_url: str) -> Iterator[str | None]:
     if not db_url.startswith("postgresql"):
         yield None
         return
-    import psycopg2
-
-    parts = urlsplit(db_url)
-    base = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "options"])))
-    schema = "c_" + uuid.uuid4().hex[:12]
-    conn = psycopg2.connect(base)
-    conn.autocommit = True
-    conn.cursor().execute(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in base else "?"
-    try:
-        yield f"{base}{sep}options={quote('-csearch_path=' + schema)}"
-    finally:
-        conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
-        conn.close()
+    with postgres_schema(db_url, prefix="c_") as url:
+        yield url
 
 
 def start_relay(data_dir: Path, db_url: str, carstore_url: str | None, plc_url: str, **env: str) -> RelayProcess:

@@ -3,32 +3,13 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
 
 from actors.messages_mirror import RequestResync
+from tests.support.fakes import BlueprintServices, Recorder
 from web.admin_api import admin_blueprint
 from web.app import create_app
 
 DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.told: list[object] = []
-
-    def tell(self, message: object) -> None:
-        self.told.append(message)
-
-
-class Services:
-    def __init__(self, blueprint: Any) -> None:
-        self._bp = blueprint
-
-    def health(self) -> bool:
-        return True
-
-    def blueprints(self) -> list[Any]:
-        return [self._bp]
 
 
 def auth(password: str, user: str = "admin") -> dict[str, str]:
@@ -38,7 +19,7 @@ def auth(password: str, user: str = "admin") -> dict[str, str]:
 def test_resync_requires_the_admin_password_and_reaches_the_mirror() -> None:
     mirror = Recorder()
     client = create_app(
-        Services(admin_blueprint(password="s3cret", mirror=mirror, tree=lambda: {"name": "relay"}))
+        BlueprintServices(admin_blueprint(password="s3cret", mirror=mirror, tree=lambda: {"name": "relay"}))
     ).test_client()
     url = "/admin/repo/resync"
     assert client.post(url, json={"did": DID}).status_code == 401
@@ -55,6 +36,6 @@ def test_resync_requires_the_admin_password_and_reaches_the_mirror() -> None:
 
 
 def test_admin_api_is_off_without_a_password() -> None:
-    client = create_app(Services(admin_blueprint(password="", mirror=Recorder()))).test_client()
+    client = create_app(BlueprintServices(admin_blueprint(password="", mirror=Recorder()))).test_client()
     resp = client.post("/admin/repo/resync", json={"did": DID}, headers=auth(""))
     assert resp.status_code == 404 and resp.json is not None and resp.json["error"] == "NotFound"

@@ -17,6 +17,7 @@ from actors.messages import StartHost
 from store.db import open_database
 from store.hosts import add_domain_ban
 from store.migrations import apply_migrations
+from tests.support.fakes import BlueprintServices, Recorder
 from web.app import create_app
 from web.xrpc_sync import sync_blueprint
 
@@ -62,30 +63,11 @@ def not_pds_port() -> Iterator[int]:
     yield from _serve(_NotPds)
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.told: list[object] = []
-
-    def tell(self, message: object) -> None:
-        self.told.append(message)
-
-
-class Services:
-    def __init__(self, blueprint: Any) -> None:
-        self._bp = blueprint
-
-    def health(self) -> bool:
-        return True
-
-    def blueprints(self) -> list[Any]:
-        return [self._bp]
-
-
 def make_app(tmp_path: Path, *, insecure: bool) -> tuple[Flask, Recorder, Any]:
     db = open_database(f"sqlite:///{tmp_path / 'c.sqlite'}")
     apply_migrations(db)
     hosts = Recorder()
-    app = create_app(Services(sync_blueprint(db=db, host_supervisor=hosts, insecure=insecure)))
+    app = create_app(BlueprintServices(sync_blueprint(db=db, host_supervisor=hosts, insecure=insecure)))
     return app, hosts, db
 
 

@@ -25,6 +25,7 @@ from store.accounts import AccountRow, upsert_accounts
 from store.carstore import CarStore, RepoHead, SliceWrite
 from store.db import open_database
 from store.migrations import apply_migrations
+from tests.support.fakes import BlueprintServices
 from web.app import create_app
 from web.xrpc_repo import MIRROR_READ_ERRORS, _at_head, repo_blueprint
 
@@ -32,17 +33,6 @@ KEY = PrivateKey.generate("k256")
 PUB = KEY.public_key()
 ALICE = "did:plc:alice00000000000000000000"
 URL = "/xrpc/com.atproto.sync."
-
-
-class Services:
-    def __init__(self, blueprint: Any) -> None:
-        self._bp = blueprint
-
-    def health(self) -> bool:
-        return True
-
-    def blueprints(self) -> list[Any]:
-        return [self._bp]
 
 
 class Relay:
@@ -54,7 +44,7 @@ class Relay:
         self.car_db = open_database(db_url)
         self.store = CarStore(tmp_path / "repos", self.car_db, fsync=False)
         self.store.open()
-        self.app: Flask = create_app(Services(repo_blueprint(db=self.db, carstore=self.store)))
+        self.app: Flask = create_app(BlueprintServices(repo_blueprint(db=self.db, carstore=self.store)))
         self.client: FlaskClient = self.app.test_client()
 
     def close(self) -> None:
@@ -489,7 +479,7 @@ def test_without_a_mirror(tmp_path: Path, alice: RepoWriter) -> None:
         upsert_accounts(
             db, [AccountRow(ALICE, None, "active", "active", alice.rev, alice.commit_cid, alice.data, False)]
         )
-    client = create_app(Services(repo_blueprint(db=db, carstore=None))).test_client()
+    client = create_app(BlueprintServices(repo_blueprint(db=db, carstore=None))).test_client()
     assert client.get(URL + "getRepo", query_string={"did": ALICE}).status_code == 501
     assert alice.commit_cid is not None
     head = {"cid": cid_to_str(alice.commit_cid), "rev": alice.rev}
