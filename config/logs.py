@@ -32,3 +32,4 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    logging.getLogger("geventwebsocket.handler").setLevel(logging.WARNING)  # one line per request otherwise
