@@ -17,7 +17,6 @@ from protocol.errors import CborError, FrameError, FrameTooLarge, UnknownFrameTy
 
 MAX_FRAME_BYTES = 5 * 1024 * 1024
 ACTIONS = frozenset(("create", "update", "delete"))
-ACCOUNT_STATUSES = frozenset(("takendown", "suspended", "deleted", "deactivated", "desynchronized", "throttled"))
 
 
 @dataclass(frozen=True, slots=True)

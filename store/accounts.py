@@ -1,4 +1,4 @@
-"""Named queries for accounts: load one, load a host's, upsert many (write-behind from memory)."""
+"""Named queries for accounts: load one, list them, upsert many (write-behind from memory)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import peewee
 
 from store.sql import executemany, fetchall, fetchone, to_bytes
 
-# statuses an account can have at the relay (relay-level moderation) or upstream (#account)
+# the status of an active account, at the relay (moderation) and upstream (#account)
 ACTIVE = "active"
-INACTIVE_STATUSES = frozenset(("takendown", "suspended", "deleted", "deactivated", "desynchronized", "throttled"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +46,6 @@ def load_account(db: peewee.Database, did: str) -> AccountRow | None:
 def list_accounts(db: peewee.Database, *, after_did: str = "", limit: int = 500) -> list[AccountRow]:
     rows = fetchall(db, f"SELECT {_COLUMNS} FROM account WHERE did > ? ORDER BY did LIMIT ?", (after_did, limit))
     return [_row(r) for r in rows]
-
-
-def count_accounts_by_host(db: peewee.Database) -> dict[int, int]:
-    rows = fetchall(db, "SELECT host_id, COUNT(*) FROM account WHERE host_id IS NOT NULL GROUP BY host_id")
-    return {int(h): int(n) for h, n in rows}
 
 
 def upsert_accounts(db: peewee.Database, rows: Iterable[AccountRow]) -> None:

@@ -14,7 +14,6 @@ from store.sql import execute, executemany, fetchall, fetchone
 HOST_ACTIVE = "active"
 HOST_OFFLINE = "offline"  # kept failing; retried on a slow schedule
 HOST_BANNED = "banned"
-HOST_THROTTLED = "throttled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +41,6 @@ def _row(r: tuple[Any, ...]) -> HostRow:
 
 def get_host(db: peewee.Database, hostname: str) -> HostRow | None:
     r = fetchone(db, f"SELECT {_COLUMNS} FROM host WHERE hostname = ?", (hostname,))
-    return _row(r) if r else None
-
-
-def get_host_by_id(db: peewee.Database, host_id: int) -> HostRow | None:
-    r = fetchone(db, f"SELECT {_COLUMNS} FROM host WHERE id = ?", (host_id,))
     return _row(r) if r else None
 
 
@@ -98,13 +92,6 @@ def set_host_status(db: peewee.Database, host_id: int, status: str, error: str |
             (status, error, time.time(), host_id))  # fmt: skip
 
 
-def set_host_limits(
-    db: peewee.Database, host_id: int, *, account_limit: int | None, events_per_second: float | None
-) -> None:
-    execute(db, "UPDATE host SET account_limit = ?, events_per_second = ?, updated_at = ? WHERE id = ?",
-            (account_limit, events_per_second, time.time(), host_id))  # fmt: skip
-
-
 def save_account_counts(db: peewee.Database, counts: Iterable[tuple[int, int]]) -> None:
     executemany(db, "UPDATE host SET account_count = ? WHERE id = ?", [(n, h) for h, n in counts])
 
@@ -116,10 +103,6 @@ def banned_domains(db: peewee.Database) -> list[str]:
 def add_domain_ban(db: peewee.Database, domain: str) -> None:
     execute(db, "INSERT INTO domain_ban (domain, created_at) VALUES (?, ?) ON CONFLICT (domain) DO NOTHING",
             (domain.lower(), time.time()))  # fmt: skip
-
-
-def remove_domain_ban(db: peewee.Database, domain: str) -> None:
-    execute(db, "DELETE FROM domain_ban WHERE domain = ?", (domain.lower(),))
 
 
 def get_state(db: peewee.Database, key: str) -> str | None:

@@ -41,11 +41,6 @@ def executemany(db: peewee.Database, statement: str, rows: Iterable[Sequence[Any
     cursor.executemany(sql(db, statement), rows)
 
 
-def blob(value: bytes | None) -> Any:
-    """Bytes as the driver wants them (psycopg2 returns memoryview; pass bytes in)."""
-    return value
-
-
 def to_bytes(value: Any) -> bytes | None:
     if value is None:
         return None
