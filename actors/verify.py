@@ -128,13 +128,26 @@ class Verifier:
             return Dropped("wrong_host", f"{did} is hosted at {ident.pds_endpoint}")
         return ident
 
-    def _account_state(self, did: str, host: HostContext) -> tuple[AccountState, bool] | Dropped:
+    def _account_and_identity(
+        self, did: str, host: HostContext, *, require_active: bool = False, refresh: bool = False
+    ) -> tuple[AccountState, bool, IdentityLike] | Dropped:
+        """The account's state (new when unknown), whether it is new, and its identity from this host.
+
+        Checked in this order: not taken down at this relay; active upstream (``require_active``);
+        its DID document names this host as its PDS (``refresh`` re-fetches the document first).
+        """
         state = self.accounts.get(did)
+        new = state is None
         if state is None:
-            return AccountState(did=did, host_id=host.host_id), True
-        if state.status != ACTIVE:
+            state = AccountState(did=did, host_id=host.host_id)
+        elif state.status != ACTIVE:
             return Dropped("account_takendown", f"{did} is {state.status} at this relay")
-        return state, False
+        if require_active and not state.active:
+            return Dropped("account_inactive", f"{did} is {state.upstream_status}")
+        ident = self._identity_for(did, host, refresh=refresh)
+        if isinstance(ident, Dropped):
+            return ident
+        return state, new, ident
 
     def _verify_signature(self, did: str, ident: IdentityLike, commit_unsigned: bytes, sig: bytes) -> bool:
         for attempt in range(2):
@@ -200,15 +213,10 @@ class Verifier:
 
     # -- event kinds --------------------------------------------------------------------------
     def _commit(self, ev: CommitEvent, host: HostContext, now: float) -> Verdict:
-        got = self._account_state(ev.repo, host)
+        got = self._account_and_identity(ev.repo, host, require_active=True)
         if isinstance(got, Dropped):
             return got
-        state, new = got
-        if not state.active:
-            return Dropped("account_inactive", f"{ev.repo} is {state.upstream_status}")
-        ident = self._identity_for(ev.repo, host)
-        if isinstance(ident, Dropped):
-            return ident
+        state, new, ident = got
         if ev.too_big:
             return Dropped("too_big", "tooBig commits carry no verifiable blocks")
         if len(ev.ops) > self.limits.max_ops:
@@ -247,13 +255,10 @@ class Verifier:
         return Accepted(new_state, tuple(warnings), new, gap)
 
     def _sync(self, ev: SyncEvent, host: HostContext, now: float) -> Verdict:
-        got = self._account_state(ev.did, host)
+        got = self._account_and_identity(ev.did, host)
         if isinstance(got, Dropped):
             return got
-        state, new = got
-        ident = self._identity_for(ev.did, host)
-        if isinstance(ident, Dropped):
-            return ident
+        state, new, ident = got
         # a #sync may restate the current rev
         checked = self._signed_commit(ev.blocks, None, ev.did, ev.rev, ident, state, now, allow_equal=True)
         if isinstance(checked, Dropped):
@@ -265,22 +270,16 @@ class Verifier:
         return Accepted(new_state, (), new)
 
     def _identity(self, ev: IdentityEvent, host: HostContext) -> Verdict:
-        got = self._account_state(ev.did, host)
+        got = self._account_and_identity(ev.did, host, refresh=True)
         if isinstance(got, Dropped):
             return got
-        state, new = got
-        ident = self._identity_for(ev.did, host, refresh=True)
-        if isinstance(ident, Dropped):
-            return ident
+        state, new, _ = got
         return Accepted(state.updated(host_id=host.host_id), (), new)
 
     def _account(self, ev: AccountEvent, host: HostContext) -> Verdict:
-        got = self._account_state(ev.did, host)
+        got = self._account_and_identity(ev.did, host)
         if isinstance(got, Dropped):
             return got
-        state, new = got
-        ident = self._identity_for(ev.did, host)
-        if isinstance(ident, Dropped):
-            return ident
+        state, new, _ = got
         upstream = ACTIVE if ev.active else (ev.status or "deactivated")
         return Accepted(state.updated(host_id=host.host_id, upstream_status=upstream), (), new)
