@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,11 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.procs import free_port
 
 
 def wait_http(url: str, deadline_s: float = 20.0) -> bytes:
@@ -31,13 +26,19 @@ def wait_http(url: str, deadline_s: float = 20.0) -> bytes:
             time.sleep(0.1)
 
 
-def test_serve_health_and_clean_stop(tmp_path: Path) -> None:
+def serve(data_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """``skyrelay serve`` on SQLite under ``data_dir``, on a free loopback port."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "web.cli", "serve", "--bind", f"127.0.0.1:{port}", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "web.cli", "serve", "--bind", f"127.0.0.1:{port}", "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+    return proc, port
+
+
+def test_serve_health_and_clean_stop(tmp_path: Path) -> None:
+    proc, port = serve(tmp_path)
     try:
         body = json.loads(wait_http(f"http://127.0.0.1:{port}/xrpc/_health"))
         assert body["database"] == "ok"
@@ -57,12 +58,7 @@ def test_serve_health_and_clean_stop(tmp_path: Path) -> None:
 def test_stop_with_a_consumer_attached_exits_promptly(tmp_path: Path) -> None:
     import websocket
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "web.cli", "serve", "--bind", f"127.0.0.1:{port}", "--data-dir", str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    proc, port = serve(tmp_path)
     try:
         wait_http(f"http://127.0.0.1:{port}/xrpc/_health")
         ws = websocket.create_connection(f"ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos", timeout=20)
