@@ -39,12 +39,12 @@ from flask import Blueprint, Response, jsonify, request
 from actors.broadcaster import Consumer, ConsumerRegistry, websocket_frame, websocket_header
 from protocol.frames import error_frame, info_frame
 from web.xrpc_errors import XrpcError
+from web.xrpc_params import cursor_values
 
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_REPOS_PATH = "/xrpc/com.atproto.sync.subscribeRepos"
 
-_MAX_CURSOR = 2**63 - 1
 _SEND_CHUNK_BYTES = 1 << 20  # bytes joined into one sendall
 _TAKE_FRAMES = 4096  # live frames taken from the consumer queue at once
 _READ_RECORDS = 1000  # records per read_after call during replay
@@ -69,14 +69,7 @@ class EventLogReader(Protocol):
 
 def parse_cursor(values: list[str]) -> int | None:
     """The ``cursor`` query values as a seq (``None`` when absent); raises ``XrpcError`` if malformed."""
-    if not values:
-        return None
-    if len(values) > 1:
-        raise XrpcError("InvalidRequest", "cursor must be given at most once")
-    raw = values[0]
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > _MAX_CURSOR:
-        raise XrpcError("InvalidRequest", "cursor must be a non-negative integer")
-    return int(raw)
+    return cursor_values("cursor", values, empty_ok=False)
 
 
 def _handshake_complete(environ: dict[str, Any]) -> bool:

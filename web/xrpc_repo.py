@@ -53,13 +53,15 @@ from store.accounts import ACTIVE, AccountRow, list_accounts, load_account
 from store.carstore import CarStore, CarStoreError, RepoHead
 from store.carstore_compact import repo_blocks
 from web.xrpc_errors import XrpcError
+from web.xrpc_params import int_arg, str_arg
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 CAR_MIMETYPE = "application/vnd.ipld.car"
-MAX_GET_BLOCKS = 1000  # CIDs one getBlocks call may ask for
+MAX_GET_BLOCKS = 1000  # CIDs one getBlocks call may ask for (the HTTP server's request line has room for them)
+MAX_PARAM_CHARS = 2048  # longest text parameter (a DID may have 2048 characters)
 READ_ATTEMPTS = 3  # reads of the mirror against one head before giving up on a moving head
 LOG_INTERVAL_SECONDS = 10.0  # at most one "mirror unreadable" log line per interval
 
@@ -176,8 +178,8 @@ def repo_blueprint(*, db: peewee.Database, carstore: CarStore | None, offload: O
 
     @bp.get("/xrpc/com.atproto.sync.listRepos")
     def list_repos() -> Any:
-        limit = _limit_arg()
-        cursor = request.args.get("cursor") or ""
+        limit = int_arg("limit", default=500, low=1, high=1000)
+        cursor = str_arg("cursor", max_length=MAX_PARAM_CHARS)
         if cursor and not is_valid_did(cursor):
             raise XrpcError("InvalidRequest", "cursor is not one this relay gave out")
         with db.connection_context():
@@ -312,10 +314,7 @@ def _car(data: bytes) -> Response:
 
 
 def _required_arg(name: str) -> str:
-    value = request.args.get(name, "")
-    if not value:
-        raise XrpcError("InvalidRequest", f"{name} is required")
-    return value
+    return str_arg(name, max_length=MAX_PARAM_CHARS, required=True)
 
 
 def _did_arg() -> str:
@@ -326,21 +325,12 @@ def _did_arg() -> str:
 
 
 def _tid_arg(name: str) -> str | None:
-    value = request.args.get(name, "")
+    value = str_arg(name, max_length=MAX_PARAM_CHARS)
     if not value:
         return None
     if not is_valid_tid(value):
         raise XrpcError("InvalidRequest", f"{name} is not a valid TID (a repo rev)")
     return value
-
-
-def _limit_arg() -> int:
-    raw = request.args.get("limit", "")
-    if not raw:
-        return 500
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 4 and 1 <= int(raw) <= 1000):
-        raise XrpcError("InvalidRequest", "limit must be an integer from 1 to 1000")
-    return int(raw)
 
 
 def _cids_arg() -> list[bytes]:

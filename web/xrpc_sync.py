@@ -12,9 +12,11 @@ from actors.crawl import CrawlRefused, check_addresses, is_banned, normalize_hos
 from actors.messages import StartHost
 from store.hosts import HostRow, banned_domains, get_host, list_hosts
 from web.xrpc_errors import XrpcError
+from web.xrpc_params import MAX_CURSOR, int_arg, str_arg
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 16 * 1024
+MAX_HOSTNAME_CHARS = 512  # a DNS name has at most 253; room for a scheme, port and slash
 
 
 def _host_json(row: HostRow, connected: bool | None = None) -> dict[str, Any]:
@@ -61,8 +63,8 @@ def sync_blueprint(
 
     @bp.get("/xrpc/com.atproto.sync.listHosts")
     def list_hosts_view() -> Any:
-        limit = _int_arg("limit", 200, 1, 1000)
-        cursor = _int_arg("cursor", 0, 0, 2**62)
+        limit = int_arg("limit", default=200, low=1, high=1000)
+        cursor = int_arg("cursor", default=0, low=0, high=MAX_CURSOR)
         with db.connection_context():
             rows = list_hosts(db, after_id=cursor, limit=limit)
         out: dict[str, Any] = {"hosts": [_host_json(r) for r in rows]}
@@ -72,9 +74,7 @@ def sync_blueprint(
 
     @bp.get("/xrpc/com.atproto.sync.getHostStatus")
     def get_host_status() -> Any:
-        hostname = request.args.get("hostname", "")
-        if not hostname:
-            raise XrpcError("InvalidRequest", "hostname is required")
+        hostname = str_arg("hostname", max_length=MAX_HOSTNAME_CHARS, required=True)
         with db.connection_context():
             row = get_host(db, hostname.strip().lower())
         if row is None:
@@ -82,12 +82,3 @@ def sync_blueprint(
         return jsonify(_host_json(row))
 
     return bp
-
-
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        raise XrpcError("InvalidRequest", f"{name} must be an integer from {low} to {high}")
-    return int(raw)
