@@ -91,6 +91,28 @@ class Settings:
     # log format: text or json
     log_format: str = "text"
 
+    # -- web front end limits (issue 7: anonymous clients) --
+    # seconds a client has to send a request line and headers (from connecting, or from its first byte)
+    http_header_timeout_seconds: float = 10.0
+    # seconds an idle kept-alive connection is held open waiting for its next request
+    http_idle_timeout_seconds: float = 60.0
+    # seconds a client has to send a request body
+    http_body_timeout_seconds: float = 30.0
+    # connections served at once, lowered at start-up to fit the open-file limit; beyond it: 503
+    http_max_connections: int = 4096
+    # largest request body accepted, chunked or not (requestCrawl: 16 KiB)
+    http_max_body_bytes: int = 1024 * 1024
+    # firehose replays (consumers catching up from a cursor) running at once; later ones wait their turn
+    firehose_max_replays: int = 8
+    # bytes queued per firehose consumer before it is cut with ConsumerTooSlow (besides consumer_buffer_frames)
+    consumer_buffer_bytes: int = 64 * 1024 * 1024
+    # seconds without a frame before a firehose consumer is pinged; no answer within as long again: cut
+    firehose_ping_seconds: float = 30.0
+    # public requestCrawl requests accepted per client address per minute (429 beyond)
+    crawl_requests_per_minute: int = 10
+    # upstream hosts the relay follows at most; requestCrawl of a new host beyond it is refused
+    max_hosts: int = 10_000
+
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'relay.sqlite'}"
 

@@ -9,6 +9,15 @@ from werkzeug.exceptions import HTTPException
 
 from web.xrpc_errors import XrpcError, xrpc_error_response
 
+_HTTP_ERROR_NAMES = {
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    408: "RequestTimeout",
+    413: "PayloadTooLarge",
+    429: "RateLimitExceeded",
+    503: "ServiceUnavailable",
+}
+
 
 def create_app(services: Any) -> Flask:
     """Build the app around ``services`` (the running relay's handles: db, actors, settings)."""
@@ -21,7 +30,7 @@ def create_app(services: Any) -> Flask:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:
-        name = {404: "NotFound", 405: "MethodNotAllowed", 413: "PayloadTooLarge"}.get(exc.code or 0, "InvalidRequest")
+        name = _HTTP_ERROR_NAMES.get(exc.code or 0, "InvalidRequest")
         return xrpc_error_response(exc.code or 400, name, exc.description or name)
 
     @app.errorhandler(UnicodeDecodeError)

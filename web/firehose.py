@@ -87,11 +87,12 @@ def pre_upgrade_hook(handler: Any) -> bool:
     gevent-websocket's ``WebSocketHandler`` answers 101 before the application runs, so a
     malformed cursor (or an incomplete handshake, which it would answer in plain text) must be
     caught here; the request then reaches the view without a websocket and gets a 400 XRPC body.
-    Install with ``server.pre_start_hook = pre_upgrade_hook`` on the ``WSGIServer``.
+    Every other path (and HTTP/1.0) stays plain HTTP too. ``web.httpserver.RelayWSGIServer``
+    installs it; on a plain ``WSGIServer`` set ``server.pre_start_hook = pre_upgrade_hook``.
     """
     environ = handler.environ
-    if environ.get("PATH_INFO") != SUBSCRIBE_REPOS_PATH:
-        return False
+    if environ.get("PATH_INFO") != SUBSCRIBE_REPOS_PATH or environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
+        return True  # only the firehose is a websocket (gevent-websocket would answer the rest in plain text)
     try:
         parse_cursor(parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).get("cursor", []))
     except XrpcError:

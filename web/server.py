@@ -10,8 +10,6 @@ from typing import Any
 import gevent
 import gevent.event
 from flask import Blueprint, Response
-from gevent.pywsgi import WSGIServer
-from geventwebsocket.handler import WebSocketHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -23,6 +21,7 @@ from store.migrations import apply_migrations
 from web.admin_api import admin_blueprint
 from web.app import create_app
 from web.firehose import firehose_blueprint, pre_upgrade_hook
+from web.httpserver import HttpLimits, RelayWSGIServer
 from web.xrpc_repo import repo_blueprint
 from web.xrpc_sync import sync_blueprint
 
@@ -79,7 +78,7 @@ def serve(settings: Settings) -> int:
     relay.start()
     app = create_app(Services(settings, relay))
     host, port = settings.bind_host_port()
-    server = WSGIServer((host, port), app, handler_class=WebSocketHandler, log=None)
+    server = RelayWSGIServer((host, port), app, limits=HttpLimits.from_settings(settings))
     server.pre_start_hook = pre_upgrade_hook
     stop = gevent.event.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,4 +1,4 @@
-"""XRPC query parameters as typed values: one parser for every integer and cursor, 400 for anything else.
+"""XRPC request inputs as typed values: one parser for every integer and cursor, small JSON bodies; 4xx otherwise.
 
 Integers are ASCII digits only (``str.isdigit`` also accepts ``²`` and ``٣``, and ``int`` would
 then raise or silently convert), at most as many digits as the upper bound has, within
@@ -8,7 +8,9 @@ Every refusal is ``XrpcError("InvalidRequest", ...)``, which the app answers as 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from typing import Any
 
 from flask import request
 
@@ -64,3 +66,25 @@ def str_arg(name: str, *, max_length: int, required: bool = False) -> str:
     if len(value) > max_length:
         raise XrpcError("InvalidRequest", f"{name} is longer than {max_length} characters")
     return value
+
+
+def json_body(max_bytes: int) -> Any:
+    """The request body parsed as JSON (``None`` if it is not JSON); 413 ``PayloadTooLarge`` past ``max_bytes``.
+
+    Reads at most ``max_bytes + 1`` bytes, whether the body has a Content-Length or is chunked.
+    """
+    if (request.content_length or 0) > max_bytes:
+        raise XrpcError("PayloadTooLarge", f"the request body is larger than {max_bytes} bytes", status=413)
+    stream = request.stream
+    data = b""
+    while len(data) <= max_bytes:
+        chunk = stream.read(max_bytes + 1 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    if len(data) > max_bytes:
+        raise XrpcError("PayloadTooLarge", f"the request body is larger than {max_bytes} bytes", status=413)
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None

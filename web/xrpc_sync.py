@@ -6,13 +6,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify
 
 from actors.crawl import CrawlRefused, check_addresses, is_banned, normalize_hostname, probe_pds
 from actors.messages import StartHost
 from store.hosts import HostRow, banned_domains, get_host, list_hosts
 from web.xrpc_errors import XrpcError
-from web.xrpc_params import MAX_CURSOR, int_arg, str_arg
+from web.xrpc_params import MAX_CURSOR, int_arg, json_body, str_arg
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 16 * 1024
@@ -39,9 +39,7 @@ def sync_blueprint(
 
     @bp.post("/xrpc/com.atproto.sync.requestCrawl")
     def request_crawl() -> Any:
-        if (request.content_length or 0) > MAX_BODY_BYTES:
-            raise XrpcError("InvalidRequest", "request body too large")
-        body = request.get_json(silent=True)
+        body = json_body(MAX_BODY_BYTES)
         if not isinstance(body, dict):
             raise XrpcError("InvalidRequest", 'body must be JSON {"hostname": ...}')
         try:

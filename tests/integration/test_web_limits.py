@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -175,3 +177,205 @@ def test_malformed_integer_parameters_are_400_xrpc_json(shared_relay: Relay, que
 def test_well_formed_integer_parameters_still_work(shared_relay: Relay) -> None:
     assert shared_relay.get("/xrpc/com.atproto.sync.listHosts?limit=5&cursor=0") == (200, {"hosts": []})
     assert shared_relay.get("/xrpc/com.atproto.sync.listHosts?limit=1000&cursor=" + "9" * 18)[0] == 200
+
+
+# -- item 10: request lines, malformed requests, getBlocks ---------------------------------
+
+CID = "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"
+
+
+def get_blocks_line(count: int) -> bytes:
+    query = "did=did:plc:aaaaaaaaaaaaaaaaaaaaaaaa" + f"&cids={CID}" * count
+    return f"GET /xrpc/com.atproto.sync.getBlocks?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+
+def test_get_blocks_takes_up_to_1000_cids_and_refuses_more_with_json(shared_relay: Relay) -> None:
+    # 1000 CIDs reach the handler (the DID is unknown: RepoNotFound, not a bare 414)
+    assert_xrpc_error(raw_exchange(shared_relay.port, get_blocks_line(1000)), 400, "RepoNotFound")
+    assert_xrpc_error(raw_exchange(shared_relay.port, get_blocks_line(1001)), 400, "InvalidRequest")
+    assert_xrpc_error(raw_exchange(shared_relay.port, get_blocks_line(3000)), 414, "RequestTooLong")
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "error"),
+    [
+        (b"GET /" + b"a" * 200_000 + b" HTTP/1.1\r\n\r\n", 414, "RequestTooLong"),
+        (b"GARBAGE\r\n\r\n", 400, "InvalidRequest"),
+        (b"GET / HTTP/9.9\r\n\r\n", 400, "InvalidRequest"),
+        (b"GET / HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 400, "InvalidRequest"),
+        (b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400, "InvalidRequest"),
+        (b"GET / HTTP/1.1\r\n" + b"X-A: a\r\n" * 200 + b"\r\n", 400, "InvalidRequest"),
+        (b"GET / HTTP/1.1\r\n" + b"X-Long: " + b"a" * 70_000 + b"\r\n\r\n", 431, "HeadersTooLarge"),
+        (
+            b"GET / HTTP/1.1\r\n" + (b"X-A: " + b"a" * 2000 + b"\r\n") * 40 + b"\r\n",
+            431,
+            "HeadersTooLarge",
+        ),
+        (
+            b"POST /xrpc/com.atproto.sync.requestCrawl HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            400,
+            "InvalidRequest",
+        ),
+        (
+            b"GET /xrpc/_health HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            400,
+            "InvalidRequest",
+        ),
+    ],
+)
+def test_malformed_requests_get_xrpc_json(shared_relay: Relay, raw: bytes, status: int, error: str) -> None:
+    assert_xrpc_error(raw_exchange(shared_relay.port, raw), status, error)
+
+
+# -- item 5: body limits hold for chunked bodies -------------------------------------------
+
+
+def test_chunked_50mb_body_is_refused_early_with_bounded_memory(shared_relay: Relay) -> None:
+    before = shared_relay.rss_bytes()
+    sent = [0]
+    with socket.create_connection(("127.0.0.1", shared_relay.port), WAIT_S) as sock:
+        sock.sendall(
+            b"POST /xrpc/com.atproto.sync.requestCrawl HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b"10000\r\n" + b" " * 0x10000 + b"\r\n"  # 64 KiB of JSON whitespace per chunk
+
+        def send_body() -> None:
+            try:
+                while sent[0] < 50 * 1024 * 1024:
+                    sock.sendall(chunk)
+                    sent[0] += 0x10000
+                sock.sendall(b"0\r\n\r\n")
+            except OSError:
+                pass  # the relay stopped reading: what we want
+
+        sender = threading.Thread(target=send_body, daemon=True)
+        sender.start()
+        response = read_response(sock)
+        sender.join(WAIT_S)
+    assert_xrpc_error(response, 413, "PayloadTooLarge")
+    assert sent[0] < 50 * 1024 * 1024, "the relay read the whole body"
+    assert shared_relay.rss_bytes() - before < 20 * 1024 * 1024
+
+
+# -- item 6: timeouts, the connection cap, no EMFILE storm ---------------------------------
+
+
+def closed_by_server(sock: socket.socket, within_s: float) -> bool:
+    """Whether the server closes ``sock`` (EOF, nothing sent) within ``within_s`` seconds."""
+    sock.settimeout(within_s)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_silent_and_slow_connections_are_closed_after_the_header_timeout(tmp_path: Path) -> None:
+    env = {"SKYRELAY_HTTP_HEADER_TIMEOUT_SECONDS": "1", "SKYRELAY_HTTP_IDLE_TIMEOUT_SECONDS": "1"}
+    with relay(tmp_path, env) as server:
+        silent = socket.create_connection(("127.0.0.1", server.port), WAIT_S)
+        dripping = socket.create_connection(("127.0.0.1", server.port), WAIT_S)
+        dripping.sendall(b"GET /xrpc/_health HTTP/1.1\r\n")  # and never the end of the headers
+        kept_alive = socket.create_connection(("127.0.0.1", server.port), WAIT_S)
+        kept_alive.sendall(b"GET /xrpc/_health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(kept_alive)[0] == 200
+        with silent, dripping, kept_alive:
+            assert closed_by_server(silent, 10)
+            assert_xrpc_error(read_response(dripping), 408, "RequestTimeout")
+            assert closed_by_server(kept_alive, 10)
+        assert server.get("/xrpc/_health")[0] == 200
+
+
+def test_connections_over_the_cap_get_503_and_no_emfile_storm(tmp_path: Path) -> None:
+    """File limit 256: the cap is lowered to fit; of 300 connections the extra ones get 503, the admitted work."""
+    with relay(tmp_path, {"SKYRELAY_HTTP_HEADER_TIMEOUT_SECONDS": "60"}, nofile=256) as server:
+        found = re.search(r"connection cap lowered .* max_connections=(\d+)", server.log())
+        assert found, server.log()
+        cap = int(found.group(1))
+        assert 50 <= cap < 256
+        admitted: list[socket.socket] = []
+        refused = 0
+        try:
+            for _ in range(cap):
+                admitted.append(socket.create_connection(("127.0.0.1", server.port), WAIT_S))
+            wait_until(lambda: connections(admitted[0]) >= cap, WAIT_S, "every connection admitted")
+            for _ in range(300 - cap):
+                with socket.create_connection(("127.0.0.1", server.port), WAIT_S) as extra:
+                    extra.sendall(b"GET /xrpc/_health HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert_xrpc_error(read_response(extra), 503, "ServiceUnavailable")
+                    refused += 1
+            for sock in admitted[1:30]:  # connections already admitted are served
+                sock.sendall(b"GET /xrpc/_health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_response(sock)[0] == 200
+        finally:
+            for sock in admitted:
+                sock.close()
+        assert refused == 300 - cap
+        wait_until(lambda: server.get("/xrpc/_health", timeout=5)[0] == 200, WAIT_S, "health after the flood")
+    log = server.log()
+    assert "Too many open files" not in log and "Traceback" not in log, log[-3000:]
+
+
+def connections(sock: socket.socket) -> int:
+    """The relay's ``skyrelay_http_connections`` gauge, asked over ``sock`` (an admitted connection)."""
+    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    _status, _headers, body = read_response(sock)
+    for line in body.decode().splitlines():
+        if line.startswith("skyrelay_http_connections "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no skyrelay_http_connections metric")
+
+
+def test_accept_out_of_file_descriptors_backs_off_quietly_and_recovers(tmp_path: Path) -> None:
+    """With the cap forced past the file limit, accept() fails with EMFILE: paused, logged once, resumed later."""
+    stderr_path = tmp_path / "server.stderr"
+    with stderr_path.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.http_server", "--nofile", "64", "--force-max-connections", "1000"],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+    assert proc.stdout is not None
+    held: list[socket.socket] = []
+    try:
+        port = int(proc.stdout.readline().split()[1])
+        first = socket.create_connection(("127.0.0.1", port), WAIT_S)  # admitted before the descriptors run out
+        held.append(first)
+        first.sendall(b"GET /xrpc/_health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(first)[0] == 200
+        for _ in range(150):  # far more than 64 descriptors: the kernel queues the rest in the backlog
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            held.append(sock)
+        wait_until(lambda: accept_errors(first) >= 4, WAIT_S, "the paused listener to fail a few more times")
+        for sock in held:
+            sock.close()
+        held.clear()
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/xrpc/_health", timeout=2) as resp:
+                    return bool(resp.status == 200)
+            except (OSError, urllib.error.URLError):
+                return False
+
+        wait_until(healthy, WAIT_S, "the server to accept again")
+    finally:
+        for sock in held:
+            sock.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=WAIT_S)
+    log = stderr_path.read_text()
+    assert "Traceback" not in log and log.count("accept failed") == 1, log[-3000:]
+
+
+def accept_errors(sock: socket.socket) -> float:
+    """``skyrelay_http_accept_errors_total`` (EMFILE), asked over ``sock``, an admitted connection."""
+    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    body = read_response(sock)[2].decode()
+    found = re.search(r'^skyrelay_http_accept_errors_total\{reason="EMFILE"\} (\S+)$', body, re.M)
+    return float(found.group(1)) if found else 0.0
