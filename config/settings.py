@@ -109,7 +109,7 @@ class Settings:
     # seconds without a frame before a firehose consumer is pinged; no answer within as long again: cut
     firehose_ping_seconds: float = 30.0
     # public requestCrawl requests accepted per client address per minute (429 beyond)
-    crawl_requests_per_minute: int = 10
+    crawl_requests_per_minute: int = 30
     # upstream hosts the relay follows at most; requestCrawl of a new host beyond it is refused
     max_hosts: int = 10_000
 

@@ -62,6 +62,12 @@ def ensure_host(db: peewee.Database, hostname: str, *, account_limit: int | None
     return row
 
 
+def count_hosts(db: peewee.Database) -> int:
+    """Hosts the relay knows and does not ban (what the ``max_hosts`` cap counts)."""
+    row = fetchone(db, "SELECT COUNT(*) FROM host WHERE status <> ?", (HOST_BANNED,))
+    return int(row[0]) if row else 0
+
+
 def list_hosts(db: peewee.Database, *, after_id: int = 0, limit: int = 1000) -> list[HostRow]:
     rows = fetchall(db, f"SELECT {_COLUMNS} FROM host WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
     return [_row(r) for r in rows]

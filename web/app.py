@@ -26,7 +26,7 @@ def create_app(services: Any) -> Flask:
 
     @app.errorhandler(XrpcError)
     def _xrpc_error(exc: XrpcError) -> Any:
-        return xrpc_error_response(exc.status, exc.error, exc.message)
+        return xrpc_error_response(exc.status, exc.error, exc.message, exc.headers)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:

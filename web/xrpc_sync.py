@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, jsonify, request
+from prometheus_client import Counter
 
 from actors.crawl import CrawlRefused, check_addresses, is_banned, normalize_hostname, probe_pds
 from actors.messages import StartHost
-from store.hosts import HostRow, banned_domains, get_host, list_hosts
+from store.hosts import HostRow, banned_domains, count_hosts, get_host, list_hosts
+from web.ratelimit import KeyedRateLimiter
 from web.xrpc_errors import XrpcError
 from web.xrpc_params import MAX_CURSOR, int_arg, json_body, str_arg
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 16 * 1024
+CRAWL_REFUSED = Counter(
+    "skyrelay_crawl_requests_refused_total", "requestCrawl calls refused early, by reason", ["reason"]
+)
 MAX_HOSTNAME_CHARS = 512  # a DNS name has at most 253; room for a scheme, port and slash
 
 
@@ -34,11 +40,25 @@ def sync_blueprint(
     insecure: bool,
     own_hostnames: frozenset[str] = frozenset(),
     probe: Callable[..., Any] = probe_pds,
+    crawl_requests_per_minute: int = 30,
+    max_hosts: int = 10_000,
 ) -> Blueprint:
+    """The sync endpoints; requestCrawl is rate-limited per client address and refuses new hosts past ``max_hosts``."""
     bp = Blueprint("xrpc_sync", __name__)
+    crawl_limiter = KeyedRateLimiter(crawl_requests_per_minute)
 
     @bp.post("/xrpc/com.atproto.sync.requestCrawl")
     def request_crawl() -> Any:
+        wait = crawl_limiter.allow(request.remote_addr or "")
+        if wait:
+            CRAWL_REFUSED.labels("rate_limited").inc()
+            seconds = math.ceil(wait)
+            raise XrpcError(
+                "RateLimitExceeded",
+                f"too many crawl requests; retry in {seconds} s",
+                status=429,
+                headers={"Retry-After": str(seconds)},
+            )
         body = json_body(MAX_BODY_BYTES)
         if not isinstance(body, dict):
             raise XrpcError("InvalidRequest", 'body must be JSON {"hostname": ...}')
@@ -49,8 +69,12 @@ def sync_blueprint(
             with db.connection_context():
                 bans = banned_domains(db)
                 existing = get_host(db, target.hostname)
+                known_hosts = count_hosts(db) if existing is None else 0
             if is_banned(target.hostname, bans) or (existing and existing.status == "banned"):
                 raise CrawlRefused("HostBanned", "this host is banned from the relay")
+            if existing is None and known_hosts >= max_hosts:
+                CRAWL_REFUSED.labels("host_limit").inc()
+                raise XrpcError("HostLimitReached", f"this relay follows its maximum of {max_hosts} hosts", status=403)
             check_addresses(target, insecure=insecure)
             probe(target)
         except CrawlRefused as exc:

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.support.procs import free_port, wait_until
+from tests.support.procs import FrameHost, free_port, wait_until
 
 WAIT_S = 30.0
 
@@ -379,3 +379,41 @@ def accept_errors(sock: socket.socket) -> float:
     body = read_response(sock)[2].decode()
     found = re.search(r'^skyrelay_http_accept_errors_total\{reason="EMFILE"\} (\S+)$', body, re.M)
     return float(found.group(1)) if found else 0.0
+
+
+# -- requestCrawl: a rate limit per client address, a cap on hosts -------------------------
+
+
+def post_crawl(server: Relay, hostname: str) -> tuple[int, dict[str, str], Any]:
+    body = json.dumps({"hostname": hostname}).encode()
+    req = urllib.request.Request(
+        server.url + "/xrpc/com.atproto.sync.requestCrawl", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=WAIT_S) as resp:
+            return resp.status, dict(resp.headers), json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        assert err.headers.get("Content-Type") == "application/json"
+        return err.code, dict(err.headers), json.loads(err.read())
+
+
+def test_request_crawl_is_rate_limited_per_client_address(tmp_path: Path) -> None:
+    with relay(tmp_path, {"SKYRELAY_CRAWL_REQUESTS_PER_MINUTE": "3"}) as server:
+        for _ in range(3):  # refused hosts (nothing listens there) still count
+            status, _headers, body = post_crawl(server, f"127.0.0.1:{free_port()}")
+            assert status == 400, body
+        status, headers, body = post_crawl(server, f"127.0.0.1:{free_port()}")
+        assert (status, body["error"]) == (429, "RateLimitExceeded"), body
+        assert int(headers["Retry-After"]) >= 1
+        assert server.get("/xrpc/_health")[0] == 200
+
+
+def test_request_crawl_beyond_the_host_cap_is_refused(tmp_path: Path, host: FrameHost) -> None:
+    with relay(tmp_path, {"SKYRELAY_MAX_HOSTS": "1"}) as server:
+        assert post_crawl(server, host.hostname)[0] == 200
+        wait_until(
+            lambda: server.get("/xrpc/com.atproto.sync.listHosts")[1]["hosts"], WAIT_S, "the first host to be known"
+        )
+        status, _headers, body = post_crawl(server, f"127.0.0.1:{free_port()}")
+        assert (status, body["error"]) == (403, "HostLimitReached"), body
+        assert post_crawl(server, host.hostname)[0] == 200  # a host already known is not refused
