@@ -2,10 +2,11 @@
 
 The ``Broadcaster`` actor receives ``Broadcast`` batches from the sequencer, frames each event
 once as a websocket binary message and appends the batch to every registered consumer's
-bounded queue, then wakes the consumer's writer. A consumer whose queue would overflow is cut
-(reason ``too_slow``): its queue is dropped, it is unregistered, and its writer is woken to send
-``ConsumerTooSlow`` and close. The broadcaster does no I/O and takes no lock that a writer can
-hold across I/O, so a stuck socket can never stall it.
+bounded queue (in frames and in bytes), then wakes the consumer's writer. A consumer whose
+queue would overflow either bound is cut (reason ``too_slow``): its queue is dropped, it is
+unregistered, and its writer is woken to send ``ConsumerTooSlow`` and close. The broadcaster
+does no I/O and takes no lock that a writer can hold across I/O, so a stuck socket can never
+stall it.
 
 The web layer registers, drains and unregisters consumers through the shared
 ``ConsumerRegistry`` directly (no ``ask``). Registry and consumers are safe to use from
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Frames a consumer may have queued (not yet taken by its writer) before it is cut.
 DEFAULT_BUFFER_FRAMES = 20_000
+#: Bytes of frames a consumer may have queued before it is cut (whichever bound it reaches first).
+DEFAULT_BUFFER_BYTES = 64 * 1024 * 1024
 
 CONSUMERS = Gauge("skyrelay_consumers", "Firehose consumers registered with the broadcaster")
 FRAMES_SENT = Counter("skyrelay_consumer_frames_sent_total", "Frames written to firehose consumers")
@@ -73,16 +76,20 @@ class Consumer:
         "_cut_reason",
         "_lock",
         "_pending",
+        "_pending_bytes",
         "_wake",
         "capacity",
+        "capacity_bytes",
         "frames_sent",
         "remote",
     )
 
-    def __init__(self, capacity: int, remote: str = "") -> None:
-        if capacity < 1:
+    def __init__(self, capacity: int, remote: str = "", capacity_bytes: int = DEFAULT_BUFFER_BYTES) -> None:
+        if capacity < 1 or capacity_bytes < 1:
             raise ValueError("consumer buffer must hold at least one frame")
         self.capacity = capacity
+        self.capacity_bytes = capacity_bytes
+        self._pending_bytes = 0
         self.remote = remote
         self.frames_sent = 0
         self._lock = threading.Lock()
@@ -104,22 +111,34 @@ class Consumer:
     def queued(self) -> int:
         return len(self._pending)
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._pending_bytes
+
     # -- broadcaster side --------------------------------------------------------------
 
-    def offer(self, items: Sequence[WireItem]) -> bool:
-        """Queue ``items`` without blocking; ``False`` once the consumer is cut or closed."""
+    def offer(self, items: Sequence[WireItem], nbytes: int | None = None) -> bool:
+        """Queue ``items`` (``nbytes`` in all, counted if not given) without blocking; ``False`` once cut or closed."""
+        if nbytes is None:
+            nbytes = sum(len(wire) for _, wire in items)
         with self._lock:
             if not self._accepting:
                 return self._cut_reason is None and not self._closed
-            if len(self._pending) + len(items) > self.capacity:
+            if len(self._pending) + len(items) > self.capacity or self._pending_bytes + nbytes > self.capacity_bytes:
                 cut_now = self._cut_locked("too_slow")
             else:
                 self._pending.extend(items)
+                self._pending_bytes += nbytes
                 cut_now = False
         self._wake.set()
         if cut_now:
             CUTS.labels(reason="too_slow").inc()
-            log.info("firehose consumer cut reason=too_slow remote=%s capacity=%d", self.remote, self.capacity)
+            log.info(
+                "firehose consumer cut reason=too_slow remote=%s capacity=%d capacity_bytes=%d",
+                self.remote,
+                self.capacity,
+                self.capacity_bytes,
+            )
             return False
         return True
 
@@ -146,9 +165,11 @@ class Consumer:
             pending = self._pending
             if len(pending) <= max_frames:
                 self._pending = []
+                self._pending_bytes = 0
                 return pending
             batch = pending[:max_frames]
             del pending[:max_frames]
+            self._pending_bytes -= sum(len(wire) for _, wire in batch)
             return batch
 
     @property
@@ -180,6 +201,7 @@ class Consumer:
             self._closed = True
             self._accepting = False
             self._pending = []
+            self._pending_bytes = 0
         self._wake.set()
 
     def _cut_locked(self, reason: str) -> bool:
@@ -188,6 +210,7 @@ class Consumer:
         self._cut_reason = reason
         self._accepting = False
         self._pending = []
+        self._pending_bytes = 0
         return True
 
 
@@ -204,9 +227,11 @@ class ConsumerRegistry:
     def __len__(self) -> int:
         return len(self._consumers)
 
-    def register(self, *, buffer_frames: int = DEFAULT_BUFFER_FRAMES, remote: str = "") -> Consumer:
-        """A new consumer holding at most ``buffer_frames`` queued frames (not buffering yet)."""
-        consumer = Consumer(buffer_frames, remote)
+    def register(
+        self, *, buffer_frames: int = DEFAULT_BUFFER_FRAMES, buffer_bytes: int = DEFAULT_BUFFER_BYTES, remote: str = ""
+    ) -> Consumer:
+        """A new consumer holding at most ``buffer_frames`` queued frames of ``buffer_bytes`` (not buffering yet)."""
+        consumer = Consumer(buffer_frames, remote, buffer_bytes)
         with self._lock:
             self._consumers = (*self._consumers, consumer)
         CONSUMERS.inc()
@@ -230,7 +255,8 @@ def fan_out(registry: ConsumerRegistry, events: Sequence[tuple[int, bytes]]) -> 
     if not events:
         return
     items = [(seq, websocket_header(len(frame)) + frame) for seq, frame in events]
-    dropped = [consumer for consumer in registry.consumers() if not consumer.offer(items)]
+    nbytes = sum(len(wire) for _, wire in items)
+    dropped = [consumer for consumer in registry.consumers() if not consumer.offer(items, nbytes)]
     for consumer in dropped:
         registry.unregister(consumer)
 

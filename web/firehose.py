@@ -12,8 +12,14 @@ Behaviour, per the atproto event-stream spec:
   buffering, registers for live frames, replays the log again until it is exhausted, then sends
   the buffered live frames whose seq is above the last one sent. Events are durable in the log
   before they are broadcast, so every event is in the log or in the buffer.
-- a consumer whose buffer overflows is cut by the broadcaster: error frame ``ConsumerTooSlow``,
-  then close. A socket that accepts nothing for ``send_stall_seconds`` is shut down.
+- a consumer whose buffer overflows (in frames or in bytes) is cut by the broadcaster: error
+  frame ``ConsumerTooSlow``, then close. A socket that accepts nothing for ``send_stall_seconds``
+  is shut down.
+- at most ``max_replays`` connections replay from a cursor at once; later ones wait their turn
+  (connected, sent nothing yet) in arrival order. A replay yields to other greenlets after every
+  write, so ``_health`` and live consumers keep being served while it runs.
+- a consumer sent nothing for ``ping_seconds`` is pinged; one that answers nothing (no pong, no
+  frame at all) for ``ping_seconds`` after a ping is cut (reason ``ping_timeout``) and closed.
 
 Each connection is one writer (the request greenlet, the only one that writes to the socket)
 and one reader greenlet that discards client messages (frames over ``max_client_frame_bytes``
@@ -28,15 +34,18 @@ import base64
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import gevent
+import gevent.lock
 from flask import Blueprint, Response, jsonify, request
+from prometheus_client import Gauge
 
-from actors.broadcaster import Consumer, ConsumerRegistry, websocket_frame, websocket_header
+from actors.broadcaster import DEFAULT_BUFFER_BYTES, Consumer, ConsumerRegistry, websocket_frame, websocket_header
 from protocol.frames import error_frame, info_frame
 from web.xrpc_errors import XrpcError
 from web.xrpc_params import cursor_values
@@ -49,6 +58,9 @@ _SEND_CHUNK_BYTES = 1 << 20  # bytes joined into one sendall
 _TAKE_FRAMES = 4096  # live frames taken from the consumer queue at once
 _READ_RECORDS = 1000  # records per read_after call during replay
 _IDLE_WAIT_SECONDS = 30.0  # a waiting writer re-checks its state this often
+_SLOT_POLL_SECONDS = 1.0  # a connection waiting for a replay slot checks its client this often
+
+REPLAYS = Gauge("skyrelay_firehose_replays", "Firehose connections replaying from a cursor, or waiting to", ["state"])
 
 _OP_CONTINUATION, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _CLIENT_OPCODES = frozenset((_OP_CONTINUATION, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG))
@@ -105,16 +117,21 @@ def firehose_blueprint(
     registry: ConsumerRegistry,
     *,
     buffer_frames: int,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     send_stall_seconds: float = 30.0,
     max_client_frame_bytes: int = 4096,
+    max_replays: int = 8,
+    ping_seconds: float = 30.0,
 ) -> Blueprint:
     """The subscribeRepos websocket route, reading ``log_reader`` and registering in ``registry``.
 
-    ``buffer_frames`` bounds each consumer's queue of live frames; ``send_stall_seconds`` is how
-    long a socket may accept no bytes before the connection is dropped; ``max_client_frame_bytes``
-    caps any frame a client sends (the relay expects none but pings and close).
+    ``buffer_frames`` and ``buffer_bytes`` bound each consumer's queue of live frames;
+    ``send_stall_seconds`` is how long a socket may accept no bytes before the connection is
+    dropped; ``max_client_frame_bytes`` caps any frame a client sends (the relay expects none but
+    pings and close); ``max_replays`` replays run at once; ``ping_seconds`` is the keep-alive.
     """
-    limits = _Limits(buffer_frames, send_stall_seconds, max_client_frame_bytes)
+    limits = _Limits(buffer_frames, buffer_bytes, send_stall_seconds, max_client_frame_bytes, ping_seconds)
+    slots = ReplaySlots(max_replays)
     blueprint = Blueprint("firehose", __name__)
 
     @blueprint.route(SUBSCRIBE_REPOS_PATH, websocket=True)
@@ -131,7 +148,7 @@ def firehose_blueprint(
             ws.send(error_frame(exc.error, exc.message))
             ws.close()
             return ""
-        _Connection(ws, log_reader, registry, request.remote_addr or "", limits).serve(cursor)
+        _Connection(ws, log_reader, registry, request.remote_addr or "", limits, slots).serve(cursor)
         return ""
 
     @blueprint.get(SUBSCRIBE_REPOS_PATH)
@@ -149,8 +166,33 @@ def firehose_blueprint(
 @dataclass(frozen=True, slots=True)
 class _Limits:
     buffer_frames: int
+    buffer_bytes: int
     stall_seconds: float
     max_client_frame_bytes: int
+    ping_seconds: float
+
+
+class ReplaySlots:
+    """At most ``size`` replays at once; later connections wait their turn (a gevent semaphore)."""
+
+    def __init__(self, size: int) -> None:
+        self._semaphore = gevent.lock.BoundedSemaphore(size)
+
+    def acquire(self, check: Callable[[], None]) -> None:
+        """Wait for a slot, calling ``check`` (which raises to give up) every ``_SLOT_POLL_SECONDS``."""
+        if not self._semaphore.acquire(blocking=False):
+            waiting = REPLAYS.labels("waiting")
+            waiting.inc()
+            try:
+                while not self._semaphore.acquire(timeout=_SLOT_POLL_SECONDS):
+                    check()
+            finally:
+                waiting.dec()
+        REPLAYS.labels("running").inc()
+
+    def release(self) -> None:
+        REPLAYS.labels("running").dec()
+        self._semaphore.release()
 
 
 class _Disconnect(Exception):
@@ -171,6 +213,7 @@ class _Connection:
         registry: ConsumerRegistry,
         remote: str,
         limits: _Limits,
+        slots: ReplaySlots,
     ) -> None:
         self._ws = ws
         self._socket = ws.handler.socket
@@ -182,7 +225,10 @@ class _Connection:
         self._registry = registry
         self._remote = remote
         self._limits = limits
+        self._slots = slots
         self._consumer: Consumer | None = None
+        self._last_write = self._last_heard = time.monotonic()
+        self._ping_at: float | None = None  # when the unanswered ping was sent
         self._pong: bytes | None = None  # the pong frame answering the latest client ping
         self._client_close: bytes | None = None  # the close payload to echo
         self._client_gone = False  # EOF or socket error on read
@@ -193,7 +239,9 @@ class _Connection:
     def serve(self, cursor: int | None) -> None:
         """Run the connection until it ends; never raises for a client going away."""
         limits = self._limits
-        consumer = self._consumer = self._registry.register(buffer_frames=limits.buffer_frames, remote=self._remote)
+        consumer = self._consumer = self._registry.register(
+            buffer_frames=limits.buffer_frames, buffer_bytes=limits.buffer_bytes, remote=self._remote
+        )
         reader = gevent.spawn(self._read_loop)
         log.debug("firehose consumer connected remote=%s cursor=%s", self._remote, cursor)
         try:
@@ -220,9 +268,16 @@ class _Connection:
                 self._write_frame(error_frame("FutureCursor", f"cursor {cursor} is ahead of the newest event {newest}"))
                 self._close(_CLOSE_POLICY, "FutureCursor")
                 return
-            last_sent = self._replay(cursor)  # catch up without buffering live frames
-            consumer.start_buffering()
-            last_sent = self._replay(last_sent)  # events that became durable meanwhile
+            gated = cursor < newest  # a cursor at the head has nothing to replay: no slot needed
+            if gated:
+                self._slots.acquire(self._check_client)
+            try:
+                last_sent = self._replay(cursor)  # catch up without buffering live frames
+                consumer.start_buffering()
+                last_sent = self._replay(last_sent)  # events that became durable meanwhile
+            finally:
+                if gated:
+                    self._slots.release()
         else:
             consumer.start_buffering()
         self._live(consumer, last_sent)
@@ -250,13 +305,15 @@ class _Connection:
                     self._send(parts, count)
                     last = seq
                     parts, size, count = [], 0, 0
+                    gevent.sleep(0)  # a socket that always accepts must not keep the others waiting
             if parts:
                 self._send(parts, count)
             last = records[-1][0]
+            gevent.sleep(0)
 
     def _live(self, consumer: Consumer, last_sent: int) -> None:
         while True:
-            batch = consumer.take(_TAKE_FRAMES, _IDLE_WAIT_SECONDS)
+            batch = consumer.take(_TAKE_FRAMES, self._keepalive_wait())
             if batch and batch[0][0] <= last_sent:
                 batch = [item for item in batch if item[0] > last_sent]
             if batch:
@@ -280,6 +337,28 @@ class _Connection:
             if consumer.closed:  # closed without a cut: the relay is shutting down
                 self._close(_CLOSE_GOING_AWAY, "relay shutting down")
                 return
+            self._keepalive(consumer)
+
+    def _keepalive_wait(self) -> float:
+        """Seconds until the next ping is due, or the outstanding one expires."""
+        due = (self._ping_at if self._ping_at is not None else self._last_write) + self._limits.ping_seconds
+        return max(0.01, min(_IDLE_WAIT_SECONDS, due - time.monotonic()))
+
+    def _keepalive(self, consumer: Consumer) -> None:
+        """Ping an idle consumer; cut one that answered nothing to the last ping in time."""
+        now = time.monotonic()
+        ping_seconds = self._limits.ping_seconds
+        if self._ping_at is not None:
+            if self._last_heard >= self._ping_at:
+                self._ping_at = None  # answered
+            elif now - self._ping_at >= ping_seconds:
+                consumer.cut("ping_timeout")
+                log.info("firehose consumer cut reason=ping_timeout remote=%s", self._remote)
+                self._close(_CLOSE_GOING_AWAY, "ping timeout")
+                raise _Disconnect("ping timeout")
+        if self._ping_at is None and now - self._last_write >= ping_seconds:
+            self._write_raw(websocket_frame(b"", _OP_PING))
+            self._ping_at = now
 
     def _check_client(self) -> None:
         """Send queued pongs; end the connection if the reader saw a close, EOF or a bad frame."""
@@ -320,6 +399,7 @@ class _Connection:
             # timeout can only fire while waiting, so it measures time without progress.
             with gevent.Timeout(self._limits.stall_seconds, _SendStalled):
                 sent = self._socket.send(view)
+        self._last_write = time.monotonic()
 
     def _close(self, code: int, reason: str) -> None:
         self._write_raw(websocket_frame(struct.pack("!H", code) + reason.encode()[:120], _OP_CLOSE))
@@ -338,6 +418,7 @@ class _Connection:
         try:
             while True:
                 opcode, payload = self._read_frame(read)
+                self._last_heard = time.monotonic()  # a pong, or anything: the client is alive
                 if opcode == _OP_PING:
                     self._pong = websocket_frame(payload, _OP_PONG)  # only the latest ping needs an answer
                     self._wake()

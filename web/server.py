@@ -55,7 +55,12 @@ class Services:
 
         return [
             firehose_blueprint(
-                self.relay.event_log, self.relay.registry, buffer_frames=self.settings.consumer_buffer_frames
+                self.relay.event_log,
+                self.relay.registry,
+                buffer_frames=self.settings.consumer_buffer_frames,
+                buffer_bytes=self.settings.consumer_buffer_bytes,
+                max_replays=self.settings.firehose_max_replays,
+                ping_seconds=self.settings.firehose_ping_seconds,
             ),
             sync_blueprint(
                 db=self.db,

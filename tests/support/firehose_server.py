@@ -9,7 +9,8 @@ handlers; only the event log is a fake. Control endpoints (tests only):
   each batch durable in the log before it is broadcast; pause P ms between batches (0 yields);
   with ``background=1`` answer at once and append in a greenlet.
 - ``POST /_test/prune?before=S``: drop every event with seq < S (retention).
-- ``GET /_test/stats``: last/first seq, registered consumers, cuts by reason, frames sent.
+- ``GET /_test/stats``: last/first seq, registered consumers, cuts by reason, frames sent,
+  replays running and waiting.
 """
 
 from gevent import monkey
@@ -154,7 +155,7 @@ def control_blueprint(
     @bp.get("/_test/stats")
     def stats_route() -> Any:
         cuts = {}
-        for reason in ("too_slow", "send_stalled", "client_frame_too_big", "client_protocol_error"):
+        for reason in ("too_slow", "send_stalled", "client_frame_too_big", "client_protocol_error", "ping_timeout"):
             cuts[reason] = REGISTRY.get_sample_value("skyrelay_consumers_cut_total", {"reason": reason}) or 0
         return jsonify(
             {
@@ -165,6 +166,10 @@ def control_blueprint(
                 "cuts": cuts,
                 "frames_sent": REGISTRY.get_sample_value("skyrelay_consumer_frames_sent_total") or 0,
                 "appending": any(not g.dead for g in appending),
+                "replays": {
+                    state: REGISTRY.get_sample_value("skyrelay_firehose_replays", {"state": state}) or 0
+                    for state in ("running", "waiting")
+                },
             }
         )
 
@@ -179,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frame-bytes", type=int, default=300, help="size of synthetic frames")
     parser.add_argument("--reference", type=Path, help="jsonl of recorded frames to re-sequence instead")
     parser.add_argument("--buffer-frames", type=int, default=20_000)
+    parser.add_argument("--buffer-bytes", type=int, default=64 * 1024 * 1024)
     parser.add_argument("--stall-seconds", type=float, default=30.0)
+    parser.add_argument("--max-replays", type=int, default=8)
+    parser.add_argument("--ping-seconds", type=float, default=30.0)
     parser.add_argument("--no-upgrade-hook", action="store_true", help="serve without pre_upgrade_hook")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
@@ -191,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     registry = ConsumerRegistry()
     broadcaster = Broadcaster.start(registry)
     firehose = firehose_blueprint(
-        log, registry, buffer_frames=args.buffer_frames, send_stall_seconds=args.stall_seconds
+        log,
+        registry,
+        buffer_frames=args.buffer_frames,
+        buffer_bytes=args.buffer_bytes,
+        send_stall_seconds=args.stall_seconds,
+        max_replays=args.max_replays,
+        ping_seconds=args.ping_seconds,
     )
     app = create_app(_Services([firehose, control_blueprint(log, broadcaster, registry, make)]))
     server = WSGIServer(("127.0.0.1", args.port), app, handler_class=WebSocketHandler, log=None)

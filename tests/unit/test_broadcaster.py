@@ -181,6 +181,23 @@ def test_overflow_cuts_and_unregisters(registry: ConsumerRegistry) -> None:
     assert consumer.take(100, timeout=WAIT_S) == [], "a cut consumer's writer is not kept waiting"
 
 
+def test_overflow_in_bytes_cuts_before_the_frame_bound(registry: ConsumerRegistry) -> None:
+    """Large frames: the byte bound cuts a consumer long before its frame bound would."""
+    before = cut_count("too_slow")
+    consumer = registry.register(buffer_frames=20_000, buffer_bytes=1_000_000)
+    consumer.start_buffering()
+    big = [(seq, b"x" * 300_000) for seq in range(1, 4)]
+    fan_out(registry, big)
+    assert consumer.cut_reason is None and consumer.queued_bytes > 900_000
+    assert [seq for seq, _ in consumer.take(2)] == [1, 2]  # taking frees their bytes
+    assert consumer.queued_bytes < 400_000
+    fan_out(registry, [(4, b"x" * 300_000), (5, b"x" * 300_000)])
+    assert consumer.cut_reason is None
+    fan_out(registry, [(6, b"x" * 300_000)])  # 4 x 300 KB queued > 1 MB
+    assert consumer.cut_reason == "too_slow" and consumer.queued_bytes == 0
+    assert cut_count("too_slow") == before + 1
+
+
 def wait_until(predicate: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + WAIT_S
     while not predicate():
