@@ -125,7 +125,7 @@ class RelayHandler(WebSocketHandler):
     _requests_seen = 0
 
     def handle_one_request(self) -> Any:
-        """One request: ``True`` to read another, ``None`` to close, ``(status, bytes)`` to answer and close."""
+        """Read and answer one request: ``True`` to read another on this connection, ``None`` to close it."""
         if self.rfile.closed:
             return None
         limits = self.server.limits
@@ -194,9 +194,15 @@ class RelayHandler(WebSocketHandler):
             environ["wsgi.input"] = bounded
         return environ
 
-    def _reject(self, status: int, reason: str, error: str, message: str) -> tuple[str, bytes]:
+    def _reject(self, status: int, reason: str, error: str, message: str) -> None:
+        """Answer ``status`` with an XRPC error, then close (after letting the client read it)."""
         REJECTED.labels(reason).inc()
-        return str(status), error_response(status, error, message)
+        self.status = str(status)
+        try:
+            self.socket.sendall(error_response(status, error, message))
+        except OSError:
+            return
+        self._linger()
 
     def _linger(self) -> None:
         """After answering a request whose body was left unread: let the client read the answer, then close."""
@@ -210,8 +216,10 @@ class RelayHandler(WebSocketHandler):
             pass
 
     def _handle_client_error(self, ex: BaseException) -> tuple[str, bytes]:
+        """gevent's hook for bad client input found while reading a body: the answer to send, then close."""
         log.debug("bad request from=%s error=%s", self.client_address, ex)
-        return self._reject(400, "bad_request", "InvalidRequest", "malformed HTTP request")
+        REJECTED.labels("bad_request").inc()
+        return "400", error_response(400, "InvalidRequest", "malformed HTTP request")
 
     def _send_error_response_if_possible(self, error_code: int) -> None:
         if self.response_length:

@@ -258,6 +258,37 @@ def test_chunked_50mb_body_is_refused_early_with_bounded_memory(shared_relay: Re
     assert shared_relay.rss_bytes() - before < 20 * 1024 * 1024
 
 
+def test_a_content_length_over_the_cap_is_413_before_the_body_is_read(shared_relay: Relay) -> None:
+    with socket.create_connection(("127.0.0.1", shared_relay.port), WAIT_S) as sock:
+        sock.sendall(
+            b"POST /xrpc/com.atproto.sync.requestCrawl HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 5000000\r\n\r\n"
+        )
+
+        def send_body() -> None:
+            try:
+                sock.sendall(b" " * 5_000_000)
+            except OSError:
+                pass
+
+        sender = threading.Thread(target=send_body, daemon=True)
+        sender.start()
+        response = read_response(sock)
+        sender.join(WAIT_S)
+    assert_xrpc_error(response, 413, "PayloadTooLarge")
+
+
+def test_a_body_that_drips_in_gets_408(tmp_path: Path) -> None:
+    with relay(tmp_path, {"SKYRELAY_HTTP_BODY_TIMEOUT_SECONDS": "1"}) as server:
+        with socket.create_connection(("127.0.0.1", server.port), WAIT_S) as sock:
+            sock.sendall(
+                b"POST /xrpc/com.atproto.sync.requestCrawl HTTP/1.1\r\nHost: x\r\n"
+                b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"hostname": '
+            )  # and never the rest
+            assert_xrpc_error(read_response(sock), 408, "RequestTimeout")
+        assert server.get("/xrpc/_health")[0] == 200
+
+
 # -- item 6: timeouts, the connection cap, no EMFILE storm ---------------------------------
 
 
