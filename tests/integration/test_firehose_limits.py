@@ -20,7 +20,7 @@ from tests.integration.test_firehose_ws import (
     raw_connect,
     recv_event,
 )
-from web.firehose import ReplaySlots, _Connection, _Limits
+from web.firehose_connection import Connection, ConnectionLimits, ReplaySlots
 
 SMALL_RCVBUF = ((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),)
 
@@ -121,8 +121,8 @@ class _Ws:
 
 def test_a_replay_to_a_socket_that_always_accepts_still_yields() -> None:
     """Other greenlets (``_health``, live consumers) run while a replay writes as fast as it can."""
-    limits = _Limits(1000, 1 << 20, 30.0, 4096, 30.0)
-    connection = _Connection(_Ws(), _MemoryLog(20_000), ConsumerRegistry(), "test", limits, ReplaySlots(1))
+    limits = ConnectionLimits(1000, 1 << 20, 30.0, 4096, 30.0)
+    connection = Connection(_Ws(), _MemoryLog(20_000), ConsumerRegistry(), "test", limits, ReplaySlots(1))
     ticks: list[int] = []
 
     def other_work() -> None:
