@@ -123,6 +123,7 @@ class RelayHandler(WebSocketHandler):
     server: RelayWSGIServer
     wsgi_input: Any
     _requests_seen = 0
+    _header_timer: gevent.Timeout
 
     def handle_one_request(self) -> Any:
         """Read and answer one request: ``True`` to read another on this connection, ``None`` to close it."""
@@ -130,7 +131,7 @@ class RelayHandler(WebSocketHandler):
             return None
         limits = self.server.limits
         first = self._requests_seen == 0
-        header_timer = gevent.Timeout(limits.header_timeout_seconds, _HeaderTimeout)
+        header_timer = self._header_timer = gevent.Timeout(limits.header_timeout_seconds, _HeaderTimeout)
         received = False
         try:
             if first:
@@ -196,6 +197,7 @@ class RelayHandler(WebSocketHandler):
 
     def _reject(self, status: int, reason: str, error: str, message: str) -> None:
         """Answer ``status`` with an XRPC error, then close (after letting the client read it)."""
+        self._header_timer.close()  # the answer and the linger are not the client's time to send headers
         REJECTED.labels(reason).inc()
         self.status = str(status)
         try:
