@@ -7,6 +7,7 @@ and gevent server; in-memory log), as in ``test_firehose_ws.py``.
 from __future__ import annotations
 
 import socket
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tests.integration.test_firehose_ws import (
     firehose_server,
     raw_connect,
     recv_event,
+    recv_seqs,
 )
 from web.firehose_connection import Connection, ConnectionLimits, ReplaySlots
 
@@ -45,6 +47,28 @@ def test_replays_beyond_the_cap_wait_their_turn_while_the_server_keeps_answering
         waiting.close()
         stuck[1].close()
         server.wait_stats(lambda s: s["consumers"] == 0 and s["replays"]["running"] == 0, "every slot given back")
+
+
+def test_many_replays_from_zero_all_complete_never_more_than_the_cap_at_once(tmp_path: Path) -> None:
+    with firehose_server(tmp_path, "--frames", "3000", "--frame-bytes", "2000", "--max-replays", "3") as server:
+        results: dict[int, list[int]] = {}
+
+        def consume(i: int) -> None:
+            ws = server.connect(0)
+            results[i] = recv_seqs(ws, 3000)
+            ws.close()
+
+        threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        samples = []
+        while any(thread.is_alive() for thread in threads):
+            samples.append(server.stats()["replays"])  # the server keeps answering meanwhile
+        for thread in threads:
+            thread.join(WAIT_S)
+        assert all(seqs == list(range(1, 3001)) for seqs in results.values()) and len(results) == 12
+        assert max(sample["running"] for sample in samples) <= 3
+        assert server.stats()["replays"] == {"running": 0, "waiting": 0}
 
 
 def test_a_consumer_whose_queue_exceeds_the_byte_cap_is_cut(tmp_path: Path) -> None:
