@@ -91,6 +91,14 @@ class Settings:
     # log format: text or json
     log_format: str = "text"
 
+    # -- outbound connections (actors/outbound.py: crawl probe, identity, backfill, upstream websockets)
+    # non-public networks (CIDRs) outbound connections may reach; empty: none (loopback+private if insecure)
+    outbound_allowed_networks: tuple[str, ...] = ()
+    # DNS server ("IP" or "IP:PORT") that resolves outbound host names; empty: the system resolver
+    outbound_dns_server: str = ""
+    # longest one whole-repo backfill download (getRepo) may take, in seconds
+    backfill_fetch_total_seconds: float = 900.0
+
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'relay.sqlite'}"
 

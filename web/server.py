@@ -58,7 +58,12 @@ class Services:
             firehose_blueprint(
                 self.relay.event_log, self.relay.registry, buffer_frames=self.settings.consumer_buffer_frames
             ),
-            sync_blueprint(db=self.db, host_supervisor=self.relay.hosts, insecure=self.settings.allow_insecure_hosts),
+            sync_blueprint(
+                db=self.db,
+                host_supervisor=self.relay.hosts,
+                insecure=self.settings.allow_insecure_hosts,
+                outbound=self.relay.outbound,
+            ),
             repo_blueprint(db=self.db, carstore=self.relay.carstore),
             admin_blueprint(
                 password=self.settings.admin_password.reveal(),

@@ -8,8 +8,9 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from actors.crawl import CrawlRefused, check_addresses, is_banned, normalize_hostname, probe_pds
+from actors.crawl import CrawlRefused, CrawlTarget, is_banned, normalize_hostname, probe_pds
 from actors.messages import StartHost
+from actors.outbound import OutboundClient
 from store.hosts import HostRow, banned_domains, get_host, list_hosts
 from web.xrpc_errors import XrpcError
 
@@ -31,9 +32,12 @@ def sync_blueprint(
     host_supervisor: Any,
     insecure: bool,
     own_hostnames: frozenset[str] = frozenset(),
-    probe: Callable[..., Any] = probe_pds,
+    outbound: OutboundClient | None = None,
+    probe: Callable[[CrawlTarget], Any] | None = None,
 ) -> Blueprint:
     bp = Blueprint("xrpc_sync", __name__)
+    client = outbound or OutboundClient.for_settings(insecure)
+    probe_host = probe or (lambda target: probe_pds(target, client=client))
 
     @bp.post("/xrpc/com.atproto.sync.requestCrawl")
     def request_crawl() -> Any:
@@ -51,8 +55,7 @@ def sync_blueprint(
                 existing = get_host(db, target.hostname)
             if is_banned(target.hostname, bans) or (existing and existing.status == "banned"):
                 raise CrawlRefused("HostBanned", "this host is banned from the relay")
-            check_addresses(target, insecure=insecure)
-            probe(target)
+            probe_host(target)  # the outbound client checks the addresses it connects to
         except CrawlRefused as exc:
             raise XrpcError(exc.error, exc.message) from None
         host_supervisor.tell(StartHost(target.hostname))

@@ -385,7 +385,9 @@ def test_fake_plc_as_a_process_serves_real_plc_documents(shared: Path, clock: Fa
         assert proc.stdout is not None
         line = proc.stdout.readline()
         url = line.split(" listening on ")[1].split()[0]
-        directory = IdentityDirectory(None, plc_url=url, fetch_timeout_seconds=5.0, clock=clock)
+        directory = IdentityDirectory(
+            None, plc_url=url, fetch_timeout_seconds=5.0, clock=clock, allow_insecure_hosts=True
+        )  # the reference PDS of these documents serves http
         for did in docs:
             identity = directory.resolve(did)
             assert identity.signing_key is not None and identity.pds_endpoint == "http://localhost:2583"
