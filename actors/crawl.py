@@ -102,7 +102,7 @@ def is_banned(hostname: str, banned_domains: Iterable[str]) -> bool:
     return any(host == d or host.endswith("." + d) for d in banned_domains)
 
 
-def probe_pds(target: CrawlTarget, *, client: OutboundClient) -> dict[str, object]:
+def probe_pds(target: CrawlTarget, *, client: OutboundClient, limits: Limits = PROBE_LIMITS) -> dict[str, object]:
     """GET describeServer through the outbound client; a PDS answers with a JSON object that has a ``did``.
 
     Messages never repeat socket errors: a refused, reset, silent or TLS-failing port all give
@@ -111,7 +111,7 @@ def probe_pds(target: CrawlTarget, *, client: OutboundClient) -> dict[str, objec
     """
     url = f"{target.base_url}/xrpc/com.atproto.server.describeServer"
     try:
-        body = client.get(url, PROBE_LIMITS, headers={"Accept": "application/json"}).body
+        body = client.get(url, limits, headers={"Accept": "application/json"}).body
     except RefusedAddress:
         raise CrawlRefused("InvalidRequest", "hostname resolves to a non-public address") from None
     except (ResolveFailed, BadUrl):
