@@ -60,17 +60,6 @@ class AddressPolicy:
         return not any(address in net for net in _TUNNELS if net.version == address.version)
 
 
-def parse_networks(texts: Iterable[str]) -> list[str]:
-    """Problems with CIDR texts (for the config loader); empty when every one parses."""
-    problems = []
-    for text in texts:
-        try:
-            ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            problems.append(f"{text!r} is not an IP network (CIDR)")
-    return problems
-
-
 def literal_address(host: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(host.strip("[]"))
@@ -101,7 +90,8 @@ def resolve_checked(host: str, policy: AddressPolicy, resolver: Resolver) -> lis
     if not addresses:
         raise ResolveFailed(f"{host} has no addresses")
     if not trusted and not all(policy.allows(a) for a in addresses):
-        raise RefusedAddress(f"{host} resolves to an address outbound connections may not reach")
+        what = "is" if literal is not None else "resolves to"
+        raise RefusedAddress(f"{host} {what} an address outbound connections may not reach")
     return addresses
 
 

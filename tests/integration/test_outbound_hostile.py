@@ -7,8 +7,11 @@ production relay does with a private address.
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +177,47 @@ def test_production_refuses_plaintext_and_loopback() -> None:
         with pytest.raises(RefusedAddress):
             production.get(f"https://127.0.0.1:{server.port}/", FAST)
         assert server.connections_so_far() == 0
+
+
+def test_a_tls_handshake_that_never_completes_hits_the_deadline(dns_name_client: OutboundClient) -> None:
+    with HostileServer("silent") as server:  # accepts, reads the ClientHello, never answers
+        started = time.monotonic()
+        with pytest.raises(OutboundTimeout):
+            dns_name_client.get(f"https://pds.test:{server.port}/", Limits(1.5, 5.0, 1000))
+        assert time.monotonic() - started < 4.0
+
+
+def test_post_sends_its_body_and_reads_the_answer(client: OutboundClient) -> None:
+    class Echo(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            answer = json.dumps({"got": json.loads(body), "type": self.headers["Content-Type"]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/xrpc/x"
+        response = client.request(
+            "POST", url, FAST, body=json.dumps({"hostname": "a"}).encode(), headers={"Content-Type": "application/json"}
+        )
+        assert json.loads(response.body) == {"got": {"hostname": "a"}, "type": "application/json"}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def dns_name_client(tmp_path: Path) -> Iterator[OutboundClient]:
+    cert, _ = make_certificate(tmp_path, "pds.test")
+    with DnsStub() as dns:
+        dns.set("pds.test", ["127.0.0.1"])
+        tls_only = AddressPolicy(False, ONLY_127_0_0_1.allowed_networks)
+        yield OutboundClient(tls_only, resolver=DnsServerResolver(dns.server), ssl_context=client_context(cert))
