@@ -257,15 +257,17 @@ class OutboundClient:
 
 
 def _request_head(method: str, parts: SplitResult, headers: dict[str, str], body: bytes | None) -> bytes:
+    """The request line and headers; the caller's ``headers`` override the defaults (by name, any case)."""
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", f"User-Agent: {USER_AGENT}",
-             "Accept-Encoding: identity", "Connection: close"]  # fmt: skip
+    fields = {"host": ("Host", parts.netloc), "user-agent": ("User-Agent", USER_AGENT),
+              "accept-encoding": ("Accept-Encoding", "identity"), "connection": ("Connection", "close")}  # fmt: skip
     if body is not None:
-        lines.append(f"Content-Length: {len(body)}")
+        fields["content-length"] = ("Content-Length", str(len(body)))
     for name, value in headers.items():
         if "\r" in name + value or "\n" in name + value:
             raise BadUrl("header values may not contain line breaks")
-        lines.append(f"{name}: {value}")
+        fields[name.lower()] = (name, value)
+    lines = [f"{method} {target} HTTP/1.1", *(f"{name}: {value}" for name, value in fields.values())]
     try:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
     except UnicodeEncodeError:
