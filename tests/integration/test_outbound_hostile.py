@@ -221,3 +221,18 @@ def dns_name_client(tmp_path: Path) -> Iterator[OutboundClient]:
         dns.set("pds.test", ["127.0.0.1"])
         tls_only = AddressPolicy(False, ONLY_127_0_0_1.allowed_networks)
         yield OutboundClient(tls_only, resolver=DnsServerResolver(dns.server), ssl_context=client_context(cert))
+
+
+def test_proxies_from_the_environment_are_ignored(
+    tmp_path: Path, client: OutboundClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with HostileServer("silent") as proxy, HostileServer("bad-status") as pds:
+        for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.port}")
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        app, _ = crawl_app(tmp_path, client)
+        status, body = crawl(app, f"127.0.0.1:{pds.port}")
+        assert (status, body["error"]) == (400, "HostNotPds")  # the answer came from the host itself
+        assert pds.connections_so_far() == 1
+        assert proxy.connections_so_far() == 0
