@@ -1,8 +1,9 @@
-"""Which hosts may be crawled: hostname normalization, SSRF guards, bans, and the PDS probe.
+"""Which hosts may be crawled: hostname normalization, bans, and the PDS probe.
 
-``requestCrawl`` and spidering both go through ``check_crawl_target``. In production a host
-must be a public DNS name on the default port whose every address is globally routable; the
-development mode (``allow_insecure_hosts``) also accepts loopback, explicit ports and http.
+In production a host must be a public DNS name on the default port; the development mode
+(``allow_insecure_hosts``) also accepts loopback, explicit ports and http. Whether its
+addresses may be reached is decided where the probe connects (``actors.outbound``), at every
+connection, not once here.
 """
 
 from __future__ import annotations
@@ -10,15 +11,24 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import socket
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from actors.outbound import Limits, OutboundClient
+from actors.outbound_errors import (
+    BadStatus,
+    BadUrl,
+    ConnectFailed,
+    OutboundError,
+    OutboundTimeout,
+    RefusedAddress,
+    ResolveFailed,
+    TooLarge,
+)
+
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-PROBE_TIMEOUT_S = 5.0
-PROBE_MAX_BYTES = 64 * 1024
+PROBE_LIMITS = Limits(total_seconds=10.0, read_seconds=5.0, max_bytes=64 * 1024)
+_UNREACHABLE = "could not reach the host's describeServer (no answer, refused, reset or timed out)"
 
 
 class CrawlRefused(Exception):
@@ -92,43 +102,31 @@ def is_banned(hostname: str, banned_domains: Iterable[str]) -> bool:
     return any(host == d or host.endswith("." + d) for d in banned_domains)
 
 
-def check_addresses(target: CrawlTarget, *, insecure: bool, resolve: Callable[[str], list[str]] | None = None) -> None:
-    """Refuse hosts that resolve to private, loopback or link-local addresses (SSRF guard)."""
-    if insecure:
-        return
-    host = target.hostname.split(":")[0]
-    try:
-        addresses = (resolve or _resolve)(host)
-    except OSError as exc:
-        raise CrawlRefused("InvalidRequest", f"cannot resolve {host}: {exc.strerror or exc}") from None
-    if not addresses:
-        raise CrawlRefused("InvalidRequest", f"{host} has no addresses")
-    for addr in addresses:
-        ip = ipaddress.ip_address(addr)
-        if not ip.is_global:
-            raise CrawlRefused("InvalidRequest", f"{host} resolves to a non-public address")
+def probe_pds(target: CrawlTarget, *, client: OutboundClient, limits: Limits = PROBE_LIMITS) -> dict[str, object]:
+    """GET describeServer through the outbound client; a PDS answers with a JSON object that has a ``did``.
 
-
-def _resolve(host: str) -> list[str]:
-    return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, 443, proto=socket.IPPROTO_TCP)})
-
-
-def probe_pds(target: CrawlTarget) -> dict[str, object]:
-    """GET describeServer; a PDS answers with a JSON object that has a ``did``."""
+    Messages never repeat socket errors: a refused, reset, silent or TLS-failing port all give
+    the same ``HostUnreachable`` text, so requestCrawl is no port scanner. Redirects are not
+    followed (the outbound client never follows them).
+    """
     url = f"{target.base_url}/xrpc/com.atproto.server.describeServer"
-    request = urllib.request.Request(url, headers={"User-Agent": "skyrelay/0.1", "Accept": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S) as resp:
-            body = resp.read(PROBE_MAX_BYTES + 1)
-    except urllib.error.HTTPError as exc:
-        raise CrawlRefused("HostNotPds", f"describeServer answered HTTP {exc.code}: not a PDS") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise CrawlRefused("HostUnreachable", f"cannot reach {target.base_url}: {exc}") from None
-    if len(body) > PROBE_MAX_BYTES:
-        raise CrawlRefused("HostNotPds", "describeServer answer is too large")
+        body = client.get(url, limits, headers={"Accept": "application/json"}).body
+    except RefusedAddress:
+        raise CrawlRefused("InvalidRequest", "hostname resolves to a non-public address") from None
+    except (ResolveFailed, BadUrl):
+        raise CrawlRefused("InvalidRequest", "hostname does not resolve to a usable address") from None
+    except (ConnectFailed, OutboundTimeout):
+        raise CrawlRefused("HostUnreachable", _UNREACHABLE) from None
+    except BadStatus as exc:
+        raise CrawlRefused("HostNotPds", f"describeServer answered HTTP {exc.status}: not a PDS") from None
+    except TooLarge:
+        raise CrawlRefused("HostNotPds", "describeServer answer is too large") from None
+    except OutboundError:  # a malformed answer: something listens there, but it is not a PDS
+        raise CrawlRefused("HostNotPds", "describeServer did not answer valid HTTP: not a PDS") from None
     try:
         info = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CrawlRefused("HostNotPds", "describeServer did not answer JSON") from None
     if not isinstance(info, dict) or not isinstance(info.get("did"), str):
         raise CrawlRefused("HostNotPds", "describeServer answer has no did: not a PDS")

@@ -28,6 +28,7 @@ from actors.metrics import (
     UPSTREAM_RECONNECTS,
     VERIFY_WARNINGS,
 )
+from actors.outbound import OutboundClient
 from actors.verify import Accepted, HostContext, Verifier
 from actors.wsclient import WebSocketClient, WebSocketError
 from config.settings import Settings
@@ -49,6 +50,7 @@ class SubscriberConfig:
     ping_seconds: float = 30.0
     max_failures: int = 8  # consecutive failed connections before the host is marked offline
     insecure: bool = False
+    outbound: OutboundClient | None = None  # None: the default policy of ``insecure``
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SubscriberConfig:
@@ -61,6 +63,7 @@ class SubscriberConfig:
             ping_seconds=settings.upstream_idle_timeout_seconds / 3,
             max_failures=settings.upstream_max_failures,
             insecure=settings.allow_insecure_hosts,
+            outbound=OutboundClient.from_settings(settings),
         )
 
 
@@ -192,7 +195,10 @@ class HostSubscriber(pykka.ThreadingActor):
         start_cursor = self.cursor
         url = firehose_url(self.host.hostname, self.cursor, self.config.insecure)
         client = WebSocketClient(
-            url, max_message_bytes=self.config.max_frame_bytes, timeout_s=self.config.idle_timeout_seconds
+            url,
+            max_message_bytes=self.config.max_frame_bytes,
+            timeout_s=self.config.idle_timeout_seconds,
+            outbound=self.config.outbound or OutboundClient.for_settings(self.config.insecure),
         )
         pinger: gevent.Greenlet | None = None
         try:

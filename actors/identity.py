@@ -20,20 +20,21 @@ did:web). Non-obvious rules:
   actor calls it every few seconds), so a restart starts from the table, not from the PLC.
 
 Synchronisation uses ``threading`` primitives: plain threads in tests, greenlets once gevent
-has monkey-patched the process. No lock is held across I/O. HTTP uses urllib with no proxy
-and no redirects; each socket operation times out after ``fetch_timeout_seconds`` and the
-body must arrive within that time and ``max_doc_bytes``.
+has monkey-patched the process. No lock is held across I/O. HTTP goes through the outbound
+client (``actors.outbound``): did:web hosts under its address policy, the configured PLC
+directory trusted as operator configuration; no proxy, no redirect; the whole fetch must end
+within ``fetch_timeout_seconds`` and the body fit in ``max_doc_bytes``. Without
+``allow_insecure_hosts`` a PDS endpoint that is not ``https://`` is dropped from the identity
+(counted): the account then has no PDS, so its events fail the host check.
 """
 
 from __future__ import annotations
 
-import http.client
+import dataclasses
 import logging
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -48,11 +49,14 @@ from actors.metrics_identity import (
     FETCH_SECONDS,
     FETCH_SHARED_TOTAL,
     FETCH_TOTAL,
+    INSECURE_ENDPOINTS_TOTAL,
     REFRESH_LIMITED_TOTAL,
     RESOLVE_RESULTS,
     RESOLVE_TOTAL,
     WRITES_DROPPED_TOTAL,
 )
+from actors.outbound import Limits, OutboundClient
+from actors.outbound_errors import BadStatus, OutboundError
 from protocol.diddoc import Identity, decode_did_document, did_document_url
 from protocol.identity_errors import DidDocumentInvalid, IdentityError, IdentityNotFound, IdentityUnavailable
 from protocol.syntax import Did, Handle
@@ -64,53 +68,28 @@ Fetcher = Callable[[str], bytes]
 Spawner = Callable[[Callable[[], None]], object]
 
 USER_AGENT = "skyrelay (identity resolver)"
+_ACCEPT = "application/did+ld+json, application/json"
 _MAX_REMEMBERED_FAILURES = 100_000
 _UNAVAILABLE_LOG_INTERVAL_SECONDS = 30.0
 _RESOLVED = {result: RESOLVE_TOTAL.labels(result) for result in RESOLVE_RESULTS}
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # urllib then raises HTTPError with the 3xx status
+def http_fetch(client: OutboundClient, url: str, *, timeout_seconds: float = 5.0, max_bytes: int = 64 * 1024) -> bytes:
+    """The body of a 200 answer to ``GET url`` through the outbound client (no redirect followed).
 
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
-
-
-def http_fetch(url: str, *, timeout_seconds: float = 5.0, max_bytes: int = 64 * 1024) -> bytes:
-    """The body of a 200 answer to ``GET url``.
-
-    ``IdentityNotFound`` on 404/410; ``IdentityUnavailable`` on any other status, a redirect, a
-    network error, a body over ``max_bytes`` or one still arriving after ``timeout_seconds``.
+    ``IdentityNotFound`` on 404/410; ``IdentityUnavailable`` on any other status, a refused
+    address, a network error, a body over ``max_bytes`` or one still arriving after
+    ``timeout_seconds``.
     """
-    request = urllib.request.Request(
-        url, headers={"Accept": "application/did+ld+json, application/json", "User-Agent": USER_AGENT}
-    )
-    deadline = time.monotonic() + timeout_seconds
+    limits = Limits(total_seconds=timeout_seconds, read_seconds=timeout_seconds, max_bytes=max_bytes)
     try:
-        with _OPENER.open(request, timeout=timeout_seconds) as response:
-            if response.status != 200:
-                raise IdentityUnavailable(f"{url} answered {response.status}")
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > max_bytes:
-                raise IdentityUnavailable(f"{url} document is larger than {max_bytes} bytes")
-            chunks: list[bytes] = []
-            size = 0
-            while chunk := response.read1(min(65536, max_bytes + 1 - size)):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > max_bytes:
-                    raise IdentityUnavailable(f"{url} document is larger than {max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise IdentityUnavailable(f"{url} document took longer than {timeout_seconds}s")
-            return b"".join(chunks)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        if exc.code in (404, 410):
-            raise IdentityNotFound(f"{url} answered {exc.code}") from None
-        raise IdentityUnavailable(f"{url} answered {exc.code}") from None
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise IdentityUnavailable(f"fetching {url} failed: {type(exc).__name__}: {exc}") from None
+        return client.get(url, limits, headers={"Accept": _ACCEPT, "User-Agent": USER_AGENT}).body
+    except BadStatus as exc:
+        if exc.status in (404, 410):
+            raise IdentityNotFound(f"{url} answered {exc.status}") from None
+        raise IdentityUnavailable(f"{url} answered {exc.status}") from None
+    except OutboundError as exc:
+        raise IdentityUnavailable(f"fetching {url} failed: {exc.kind}: {exc}") from None
 
 
 def _spawn_thread(target: Callable[[], None]) -> object:
@@ -142,6 +121,7 @@ class IdentityDirectory:
         max_background_fetches: int = 16,
         max_pending_writes: int = 100_000,
         fetch: Fetcher | None = None,
+        outbound: OutboundClient | None = None,
         clock: Callable[[], float] = time.time,
         spawn: Spawner = _spawn_thread,
     ) -> None:
@@ -154,8 +134,15 @@ class IdentityDirectory:
         self._failure_retry = failure_retry_seconds
         self._wait_timeout = 3 * fetch_timeout_seconds + 1.0
         self._max_pending = max_pending_writes
+        client = outbound or OutboundClient.for_settings(allow_insecure_hosts)
+        plc_client = client.trusting(self._plc_url)  # operator configuration, not upstream input
         self._fetch: Fetcher = fetch or (
-            lambda url: http_fetch(url, timeout_seconds=fetch_timeout_seconds, max_bytes=max_doc_bytes)
+            lambda url: http_fetch(
+                plc_client if url.startswith(self._plc_url + "/") else client,
+                url,
+                timeout_seconds=fetch_timeout_seconds,
+                max_bytes=max_doc_bytes,
+            )
         )
         self._clock = clock
         self._spawn = spawn
@@ -347,7 +334,16 @@ class IdentityDirectory:
             signing_key=row.signing_key,
             pds_endpoint=sys.intern(row.pds_endpoint) if row.pds_endpoint else None,
         )
-        return _Entry(identity, row.fetched_at)
+        return _Entry(self._secure_endpoint(identity), row.fetched_at)
+
+    def _secure_endpoint(self, identity: Identity) -> Identity:
+        """``identity`` without its PDS endpoint when that is plaintext http in production (counted)."""
+        endpoint = identity.pds_endpoint
+        if self._allow_insecure or endpoint is None or endpoint.startswith("https://"):
+            return identity
+        INSECURE_ENDPOINTS_TOTAL.inc()
+        log.info("identity pds endpoint refused did=%s reason=not_https", identity.did)
+        return dataclasses.replace(identity, pds_endpoint=None)
 
     # -- fetching ------------------------------------------------------------------------------
     def _claim(self, did: str, now: float) -> Future[Identity]:
@@ -394,6 +390,7 @@ class IdentityDirectory:
         started = time.perf_counter()
         try:
             identity, doc = decode_did_document(self._fetch(url), did)
+            identity = self._secure_endpoint(identity)
         except (IdentityNotFound, DidDocumentInvalid) as exc:
             FETCH_TOTAL.labels("not_found" if isinstance(exc, IdentityNotFound) else "invalid").inc()
             with self._lock:

@@ -34,6 +34,7 @@ from actors.ingest_link import (  # noqa: E402
     send_message,
 )
 from actors.messages import AdvanceCursor, GetTree, PersistEvent, StartHost, StopHost  # noqa: E402
+from actors.outbound import OutboundClient  # noqa: E402
 from actors.verify import Verifier, VerifyLimits  # noqa: E402
 from config.logs import configure_logging  # noqa: E402
 from config.settings import Settings, settings_from_json  # noqa: E402
@@ -100,6 +101,7 @@ def run(settings: Settings, sock: socket.socket, index: int) -> int:
         plc_url=settings.plc_url,
         allow_insecure_hosts=settings.allow_insecure_hosts,
         ttl_seconds=settings.identity_ttl_seconds,
+        outbound=OutboundClient.from_settings(settings),
     )
     verifier = Verifier(
         directory,

@@ -24,6 +24,10 @@ FETCH_SHARED_TOTAL = Counter(
 REFRESH_LIMITED_TOTAL = Counter(
     "skyrelay_identity_refresh_limited_total", "Forced refreshes refused because the DID was fetched too recently"
 )
+INSECURE_ENDPOINTS_TOTAL = Counter(
+    "skyrelay_identity_insecure_endpoints_total",
+    "DID documents whose PDS endpoint was not https:// in production mode (the endpoint is ignored)",
+)
 WRITES_DROPPED_TOTAL = Counter(
     "skyrelay_identity_writes_dropped_total", "Identity rows dropped from the write-behind queue while it was full"
 )

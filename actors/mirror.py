@@ -12,12 +12,12 @@ after it in order, so none is lost. Fetch concurrency is bounded overall and per
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gevent
@@ -33,6 +33,8 @@ from actors.messages_mirror import (
     MirrorEvent,
     RequestResync,
 )
+from actors.outbound import Limits, OutboundClient
+from actors.outbound_errors import OutboundError
 from actors.verify import host_of_endpoint
 from protocol.crypto import load_did_key
 from protocol.errors import ProtocolError
@@ -60,24 +62,31 @@ class MirrorConfig:
     compaction_min_slices: int = 32
     compaction_interval_seconds: float = 60.0
     allow_insecure_hosts: bool = False
+    fetch_total_seconds: float = 900.0  # a whole getRepo download; fetch_timeout_seconds is per read
 
 
-def fetch_repo(pds_endpoint: str, did: str, *, timeout: float, max_bytes: int) -> bytes:
+def fetch_repo(client: OutboundClient, pds_endpoint: str, did: str, limits: Limits, spool_dir: Path) -> bytes:
+    """``getRepo`` of ``did`` through the outbound client, spooled to an unnamed file in ``spool_dir``.
+
+    The network side holds at most one read buffer in memory; the CAR is read back once, whole,
+    for ``verify_repo``. ``OutboundError`` on any failure (``TooLarge`` past ``limits.max_bytes``).
+    """
     url = f"{pds_endpoint.rstrip('/')}/xrpc/com.atproto.sync.getRepo?did={urllib.parse.quote(did)}"
-    req = urllib.request.Request(url, headers={"User-Agent": "skyrelay/0.1", "Accept": "application/vnd.ipld.car"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        data = resp.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ValueError(f"repo larger than {max_bytes} bytes")
-    return bytes(data)
+    with tempfile.TemporaryFile(dir=spool_dir, prefix="getrepo-") as spool:
+        client.get(url, limits, headers={"Accept": "application/vnd.ipld.car"}, sink=spool)
+        spool.seek(0)
+        return off_loop(spool.read)
 
 
 class RepoMirror(pykka.ThreadingActor):
-    def __init__(self, carstore: CarStore, identities: Any, config: MirrorConfig) -> None:
+    def __init__(
+        self, carstore: CarStore, identities: Any, config: MirrorConfig, *, outbound: OutboundClient | None = None
+    ) -> None:
         super().__init__()
         self.carstore = carstore
         self.identities = identities
         self.config = config
+        self.outbound = outbound or OutboundClient.for_settings(config.allow_insecure_hosts)
         self._heads: OrderedDict[str, str] = OrderedDict()  # did -> mirrored head rev (LRU)
         self._pending: list[SliceWrite] = []
         self._flush_queued = False
@@ -232,16 +241,16 @@ class RepoMirror(pykka.ThreadingActor):
         try:
             if not ident.pds_endpoint:
                 raise ValueError("no PDS endpoint in the DID document")
-            data = fetch_repo(
-                ident.pds_endpoint, did, timeout=self.config.fetch_timeout_seconds, max_bytes=self.config.max_repo_bytes
-            )
+            cfg = self.config
+            limits = Limits(cfg.fetch_total_seconds, cfg.fetch_timeout_seconds, cfg.max_repo_bytes)
+            data = fetch_repo(self.outbound, ident.pds_endpoint, did, limits, self.carstore.directory)
             key = load_did_key(ident.signing_key) if ident.signing_key else None
             if key is None:
                 raise ValueError("no signing key in the DID document")
             repo = off_loop(lambda: verify_repo(data, did, key, max_bytes=self.config.max_repo_bytes))
             BACKFILL_SECONDS.observe(time.monotonic() - started)
             self.actor_ref.tell(BackfillDone(did, repo, None))
-        except (urllib.error.URLError, OSError, ValueError, ProtocolError) as exc:
+        except (OutboundError, OSError, ValueError, ProtocolError) as exc:
             self.actor_ref.tell(BackfillDone(did, None, f"{type(exc).__name__}: {exc}"))
         except pykka.ActorDeadError:
             pass

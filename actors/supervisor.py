@@ -29,6 +29,7 @@ from actors.ingest_pool import IngestPool
 from actors.messages import GetTree, StartHost, Tick
 from actors.metrics import CHILD_RESTARTS
 from actors.mirror import MirrorConfig, RepoMirror
+from actors.outbound import OutboundClient
 from actors.sequencer import Sequencer, recover
 from actors.verify import Verifier, VerifyLimits
 from config.settings import Settings
@@ -83,11 +84,13 @@ class RelaySupervisor:
             db,
             retention_seconds=settings.replay_window_hours * 3600,
         )
+        self.outbound = OutboundClient.from_settings(settings)  # every outbound call goes through it
         self.directory = IdentityDirectory(
             db,
             plc_url=settings.plc_url,
             allow_insecure_hosts=settings.allow_insecure_hosts,
             ttl_seconds=settings.identity_ttl_seconds,
+            outbound=self.outbound,
         )
         self.accounts = AccountCache(db)
         self.verifier = Verifier(
@@ -167,7 +170,9 @@ class RelaySupervisor:
                 compaction_min_slices=self.settings.compaction_min_slices,
                 compaction_interval_seconds=self.settings.compaction_interval_seconds,
                 allow_insecure_hosts=self.settings.allow_insecure_hosts,
+                fetch_total_seconds=self.settings.backfill_fetch_total_seconds,
             ),
+            outbound=self.outbound,
         )
         self._mirror_backoff.started()
 

@@ -1,5 +1,8 @@
 """A small RFC 6455 websocket client for upstream firehoses, with hard limits on message size.
 
+It connects through the outbound client (``actors.outbound``): the address is checked at
+every connection (every reconnect), TLS verified against the name.
+
 Why our own: the subscriber must cap what a hostile host can make us buffer (a declared
 frame length is checked before any byte of it is read), answer pings, and stay cheap per
 message. Plain sockets, so it is cooperative under gevent monkey-patching.
@@ -14,12 +17,16 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from typing import BinaryIO, cast
 from urllib.parse import urlsplit
 
+from actors.outbound import OutboundClient
+from actors.outbound_errors import OutboundError, ProtocolFailure
+from actors.outbound_http import read_head
+
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-MAX_HANDSHAKE_BYTES = 16 * 1024
 
 
 class WebSocketError(Exception):
@@ -41,8 +48,11 @@ class WebSocketClosed(WebSocketError):
 class WebSocketClient:
     """One client connection: ``connect()``, then ``recv()`` whole messages until closed."""
 
-    def __init__(self, url: str, *, max_message_bytes: int, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, url: str, *, max_message_bytes: int, timeout_s: float = 30.0, outbound: OutboundClient | None = None
+    ) -> None:
         self.url = url
+        self.outbound = outbound or OutboundClient.for_settings(insecure=False)
         self.max_message_bytes = max_message_bytes
         self.timeout_s = timeout_s
         self._sock: socket.socket | None = None
@@ -50,69 +60,49 @@ class WebSocketClient:
         self._send_lock = threading.Lock()  # a pinger greenlet and the reader may both send
 
     def connect(self) -> None:
+        """Connect through the outbound client (checked address, TLS for wss) and do the handshake.
+
+        The handshake must finish within ``timeout_s`` in all; afterwards each read waits at
+        most ``timeout_s``. A refused handshake's reason is ``http_4xx``-style: a bounded label.
+        """
         parts = urlsplit(self.url)
-        secure = parts.scheme == "wss"
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise WebSocketError(f"not a websocket URL: {self.url}", reason="bad_url")
-        port = parts.port or (443 if secure else 80)
+            raise WebSocketError("not a websocket URL", reason="bad_url")
         try:
-            sock = socket.create_connection((parts.hostname, port), timeout=self.timeout_s)
-            if secure:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
-        except (OSError, ssl.SSLError) as exc:
-            raise WebSocketError(f"connect failed: {exc}", reason="connect_failed") from None
-        sock.settimeout(self.timeout_s)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        self._sock = sock
-        self._rfile = cast(BinaryIO, sock.makefile("rb", buffering=256 * 1024))
+            conn = self.outbound.connect(
+                self.url, deadline=time.monotonic() + self.timeout_s, read_timeout_s=self.timeout_s,
+                buffer_bytes=256 * 1024,
+            )  # fmt: skip
+        except OutboundError as exc:
+            raise WebSocketError(f"connect failed: {exc}", reason=exc.kind) from None
+        self._sock = conn.sock
+        self._rfile = cast(BinaryIO, conn.reader)
         key = base64.b64encode(os.urandom(16))
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host = parts.netloc.rsplit("@", 1)[-1]
         request = (
-            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n"
             "User-Agent: skyrelay/0.1\r\n\r\n"
         )
-        self._send_raw(request.encode())
-        status, headers = self._read_response_head()
+        try:
+            conn.send(request.encode())
+            status, headers = read_head(conn.reader)
+        except ProtocolFailure as exc:
+            raise WebSocketError(f"bad handshake answer: {exc}", reason="bad_handshake") from None
+        except OutboundError as exc:
+            raise WebSocketError(f"handshake failed: {exc}", reason=exc.kind) from None
+        conn.raw.deadline = None  # from now on only the per-read (idle) timeout applies
         if status != 101:
-            raise WebSocketError(f"handshake refused with HTTP {status}", reason=f"http_{status}")
+            raise WebSocketError(f"handshake refused with HTTP {status}", reason=f"http_{status // 100}xx")
         expect = base64.b64encode(hashlib.sha1(key + _GUID).digest()).decode()
         if headers.get("sec-websocket-accept") != expect:
             raise WebSocketError("bad Sec-WebSocket-Accept", reason="bad_handshake")
-
-    def _read_response_head(self) -> tuple[int, dict[str, str]]:
-        assert self._rfile is not None
-        total = 0
-        lines: list[bytes] = []
-        while True:
-            line = self._rfile.readline(MAX_HANDSHAKE_BYTES)
-            total += len(line)
-            if not line:
-                raise WebSocketError("connection closed during handshake", reason="bad_handshake")
-            if total > MAX_HANDSHAKE_BYTES:
-                raise WebSocketError("handshake response too large", reason="bad_handshake")
-            if line in (b"\r\n", b"\n"):
-                break
-            lines.append(line)
-        try:
-            status = int(lines[0].split()[1])
-        except (IndexError, ValueError):
-            raise WebSocketError("malformed handshake status line", reason="bad_handshake") from None
-        headers = {}
-        for raw in lines[1:]:
-            name, _, value = raw.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return status, headers
 
     def _read_exact(self, n: int) -> bytes:
         assert self._rfile is not None
         try:
             data = self._rfile.read(n)
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, OutboundError) as exc:
             raise WebSocketError(f"read failed: {exc}", reason="read_failed") from None
         if data is None or len(data) < n:
             raise WebSocketClosed("connection closed by peer")

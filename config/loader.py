@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import os
 import tomllib
 import typing
@@ -138,6 +139,7 @@ def _validate(s: Settings, problems: list[str]) -> None:
     plc = urlsplit(s.plc_url)
     if plc.scheme not in ("http", "https") or not plc.netloc:
         problems.append(f"plc_url = {s.plc_url!r} must be an http(s) URL")
+    _validate_outbound(s, problems)
     if s.log_level not in _LOG_LEVELS:
         problems.append(f"log_level = {s.log_level!r} must be one of {', '.join(_LOG_LEVELS)}")
     if s.log_format not in _LOG_FORMATS:
@@ -177,3 +179,28 @@ def load_settings(
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def _validate_outbound(s: Settings, problems: list[str]) -> None:
+    for text in s.outbound_allowed_networks:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            problems.append(f"outbound_allowed_networks: {text!r} is not an IP network (CIDR)")
+    if s.outbound_dns_server and not _is_address(s.outbound_dns_server):
+        host, _, port = s.outbound_dns_server.strip("[").rpartition("]:" if "]" in s.outbound_dns_server else ":")
+        host, port = (host, port) if host else (port, "53")
+        try:
+            ipaddress.ip_address(host)
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(port)
+        except ValueError:
+            problems.append(f"outbound_dns_server = {s.outbound_dns_server!r} must be IP, IP:PORT or [IPv6]:PORT")
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False

@@ -112,6 +112,13 @@ class Settings:
     crawl_requests_per_minute: int = 30
     # upstream hosts the relay follows at most; requestCrawl of a new host beyond it is refused
     max_hosts: int = 10_000
+    # -- outbound connections (actors/outbound.py: crawl probe, identity, backfill, upstream websockets)
+    # non-public networks (CIDRs) outbound connections may reach; empty: none (loopback+private if insecure)
+    outbound_allowed_networks: tuple[str, ...] = ()
+    # DNS server ("IP" or "IP:PORT") that resolves outbound host names; empty: the system resolver
+    outbound_dns_server: str = ""
+    # longest one whole-repo backfill download (getRepo) may take, in seconds
+    backfill_fetch_total_seconds: float = 900.0
 
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'relay.sqlite'}"

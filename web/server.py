@@ -68,6 +68,7 @@ class Services:
                 insecure=self.settings.allow_insecure_hosts,
                 crawl_requests_per_minute=self.settings.crawl_requests_per_minute,
                 max_hosts=self.settings.max_hosts,
+                outbound=self.relay.outbound,
             ),
             repo_blueprint(db=self.db, carstore=self.relay.carstore),
             admin_blueprint(

@@ -10,8 +10,9 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from prometheus_client import Counter
 
-from actors.crawl import CrawlRefused, check_addresses, is_banned, normalize_hostname, probe_pds
+from actors.crawl import CrawlRefused, CrawlTarget, is_banned, normalize_hostname, probe_pds
 from actors.messages import StartHost
+from actors.outbound import OutboundClient
 from store.hosts import HostRow, banned_domains, count_hosts, get_host, list_hosts
 from web.ratelimit import KeyedRateLimiter
 from web.xrpc_errors import XrpcError
@@ -39,13 +40,16 @@ def sync_blueprint(
     host_supervisor: Any,
     insecure: bool,
     own_hostnames: frozenset[str] = frozenset(),
-    probe: Callable[..., Any] = probe_pds,
+    outbound: OutboundClient | None = None,
+    probe: Callable[[CrawlTarget], Any] | None = None,
     crawl_requests_per_minute: int = 30,
     max_hosts: int = 10_000,
 ) -> Blueprint:
     """The sync endpoints; requestCrawl is rate-limited per client address and refuses new hosts past ``max_hosts``."""
     bp = Blueprint("xrpc_sync", __name__)
     crawl_limiter = KeyedRateLimiter(crawl_requests_per_minute)
+    client = outbound or OutboundClient.for_settings(insecure)
+    probe_host = probe or (lambda target: probe_pds(target, client=client))
 
     @bp.post("/xrpc/com.atproto.sync.requestCrawl")
     def request_crawl() -> Any:
@@ -75,8 +79,7 @@ def sync_blueprint(
             if existing is None and known_hosts >= max_hosts:
                 CRAWL_REFUSED.labels("host_limit").inc()
                 raise XrpcError("HostLimitReached", f"this relay follows its maximum of {max_hosts} hosts", status=403)
-            check_addresses(target, insecure=insecure)
-            probe(target)
+            probe_host(target)  # the outbound client checks the addresses it connects to
         except CrawlRefused as exc:
             raise XrpcError(exc.error, exc.message) from None
         host_supervisor.tell(StartHost(target.hostname))

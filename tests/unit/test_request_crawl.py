@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from actors.crawl import CrawlRefused, check_addresses, is_banned, normalize_hostname
+from actors.crawl import CrawlRefused, is_banned, normalize_hostname
 from actors.messages import StartHost
 from store.db import open_database
 from store.hosts import add_domain_ban
@@ -100,14 +100,6 @@ def test_production_refuses_unsafe_hosts(raw: object) -> None:
 def test_insecure_mode_accepts_loopback_with_ports() -> None:
     assert normalize_hostname("localhost:2583", insecure=True).base_url == "http://localhost:2583"
     assert normalize_hostname("127.0.0.1:9", insecure=True).hostname == "127.0.0.1:9"
-
-
-def test_private_addresses_are_refused() -> None:
-    target = normalize_hostname("pds.example.com", insecure=False)
-    for addrs in (["10.1.2.3"], ["127.0.0.1"], ["169.254.1.1"], ["93.184.216.34", "192.168.1.1"], ["::1"]):
-        with pytest.raises(CrawlRefused):
-            check_addresses(target, insecure=False, resolve=lambda _h, a=addrs: a)  # type: ignore[misc]
-    check_addresses(target, insecure=False, resolve=lambda _h: ["93.184.216.34"])
 
 
 def test_bans_match_subdomains() -> None:
