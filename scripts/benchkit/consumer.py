@@ -37,6 +37,7 @@ class Conn:
     closed: bool = False
     target: int | None = None
     reached_at: float | None = None
+    recorded: int = 0  # #commit frames recorded since recording was last turned on
 
 
 def _ws_open(port: int) -> socket.socket:
@@ -55,6 +56,7 @@ class ConsumerWorker:
     Commands: ``{"cmd": "arm", "delta": n}`` (reply ``reached`` once every open connection has
     ``n`` more frames), ``{"cmd": "record", "on": bool}`` (decode ``#commit`` frames and keep
     (did, rev, arrival)), ``{"cmd": "latency", "sends": path}`` (match arrivals to send times),
+    ``{"cmd": "progress"}`` (reply ``progress``: ``#commit`` frames recorded per connection),
     ``{"cmd": "quit"}``.
     """
 
@@ -111,7 +113,11 @@ class ConsumerWorker:
             self.recording = bool(cmd["on"])
             if self.recording:
                 self.arrivals = []
+                for conn in self.conns:
+                    conn.recorded = 0
             self.reply(type="recording", on=self.recording)
+        elif name == "progress":
+            self.reply(type="progress", commits=[c.recorded for c in self.conns])
         elif name == "latency":
             self.reply(type="latency", **self.latency(Path(cmd["sends"])))
         elif name == "quit":
@@ -197,6 +203,7 @@ class ConsumerWorker:
             self.cut += 1
         elif header.get("t") == "#commit":
             self.arrivals.append((body["repo"], body["rev"], conn.index, now))
+            conn.recorded += 1
 
     def close(self, conn: Conn) -> None:
         if not conn.closed:
@@ -223,7 +230,18 @@ class ConsumerWorker:
             "unmatched": unmatched,
             "all": _quantiles(every),
             "slowest": _quantiles(slowest),
+            "per_connection": self.spans(),
         }
+
+    def spans(self) -> list[dict[str, Any]]:
+        """Per connection: ``#commit`` frames recorded, and the first and last one's arrival time."""
+        spans: list[dict[str, Any]] = [{"commits": 0, "first": None, "last": None} for _ in self.conns]
+        for _, _, index, at in self.arrivals:
+            span = spans[index]
+            span["commits"] += 1
+            span["first"] = at if span["first"] is None else span["first"]
+            span["last"] = at
+        return spans
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:
