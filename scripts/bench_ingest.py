@@ -1,4 +1,8 @@
-"""Benchmark the relay spine end to end: synthetic PDS hosts -> the relay (a subprocess) -> C firehose consumers.
+"""Burst benchmark of the relay spine: synthetic PDS hosts -> the relay (a subprocess) -> C firehose consumers.
+
+BURST MODE, synthetic repos (Python-made, tiny trees), commits released at once: it hides the
+per-batch costs that a steady pace brings out and the cost of real trees, and reads about twice
+what the relay holds on realistic traffic. For figures to quote, use ``bench_realistic.py``.
 
     python scripts/bench_ingest.py [--hosts 4] [--accounts-per-host 100] [--commits 40000] [--rate 2000]
                                    [--consumers 10] [--database-url URL] [--keep] [--quick] [--profile PREFIX]

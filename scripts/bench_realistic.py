@@ -1,7 +1,7 @@
 """Benchmark the relay on realistic traffic: commits made by the reference implementation, sent at an even pace.
 
     python scripts/bench_realistic.py [--hosts 20] [--accounts 2000] [--commits 50]
-        [--rates 1000,2000,3000,5000,7500,10000] [--fixed-rates 1000,2000] [--seconds 30]
+        [--rates 1000,2000,3000,5000,7500,10000] [--fixed-rates 1000,2000] [--seconds S]
         [--consumers 2] [--ingest-workers N] [--no-mirror] [--database-url URL]
         [--quick] [--json FILE] [--keep] [--regenerate]
     python scripts/bench_realistic.py --burst [bench_ingest.py options]   # the old burst benchmark
@@ -18,8 +18,8 @@ Each measurement ("step") runs at one offered rate, in frames/s over all hosts, 
 start: the hosts are rewound, a new relay (``skyrelay serve``, default settings apart from raised
 per-host limits and insecure loopback hosts; a new SQLite file, or a new schema with
 ``--database-url``) subscribes to them, ``--consumers`` firehose consumers connect, and every
-host (``tests/support/frame_host.py --held``) sends its first ``rate x --seconds / hosts`` frames
-at an even pace, recording when each leaves. The consumers time each ``#commit``'s arrival
+host (``tests/support/frame_host.py --held``) sends all its frames (or its first ``rate x --seconds /
+hosts``) at an even pace, recording when each leaves. The consumers time each ``#commit``'s arrival
 against its send time (matched by did and rev; one clock, ``time.monotonic``, for every process).
 
 A rate is held when every commit reached every consumer, the slowest consumer's delivery rate
@@ -53,7 +53,7 @@ if str(ROOT) not in sys.path:
 
 from scripts.benchkit.consumer import ConsumerProcess  # noqa: E402
 from scripts.benchkit.hosts import HeldFrameHost, on_every, start_hosts  # noqa: E402
-from scripts.benchkit.prom import drops_by_reason, parse_metrics  # noqa: E402
+from scripts.benchkit.prom import drops_by_reason, metric_sum, parse_metrics  # noqa: E402
 from scripts.benchkit.realistic_report import StepResult, judge, print_step, print_summary  # noqa: E402
 from scripts.benchkit.relays import (  # noqa: E402
     fresh_database_url,
@@ -69,6 +69,15 @@ from tests.support.procs import RelayProcess, wait_until  # noqa: E402
 POLL_SECONDS = 0.2
 STALL_SECONDS = 20.0  # no consumer progress for this long after the sending ends: the step failed
 DRAIN_LIMIT_SECONDS = 120.0  # at most this long after the sending ends for the last commit to arrive
+COUNTERS = {  # relay counters printed per step (grown during it), to tell a stall from a slow relay
+    "received": "skyrelay_events_received_total",
+    "accepted": "skyrelay_events_accepted_total",
+    "upstream reconnects": "skyrelay_upstream_reconnects_total",
+    "accounts marked for re-sync": "skyrelay_accounts_marked_resync_total",
+    "actor restarts": "skyrelay_actor_restarts_total",
+    "DID documents fetched": "skyrelay_identity_fetch_total",
+    "mirror backfills": "skyrelay_mirror_backfills_total",
+}
 
 
 @dataclass(slots=True)
@@ -123,22 +132,25 @@ class Bench:
 
     def measure(self, relay: RelayProcess, consumer: ConsumerProcess, rate: float, folder: Path) -> StepResult:
         host_rate = rate / len(self.hosts)
-        counts = [min(len(h.index), math.ceil(rate * self.args.seconds / len(self.hosts))) for h in self.traffic.hosts]
+        per_host = math.ceil(rate * self.args.seconds / len(self.hosts)) if self.args.seconds else None
+        counts = [len(h.index) if per_host is None else min(len(h.index), per_host) for h in self.traffic.hosts]
         commits = [
             [e for e in h.index[:n] if e.type == "#commit"] for h, n in zip(self.traffic.hosts, counts, strict=True)
         ]
         expected = sum(len(c) for c in commits)
         scheduled = max(counts) / host_rate
         before = self.sample(relay)
+        plc_before = self.plc.requests
         started = time.monotonic()
         on_every(self.hosts, lambda h: h.release(counts[self.hosts.index(h)], host_rate))
         delivered = self.wait_delivered(consumer, relay, expected, started + scheduled)
         after = self.sample(relay)
+        plc_requests = self.plc.requests - plc_before
         peak_rss = relay_kib(relay, "VmHWM")
         sent = on_every(self.hosts, lambda h: h.sends())
         rows, lag = [], 0.0
-        for host_sends, host_commits, count in zip(sent, commits, counts, strict=True):
-            rows.extend([e.seq, e.did, e.rev, host_sends[e.seq]] for e in host_commits if e.seq in host_sends)
+        for host, (host_sends, host_commits, count) in enumerate(zip(sent, commits, counts, strict=True)):
+            rows.extend([e.seq, e.did, e.rev, host_sends[e.seq], host] for e in host_commits if e.seq in host_sends)
             if host_sends:
                 lag = max(lag, max(host_sends.values()) - (started + count / host_rate))
         sends_path = folder / "sends.json"
@@ -151,7 +163,18 @@ class Bench:
             measured_seconds=after.at - before.at, all_arrived=delivered, latency=latency,
             relay_cpu_seconds=cpu, peak_rss_kib=peak_rss, drops=drops_by_reason(before.metrics, after.metrics),
             host_lag_seconds=lag, commits_sent=len(rows), consumers=self.args.consumers,
+            counters={k: metric_sum(after.metrics, n) - metric_sum(before.metrics, n) for k, n in COUNTERS.items()},
         )  # fmt: skip
+        fetched_ok = metric_sum(after.metrics, COUNTERS["DID documents fetched"], result="ok") - metric_sum(
+            before.metrics, COUNTERS["DID documents fetched"], result="ok"
+        )
+        result.counters["DID documents fetched"] = fetched_ok
+        result.counters["DID fetches failed"] = (
+            metric_sum(after.metrics, COUNTERS["DID documents fetched"])
+            - metric_sum(before.metrics, COUNTERS["DID documents fetched"])
+            - fetched_ok
+        )
+        result.counters["PLC requests answered"] = plc_requests
         judge(result)
         return result
 
@@ -206,7 +229,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="offered frames/s to step through (default 1000,2000,3000,5000,7500,10000)")  # fmt: skip
     parser.add_argument("--fixed-rates", type=_rates, default=[1000, 2000],
                         help="rates measured even past the first failure (default 1000,2000)")  # fmt: skip
-    parser.add_argument("--seconds", type=float, default=30.0, help="sending time per step, at most (default 30)")
+    parser.add_argument("--seconds", type=float, default=0.0,
+                        help="send at most this long per step (a prefix of the traffic, set-up heavy: every "
+                             "account starts early); default 0: all of it")  # fmt: skip
     parser.add_argument("--consumers", type=int, default=2, help="firehose consumers (default 2)")
     parser.add_argument("--ingest-workers", type=int, help="pass --ingest-workers N to the relay (default: its own)")
     parser.add_argument("--no-mirror", dest="mirror", action="store_false", help="run the relay without its mirror")
@@ -221,7 +246,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the step figures as JSON to this file")
     args = parser.parse_args(argv)
     if args.quick:
-        args.hosts, args.accounts, args.commits, args.seconds = 2, 20, 20, 30.0
+        args.hosts, args.accounts, args.commits, args.seconds = 2, 20, 20, 0.0
         args.rates, args.fixed_rates = [150.0], [300.0]
     if min(args.hosts, args.accounts, args.commits, args.consumers) < 1 or args.accounts < args.hosts:
         parser.error("--hosts, --commits and --consumers must be at least 1, and --accounts at least --hosts")

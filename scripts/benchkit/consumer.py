@@ -212,7 +212,8 @@ class ConsumerWorker:
             conn.sock.close()
 
     def latency(self, sends_path: Path) -> dict[str, Any]:
-        sent = {(did, rev): t for _, did, rev, t in json.loads(sends_path.read_text())}
+        rows = json.loads(sends_path.read_text())  # [seq, did, rev, t] or [seq, did, rev, t, group]
+        sent = {(row[1], row[2]): row[3] for row in rows}
         per_frame: dict[tuple[str, str], list[float]] = {}
         unmatched = 0
         for did, rev, _, at in self.arrivals:
@@ -231,7 +232,20 @@ class ConsumerWorker:
             "all": _quantiles(every),
             "slowest": _quantiles(slowest),
             "per_connection": self.spans(),
+            "per_group": self.per_group(rows, per_frame),
         }
+
+    def per_group(self, rows: list[list[Any]], per_frame: dict[tuple[str, str], list[float]]) -> dict[str, Any]:
+        """For sends rows with a 5th field (a group: the upstream host): ``{group: [sent, not at every consumer]}``."""
+        out: dict[str, list[int]] = {}
+        for row in rows:
+            if len(row) < 5:
+                continue
+            counts = out.setdefault(str(row[4]), [0, 0])
+            counts[0] += 1
+            if len(per_frame.get((row[1], row[2]), ())) < len(self.conns):
+                counts[1] += 1
+        return out
 
     def spans(self) -> list[dict[str, Any]]:
         """Per connection: ``#commit`` frames recorded, and the first and last one's arrival time."""

@@ -26,6 +26,7 @@ class StepResult:
     host_lag_seconds: float  # the latest a host's last frame left, against its schedule
     commits_sent: int  # commits whose send time the hosts recorded
     consumers: int
+    counters: dict[str, float] = field(default_factory=dict)  # relay counters grown during the step
     held: bool = False
     delivered_rate: float = 0.0  # commits/s at the slowest consumer, between its first and last arrival
     why_not: list[str] = field(default_factory=list)
@@ -88,6 +89,14 @@ def print_step(step: StepResult, fixed: bool = False) -> None:
     cores = step.relay_cpu_seconds / max(1e-9, step.measured_seconds)
     _row("relay CPU", f"{step.cpu_us_per_event:,.0f} µs per event ({cores:.2f} cores; relay process + ingest workers)")
     _row("relay peak RSS", f"{step.peak_rss_kib / 1024:,.0f} MiB")
+    behind = {host: counts for host, counts in step.latency.get("per_group", {}).items() if counts[1]}
+    if behind:
+        listed = ", ".join(f"{host}: {sent - missing:,} of {sent:,}" for host, (sent, missing) in sorted(
+            behind.items(), key=lambda item: int(item[0])))  # fmt: skip
+        _row("hosts not fully delivered", f"{len(behind)} of {len(step.latency['per_group'])} (commits at "
+                                          f"every consumer, by host: {listed})")  # fmt: skip
+    if step.counters:
+        _row("relay counters", ", ".join(f"{k} {v:,.0f}" for k, v in step.counters.items()))
     _row("host send lag", f"{step.host_lag_seconds * 1000:,.0f} ms (last frame against its schedule)")
     _print_drops(step.drops)
     print(flush=True)
