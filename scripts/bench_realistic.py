@@ -62,7 +62,7 @@ from scripts.benchkit.relays import (  # noqa: E402
     start_relay,
     stop_relay,
 )
-from scripts.benchkit.traffic import Traffic, TrafficSpec, ensure_traffic  # noqa: E402
+from scripts.benchkit.traffic import IndexEntry, Traffic, TrafficSpec, ensure_traffic  # noqa: E402
 from tests.support.fake_plc import FakePlc, make_did_doc  # noqa: E402
 from tests.support.procs import RelayProcess, wait_until  # noqa: E402
 
@@ -75,9 +75,9 @@ COUNTERS = {  # relay counters printed per step (grown during it), to tell a sta
     "upstream reconnects": "skyrelay_upstream_reconnects_total",
     "accounts marked for re-sync": "skyrelay_accounts_marked_resync_total",
     "actor restarts": "skyrelay_actor_restarts_total",
-    "DID documents fetched": "skyrelay_identity_fetch_total",
     "mirror backfills": "skyrelay_mirror_backfills_total",
 }
+DID_FETCHES = "skyrelay_identity_fetch_total"
 
 
 @dataclass(slots=True)
@@ -85,6 +85,18 @@ class Sample:
     at: float
     cpu: dict[int, float]
     metrics: dict[str, float]
+
+
+def relay_counters(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """How much each of ``COUNTERS`` grew, and DID document fetches (ok, and failed by any reason)."""
+
+    def grown(name: str, **labels: str) -> float:
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
+
+    out = {label: grown(name) for label, name in COUNTERS.items()}
+    out["DID documents fetched"] = grown(DID_FETCHES, result="ok")
+    out["DID fetches failed"] = grown(DID_FETCHES) - out["DID documents fetched"]
+    return out
 
 
 class Bench:
@@ -142,17 +154,12 @@ class Bench:
         before = self.sample(relay)
         plc_before = self.plc.requests
         started = time.monotonic()
-        on_every(self.hosts, lambda h: h.release(counts[self.hosts.index(h)], host_rate))
+        on_every(list(zip(self.hosts, counts, strict=True)), lambda hc: hc[0].release(hc[1], host_rate))
         delivered = self.wait_delivered(consumer, relay, expected, started + scheduled)
         after = self.sample(relay)
         plc_requests = self.plc.requests - plc_before
         peak_rss = relay_kib(relay, "VmHWM")
-        sent = on_every(self.hosts, lambda h: h.sends())
-        rows, lag = [], 0.0
-        for host, (host_sends, host_commits, count) in enumerate(zip(sent, commits, counts, strict=True)):
-            rows.extend([e.seq, e.did, e.rev, host_sends[e.seq], host] for e in host_commits if e.seq in host_sends)
-            if host_sends:
-                lag = max(lag, max(host_sends.values()) - (started + count / host_rate))
+        rows, lag = self.sends(commits, counts, started, host_rate)
         sends_path = folder / "sends.json"
         sends_path.write_text(json.dumps(rows))
         consumer.send(cmd="latency", sends=str(sends_path))
@@ -163,20 +170,23 @@ class Bench:
             measured_seconds=after.at - before.at, all_arrived=delivered, latency=latency,
             relay_cpu_seconds=cpu, peak_rss_kib=peak_rss, drops=drops_by_reason(before.metrics, after.metrics),
             host_lag_seconds=lag, commits_sent=len(rows), consumers=self.args.consumers,
-            counters={k: metric_sum(after.metrics, n) - metric_sum(before.metrics, n) for k, n in COUNTERS.items()},
+            counters={**relay_counters(before.metrics, after.metrics), "PLC requests answered": plc_requests},
         )  # fmt: skip
-        fetched_ok = metric_sum(after.metrics, COUNTERS["DID documents fetched"], result="ok") - metric_sum(
-            before.metrics, COUNTERS["DID documents fetched"], result="ok"
-        )
-        result.counters["DID documents fetched"] = fetched_ok
-        result.counters["DID fetches failed"] = (
-            metric_sum(after.metrics, COUNTERS["DID documents fetched"])
-            - metric_sum(before.metrics, COUNTERS["DID documents fetched"])
-            - fetched_ok
-        )
-        result.counters["PLC requests answered"] = plc_requests
         judge(result)
         return result
+
+    def sends(
+        self, commits: list[list[IndexEntry]], counts: list[int], started: float, host_rate: float
+    ) -> tuple[list[list[Any]], float]:
+        """Rows [seq, did, rev, send time, host] of every commit sent; how late the latest host finished."""
+        rows: list[list[Any]] = []
+        lag = 0.0
+        sent = on_every(self.hosts, lambda h: h.sends())
+        for host, (host_sends, host_commits, count) in enumerate(zip(sent, commits, counts, strict=True)):
+            rows.extend([e.seq, e.did, e.rev, host_sends[e.seq], host] for e in host_commits if e.seq in host_sends)
+            if host_sends:
+                lag = max(lag, max(host_sends.values()) - (started + count / host_rate))
+        return rows, lag
 
     def sample(self, relay: RelayProcess) -> Sample:
         return Sample(time.monotonic(), relay_cpu_seconds(relay), parse_metrics(relay.metrics()))

@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tests.support.procs import http_json
 
 ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class HeldFrameHost:
@@ -74,7 +77,7 @@ def start_hosts(paths: list[Path], stack: ExitStack) -> list[HeldFrameHost]:
         return list(pool.map(one, paths))
 
 
-def on_every(hosts: list[HeldFrameHost], call: Any) -> list[Any]:
-    """``call(host)`` for every host at once; the results in host order."""
-    with ThreadPoolExecutor(len(hosts)) as pool:
-        return list(pool.map(call, hosts))
+def on_every(items: list[T], call: Callable[[T], R]) -> list[R]:
+    """``call(item)`` for every item (a host, or a host and its share) at once; the results in order."""
+    with ThreadPoolExecutor(max(1, len(items))) as pool:
+        return list(pool.map(call, items))
