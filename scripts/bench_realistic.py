@@ -27,7 +27,7 @@ A rate is held when every commit reached every consumer, the slowest consumer's 
 ingest-to-delivery is under 1 s, and nothing was dropped. The rates of ``--rates`` are stepped up
 to the first that is not held; then each of ``--fixed-rates`` not yet run is run. Printed: the
 highest rate held; at the fixed rates the relay's CPU per event (relay process and ingest
-workers, user + system from /proc, over every frame sent) and p50/p99 ingest-to-delivery; peak
+workers, user + system from /proc, over every event it accepted) and p50/p99 ingest-to-delivery; peak
 RSS (VmHWM, relay and workers); drops by reason from /metrics, which must be 0 (a drop means the
 traffic or the relay is wrong, and is printed loudly). The step figures are in ``--json``.
 """

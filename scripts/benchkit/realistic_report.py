@@ -37,7 +37,9 @@ class StepResult:
 
     @property
     def cpu_us_per_event(self) -> float:
-        return self.relay_cpu_seconds / max(1, self.frames) * 1e6
+        """Relay CPU over the events it accepted (every frame sent, when the step is held)."""
+        events = self.counters.get("accepted") or self.frames
+        return self.relay_cpu_seconds / max(1.0, events) * 1e6
 
     def quantile(self, name: str, which: str = "all") -> float | None:
         value = self.latency.get(which, {}).get(name)
