@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -53,6 +54,7 @@ if str(ROOT) not in sys.path:
 
 from scripts.benchkit.consumer import ConsumerProcess  # noqa: E402
 from scripts.benchkit.hosts import HeldFrameHost, on_every, start_hosts  # noqa: E402
+from scripts.benchkit.procfs import machine_cpu_seconds, proc_cpu_seconds  # noqa: E402
 from scripts.benchkit.prom import drops_by_reason, metric_sum, parse_metrics  # noqa: E402
 from scripts.benchkit.realistic_report import StepResult, judge, print_step, print_summary  # noqa: E402
 from scripts.benchkit.relays import (  # noqa: E402
@@ -83,7 +85,9 @@ DID_FETCHES = "skyrelay_identity_fetch_total"
 @dataclass(slots=True)
 class Sample:
     at: float
-    cpu: dict[int, float]
+    cpu: dict[int, float]  # the relay and its ingest workers: pid -> CPU seconds so far
+    others: dict[str, float]  # CPU seconds so far of the frame hosts, the consumers, and the machine ("busy")
+    machine_seconds: float  # CPU seconds the machine had so far (busy or idle, every core)
     metrics: dict[str, float]
 
 
@@ -151,12 +155,12 @@ class Bench:
         ]
         expected = sum(len(c) for c in commits)
         scheduled = max(counts) / host_rate
-        before = self.sample(relay)
+        before = self.sample(relay, consumer)
         plc_before = self.plc.requests
         started = time.monotonic()
         on_every(list(zip(self.hosts, counts, strict=True)), lambda hc: hc[0].release(hc[1], host_rate))
         delivered = self.wait_delivered(consumer, relay, expected, started + scheduled)
-        after = self.sample(relay)
+        after = self.sample(relay, consumer)
         plc_requests = self.plc.requests - plc_before
         peak_rss = relay_kib(relay, "VmHWM")
         rows, lag = self.sends(commits, counts, started, host_rate)
@@ -165,12 +169,20 @@ class Bench:
         consumer.send(cmd="latency", sends=str(sends_path))
         latency = consumer.expect("latency", 300)
         cpu = sum(t - before.cpu.get(pid, 0.0) for pid, t in after.cpu.items())
+        wall = max(1e-9, after.at - before.at)
+        cores = {name: (after.others[name] - before.others[name]) / wall for name in after.others}
+        cores["busy"] = (
+            (after.others["busy"] - before.others["busy"])
+            / max(1e-9, after.machine_seconds - before.machine_seconds)
+            * (os.cpu_count() or 1)
+        )
         result = StepResult(
             rate=rate, frames=sum(counts), commits=expected, scheduled_seconds=scheduled,
             measured_seconds=after.at - before.at, all_arrived=delivered, latency=latency,
             relay_cpu_seconds=cpu, peak_rss_kib=peak_rss, drops=drops_by_reason(before.metrics, after.metrics),
             host_lag_seconds=lag, commits_sent=len(rows), consumers=self.args.consumers,
             counters={**relay_counters(before.metrics, after.metrics), "PLC requests answered": plc_requests},
+            other_cores=cores,
         )  # fmt: skip
         judge(result)
         return result
@@ -188,8 +200,11 @@ class Bench:
                 lag = max(lag, max(host_sends.values()) - (started + count / host_rate))
         return rows, lag
 
-    def sample(self, relay: RelayProcess) -> Sample:
-        return Sample(time.monotonic(), relay_cpu_seconds(relay), parse_metrics(relay.metrics()))
+    def sample(self, relay: RelayProcess, consumer: ConsumerProcess) -> Sample:
+        busy, total = machine_cpu_seconds()
+        others = {"frame hosts": sum(sum(proc_cpu_seconds(h.proc.pid)) for h in self.hosts),
+                  "consumers": sum(proc_cpu_seconds(consumer.proc.pid)), "busy": busy}  # fmt: skip
+        return Sample(time.monotonic(), relay_cpu_seconds(relay), others, total, parse_metrics(relay.metrics()))
 
     def wait_delivered(self, consumer: ConsumerProcess, relay: RelayProcess, expected: int, sent_by: float) -> bool:
         """Wait until every consumer has ``expected`` commits; False on a stall or past the drain limit."""

@@ -27,6 +27,7 @@ class StepResult:
     commits_sent: int  # commits whose send time the hosts recorded
     consumers: int
     counters: dict[str, float] = field(default_factory=dict)  # relay counters grown during the step
+    other_cores: dict[str, float] = field(default_factory=dict)  # cores used by the load and the machine
     held: bool = False
     delivered_rate: float = 0.0  # commits/s at the slowest consumer, between its first and last arrival
     why_not: list[str] = field(default_factory=list)
@@ -91,6 +92,10 @@ def print_step(step: StepResult, fixed: bool = False) -> None:
     cores = step.relay_cpu_seconds / max(1e-9, step.measured_seconds)
     _row("relay CPU", f"{step.cpu_us_per_event:,.0f} µs per event ({cores:.2f} cores; relay process + ingest workers)")
     _row("relay peak RSS", f"{step.peak_rss_kib / 1024:,.0f} MiB")
+    if step.other_cores:
+        oc = step.other_cores
+        _row("other CPU", f"frame hosts {oc['frame hosts']:.2f} + consumers {oc['consumers']:.2f} cores; machine "
+                          f"busy {oc['busy']:.2f} cores in all (a busy machine makes every figure worse)")  # fmt: skip
     behind = {host: counts for host, counts in step.latency.get("per_group", {}).items() if counts[1]}
     if behind:
         listed = ", ".join(f"{host}: {sent - missing:,} of {sent:,}" for host, (sent, missing) in sorted(
