@@ -72,7 +72,7 @@ from scripts.benchkit.procfs import (  # noqa: E402
     proc_status_kib,
     relay_thread_seconds,
 )
-from scripts.benchkit.profile import PROFILE_HZ, print_profile  # noqa: E402
+from scripts.benchkit.profile import print_profile, py_spy_record  # noqa: E402
 from scripts.benchkit.prom import histogram_quantile, metric_sum, parse_metrics  # noqa: E402
 from tests.support.fake_plc import FakePlc, make_did_doc, new_plc_did  # noqa: E402
 from tests.support.procs import FrameHost, RelayProcess, http_json, wait_until  # noqa: E402
@@ -328,23 +328,12 @@ class Bench:
             yield
             return
         assert self.relay is not None and self.relay.proc is not None
-        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        self.profiler = subprocess.Popen(
-            [py_spy, "record", "--pid", str(self.relay.proc.pid), "--format", "raw", "--rate", str(PROFILE_HZ),
-             "--nonblocking", "--threads", "--subprocesses", "--output", str(path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        time.sleep(0.5)  # py-spy attaches; it gives no readiness signal to wait on
-        try:
-            yield
-        finally:
-            self.profiler.send_signal(signal.SIGINT)
+        with py_spy_record(self.relay.proc.pid, path) as profiler:
+            self.profiler = profiler
             try:
-                self.profiler.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.profiler.kill()
-                self.profiler.wait()
-            self.profiler = None
+                yield
+            finally:
+                self.profiler = None
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -3,7 +3,7 @@
     python scripts/bench_realistic.py [--hosts 20] [--accounts 2000] [--commits 50]
         [--rates 1000,2000,3000,5000,7500,10000] [--fixed-rates 1000,2000] [--seconds S]
         [--consumers 2] [--ingest-workers N] [--no-mirror] [--database-url URL]
-        [--quick] [--json FILE] [--keep] [--regenerate]
+        [--quick] [--json FILE] [--keep] [--regenerate] [--profile PREFIX]
     python scripts/bench_realistic.py --burst [bench_ingest.py options]   # the old burst benchmark
 
 Traffic (``scripts/loadgen/gen.mjs``, made once and cached by its parameters under
@@ -55,6 +55,7 @@ if str(ROOT) not in sys.path:
 from scripts.benchkit.consumer import ConsumerProcess  # noqa: E402
 from scripts.benchkit.hosts import HeldFrameHost, on_every, start_hosts  # noqa: E402
 from scripts.benchkit.procfs import machine_cpu_seconds, proc_cpu_seconds  # noqa: E402
+from scripts.benchkit.profile import print_profile, py_spy_record  # noqa: E402
 from scripts.benchkit.prom import drops_by_reason, metric_sum, parse_metrics  # noqa: E402
 from scripts.benchkit.realistic_report import StepResult, judge, print_step, print_summary  # noqa: E402
 from scripts.benchkit.relays import (  # noqa: E402
@@ -141,10 +142,24 @@ class Bench:
             consumer.expect("ready", 30)
             consumer.send(cmd="record", on=True)
             consumer.expect("recording", 10)
+            profile = self.profile_path(rate)
+            if profile is not None:
+                assert relay.proc is not None
+                stack.enter_context(py_spy_record(relay.proc.pid, profile))
             result = self.measure(relay, consumer, rate, folder)
+            if profile is not None:
+                stack.close()  # stops py-spy (and the relay) before the summary is read
+                assert relay.proc is not None
+                print_profile(profile, f"{rate:,.0f} frames/s", relay.proc.pid)
         if not a.keep:
             shutil.rmtree(folder, ignore_errors=True)
         return result
+
+    def profile_path(self, rate: float) -> Path | None:
+        """With ``--profile PREFIX``, where py-spy writes the relay's stacks at a fixed rate."""
+        if not self.args.profile or rate not in self.args.fixed_rates:
+            return None
+        return Path(f"{self.args.profile}-{rate:g}.txt")
 
     def measure(self, relay: RelayProcess, consumer: ConsumerProcess, rate: float, folder: Path) -> StepResult:
         host_rate = rate / len(self.hosts)
@@ -269,6 +284,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (relay data and logs)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (well under a minute)")
     parser.add_argument("--json", type=Path, help="also write the step figures as JSON to this file")
+    parser.add_argument("--profile", metavar="PREFIX",
+                        help="py-spy the relay in each fixed-rate step: raw stacks to PREFIX-RATE.txt, and a "
+                             "summary of where its main thread and ingest workers spend time")  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.hosts, args.accounts, args.commits, args.seconds = 2, 20, 20, 0.0

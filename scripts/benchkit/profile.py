@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILE_HZ = 200
+
+
+@contextmanager
+def py_spy_record(pid: int, path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``py-spy record`` of ``pid`` and its subprocesses (raw stacks to ``path``) while the block runs."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    profiler = subprocess.Popen(
+        [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", str(PROFILE_HZ),
+         "--nonblocking", "--threads", "--subprocesses", "--output", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(0.5)  # py-spy attaches; it gives no readiness signal to wait on
+    try:
+        yield profiler
+    finally:
+        profiler.send_signal(signal.SIGINT)
+        try:
+            profiler.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
+            profiler.wait()
 
 
 @dataclass
