@@ -35,6 +35,7 @@ traffic or the relay is wrong, and is printed loudly). The step figures are in `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -52,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from config.settings import Settings  # noqa: E402
 from scripts.benchkit.consumer import ConsumerProcess  # noqa: E402
 from scripts.benchkit.hosts import HeldFrameHost, on_every, start_hosts  # noqa: E402
 from scripts.benchkit.procfs import machine_cpu_seconds, proc_cpu_seconds  # noqa: E402
@@ -119,7 +121,8 @@ class Bench:
         self.plc: FakePlc = stack.enter_context(FakePlc(docs))
 
     def relay_env(self) -> dict[str, str]:
-        env = {"SKYRELAY_CURSOR_FLUSH_SECONDS": "5.0"}  # the default (the test helper lowers it)
+        default = {f.name: f.default for f in dataclasses.fields(Settings)}["cursor_flush_seconds"]
+        env = {"SKYRELAY_CURSOR_FLUSH_SECONDS": str(default)}  # back to the default (the test helper lowers it)
         if not self.args.mirror:
             env["SKYRELAY_MIRROR_ENABLED"] = "false"
         env.update(item.split("=", 1) for item in self.args.relay_env)
