@@ -1,4 +1,8 @@
-"""Benchmark the relay spine end to end: synthetic PDS hosts -> the relay (a subprocess) -> C firehose consumers.
+"""Burst benchmark of the relay spine: synthetic PDS hosts -> the relay (a subprocess) -> C firehose consumers.
+
+BURST MODE, synthetic repos (Python-made, tiny trees), commits released at once: it hides the
+per-batch costs that a steady pace brings out and the cost of real trees, and reads about twice
+what the relay holds on realistic traffic. For figures to quote, use ``bench_realistic.py``.
 
     python scripts/bench_ingest.py [--hosts 4] [--accounts-per-host 100] [--commits 40000] [--rate 2000]
                                    [--consumers 10] [--database-url URL] [--keep] [--quick] [--profile PREFIX]
@@ -7,7 +11,7 @@ Processes: this one (orchestrates, runs the fake PLC on loopback HTTP, prints), 
 frame hosts (``tests/support/frame_host.py``, real websockets, each with its own accounts and
 keys; every fourth account signs with P-256, the rest K-256), the relay (``python -m web.cli
 serve``, SQLite unless ``--database-url``) and one consumer process holding the ``--consumers``
-websockets (plain sockets and ``selectors``, no library). The machine has few cores: the CPU of
+websockets (``scripts/benchkit/consumer.py``). The machine has few cores: the CPU of
 every process is measured and printed, so it is clear what the relay had for itself.
 
 Steps: every host generates all its signed Sync 1.1 commits up front and holds them (generation
@@ -40,21 +44,15 @@ the temporary folder is removed unless ``--keep`` (and kept after an error, for 
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
-import queue
-import selectors
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -66,315 +64,23 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from scripts.benchkit.consumer import ConsumerProcess  # noqa: E402
+from scripts.benchkit.procfs import (  # noqa: E402
+    descendants,
+    machine_cpu_seconds,
+    proc_cpu_seconds,
+    proc_status_kib,
+    relay_thread_seconds,
+)
+from scripts.benchkit.profile import print_profile, py_spy_record  # noqa: E402
+from scripts.benchkit.prom import histogram_quantile, metric_sum, parse_metrics  # noqa: E402
 from tests.support.fake_plc import FakePlc, make_did_doc, new_plc_did  # noqa: E402
 from tests.support.procs import FrameHost, RelayProcess, http_json, wait_until  # noqa: E402
 
-PATH = "/xrpc/com.atproto.sync.subscribeRepos"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 POLL_SECONDS = 0.1
-PROFILE_HZ = 200
-
-
-# -- consumer process --------------------------------------------------------------------------
-
-
-@dataclass
-class Conn:
-    sock: socket.socket
-    index: int
-    buf: bytes = b""
-    handshake: bool = True
-    count: int = 0
-    closed: bool = False
-    target: int | None = None
-    reached_at: float | None = None
-
-
-def _ws_open(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    return sock
-
-
-class ConsumerWorker:
-    """C live websockets read with ``selectors``; commands and replies are JSON lines on stdin/stdout.
-
-    Commands: ``{"cmd": "arm", "delta": n}`` (reply ``reached`` once every open connection has
-    ``n`` more frames), ``{"cmd": "record", "on": bool}`` (decode ``#commit`` frames and keep
-    (did, rev, arrival)), ``{"cmd": "latency", "sends": path}`` (match arrivals to send times),
-    ``{"cmd": "quit"}``.
-    """
-
-    def __init__(self, port: int, connections: int) -> None:
-        self.conns = [Conn(_ws_open(port), i) for i in range(connections)]
-        self.selector = selectors.DefaultSelector()
-        for conn in self.conns:
-            conn.sock.setblocking(False)
-            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
-        self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, None)
-        self.stdin_buf = b""
-        self.recording = False
-        self.arrivals: list[tuple[str, str, int, float]] = []
-        self.armed = False
-        self.cut = 0
-        self.running = True
-
-    def reply(self, **body: Any) -> None:
-        sys.stdout.write(json.dumps(body) + "\n")
-        sys.stdout.flush()
-
-    def run(self) -> int:
-        while self.running:
-            for key, _ in self.selector.select(timeout=1.0):
-                if key.data is None:
-                    self.read_stdin()
-                else:
-                    self.read_conn(key.data)
-            if self.armed:
-                self.check_reached()
-        return 0
-
-    def read_stdin(self) -> None:
-        data = os.read(sys.stdin.fileno(), 65536)
-        if not data:
-            self.running = False
-            return
-        self.stdin_buf += data
-        while b"\n" in self.stdin_buf:
-            line, self.stdin_buf = self.stdin_buf.split(b"\n", 1)
-            if line.strip():
-                self.command(json.loads(line))
-
-    def command(self, cmd: dict[str, Any]) -> None:
-        name = cmd["cmd"]
-        if name == "arm":
-            for conn in self.conns:
-                conn.target = conn.count + int(cmd["delta"])
-                conn.reached_at = None
-            self.armed = True
-            self.reply(type="armed")
-            self.check_reached()
-        elif name == "record":
-            self.recording = bool(cmd["on"])
-            if self.recording:
-                self.arrivals = []
-            self.reply(type="recording", on=self.recording)
-        elif name == "latency":
-            self.reply(type="latency", **self.latency(Path(cmd["sends"])))
-        elif name == "quit":
-            self.running = False
-
-    def check_reached(self) -> None:
-        if any(not c.closed and c.reached_at is None for c in self.conns):
-            return
-        self.armed = False
-        times = [c.reached_at for c in self.conns if c.reached_at is not None]
-        self.reply(
-            type="reached",
-            first=min(times, default=None),
-            last=max(times, default=None),
-            closed=sum(c.closed for c in self.conns),
-            cut=self.cut,
-            counts=[c.count for c in self.conns],
-        )
-
-    def read_conn(self, conn: Conn) -> None:
-        try:
-            data = conn.sock.recv(1 << 18)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        now = time.monotonic()
-        if not data:
-            self.close(conn)
-            return
-        buf = conn.buf + data if conn.buf else data
-        if conn.handshake:
-            head, sep, rest = buf.partition(b"\r\n\r\n")
-            if not sep:
-                conn.buf = buf
-                return
-            if b" 101 " not in head.split(b"\r\n", 1)[0]:
-                raise SystemExit(f"consumer {conn.index}: upgrade refused: {head[:200]!r}")
-            conn.handshake = False
-            buf = rest
-            if all(not c.handshake for c in self.conns):
-                self.reply(type="ready")
-        conn.buf = self.parse(conn, buf, now)
-        if conn.target is not None and conn.reached_at is None and conn.count >= conn.target:
-            conn.reached_at = now
-
-    def parse(self, conn: Conn, buf: bytes, now: float) -> bytes:
-        """Count complete websocket frames in ``buf`` (server frames are never masked); return the rest."""
-        pos, size = 0, len(buf)
-        while size - pos >= 2:
-            length = buf[pos + 1] & 0x7F
-            head = 2
-            if length == 126:
-                if size - pos < 4:
-                    break
-                length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
-            elif length == 127:
-                if size - pos < 10:
-                    break
-                length, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
-            end = pos + head + length
-            if end > size:
-                break
-            opcode = buf[pos] & 0x0F
-            if opcode == 0x2:
-                conn.count += 1
-                if self.recording:
-                    self.record(conn, buf[pos + head : end], now)
-            elif opcode == 0x8:
-                self.close(conn)
-                return b""
-            elif opcode == 0x9:  # ping: answer with a masked pong (zero mask) carrying the same data
-                payload = buf[pos + head : end]
-                conn.sock.sendall(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
-            pos = end
-        return buf[pos:]
-
-    def record(self, conn: Conn, payload: bytes, now: float) -> None:
-        import libipld
-
-        header, body = libipld.decode_dag_cbor_multi(payload)
-        if header.get("op") == -1:
-            self.cut += 1
-        elif header.get("t") == "#commit":
-            self.arrivals.append((body["repo"], body["rev"], conn.index, now))
-
-    def close(self, conn: Conn) -> None:
-        if not conn.closed:
-            conn.closed = True
-            self.selector.unregister(conn.sock)
-            conn.sock.close()
-
-    def latency(self, sends_path: Path) -> dict[str, Any]:
-        sent = {(did, rev): t for _, did, rev, t in json.loads(sends_path.read_text())}
-        per_frame: dict[tuple[str, str], list[float]] = {}
-        unmatched = 0
-        for did, rev, _, at in self.arrivals:
-            t = sent.get((did, rev))
-            if t is None:
-                unmatched += 1
-                continue
-            per_frame.setdefault((did, rev), []).append(at - t)
-        every = sorted(x for xs in per_frame.values() for x in xs)
-        slowest = sorted(max(xs) for xs in per_frame.values())
-        return {
-            "deliveries": len(every),
-            "frames": len(per_frame),
-            "sent": len(sent),
-            "unmatched": unmatched,
-            "all": _quantiles(every),
-            "slowest": _quantiles(slowest),
-        }
-
-
-def _quantiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-
-    def q(p: float) -> float:
-        return values[min(len(values) - 1, int(p * len(values)))]
-
-    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": values[-1]}
 
 
 # -- measurements ------------------------------------------------------------------------------
-
-
-def proc_cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process, its threads included, from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (the relay's ingest workers), from /proc/PID/task/*/children."""
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = list(Path(f"/proc/{parent}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            out.extend(children)
-            todo.extend(children)
-    return out
-
-
-def relay_thread_seconds(pid: int) -> float:
-    """CPU seconds (user + system) of the process's main thread: the gevent hub and every greenlet."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def machine_cpu_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    total = sum(values[:8])
-    idle = values[3] + values[4]
-    return (total - idle) / CLK_TCK, total / CLK_TCK
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value} (labels as the relay writes them)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            head, _, value = line.rpartition(" ")
-            out[head] = float(value)
-    return out
-
-
-def metric_sum(metrics: dict[str, float], name: str, **labels: str) -> float:
-    total = 0.0
-    for head, value in metrics.items():
-        if head == name or (head.startswith(name + "{") and all(f'{k}="{v}"' in head for k, v in labels.items())):
-            total += value
-    return total
-
-
-def histogram_quantile(before: dict[str, float], after: dict[str, float], name: str, q: float) -> float | None:
-    """Estimate of quantile ``q`` of what a Prometheus histogram observed between two scrapes."""
-    buckets = []
-    for head, value in after.items():
-        if head.startswith(name + "_bucket{"):
-            le = head.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((float("inf") if le == "+Inf" else float(le), value - before.get(head, 0.0)))
-    buckets.sort()
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    rank = q * buckets[-1][1]
-    lower, below = 0.0, 0.0
-    for bound, count in buckets:
-        if count >= rank:
-            if bound == float("inf"):
-                return lower
-            inside = count - below
-            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
-        lower, below = bound, count
-    return None
 
 
 @dataclass
@@ -398,50 +104,6 @@ class PhaseResult:
 
 
 # -- orchestration -----------------------------------------------------------------------------
-
-
-class ConsumerProcess:
-    """The consumer worker as a subprocess; replies are read by a thread into a queue."""
-
-    def __init__(self, port: int, connections: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--consumer-worker", str(connections), "--relay-port", str(port)],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.replies.put(json.loads(line))
-        self.replies.put({"type": "exited"})
-
-    def send(self, **cmd: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-
-    def expect(self, kind: str, timeout: float) -> dict[str, Any]:
-        try:
-            reply = self.replies.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"consumer process: no {kind!r} within {timeout:.0f}s") from None
-        if reply["type"] != kind:
-            raise RuntimeError(f"consumer process: expected {kind!r}, got {reply}")
-        return reply
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.send(cmd="quit")
-                self.proc.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
 
 
 @dataclass
@@ -666,23 +328,12 @@ class Bench:
             yield
             return
         assert self.relay is not None and self.relay.proc is not None
-        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        self.profiler = subprocess.Popen(
-            [py_spy, "record", "--pid", str(self.relay.proc.pid), "--format", "raw", "--rate", str(PROFILE_HZ),
-             "--nonblocking", "--threads", "--subprocesses", "--output", str(path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        time.sleep(0.5)  # py-spy attaches; it gives no readiness signal to wait on
-        try:
-            yield
-        finally:
-            self.profiler.send_signal(signal.SIGINT)
+        with py_spy_record(self.relay.proc.pid, path) as profiler:
+            self.profiler = profiler
             try:
-                self.profiler.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.profiler.kill()
-                self.profiler.wait()
-            self.profiler = None
+                yield
+            finally:
+                self.profiler = None
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -803,92 +454,6 @@ def _cpu_split(result: PhaseResult) -> str:
     return f"{ours} cores; machine busy {result.machine_busy:.2f} of {os.cpu_count()} (other {other:.2f})"
 
 
-@dataclass
-class Profile:
-    """Samples of one role (the relay's main thread, the ingest workers' main threads)."""
-
-    total: int = 0
-    own: Counter[str] = field(default_factory=Counter)
-    own_file: Counter[str] = field(default_factory=Counter)
-    inclusive: Counter[str] = field(default_factory=Counter)
-
-    def add(self, frames: list[str], count: int) -> None:
-        self.total += count
-        self.own[frames[-1]] += count
-        self.own_file[frames[-1].rpartition(" (")[2].rstrip(")")] += count
-        for frame in set(frames):
-            self.inclusive[frame] += count
-
-
-def read_profile(path: Path, relay_pid: int) -> tuple[Profile, Profile, Counter[str]]:
-    """py-spy raw stacks (``--threads --subprocesses``) -> (relay main thread, workers' main threads, other threads).
-
-    A line is ``[process P:"cmd";]... thread (T)[: name];frame;frame... count``; a process's main thread has T = P.
-    """
-    main, workers, others = Profile(), Profile(), Counter[str]()
-    for line in path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack:
-            continue
-        count = int(count_text)
-        parts = stack.split(";")
-        pid = relay_pid
-        while parts and parts[0].startswith("process "):
-            pid = int(parts.pop(0).split()[1].split(":")[0])
-        if not parts or not parts[0].startswith("thread ("):
-            continue
-        tid = int(parts[0][len("thread (") :].split(")")[0])
-        frames = [_short_frame(f) for f in parts[1:]] or ["(no Python frame)"]
-        if tid != pid:
-            others[frames[-1]] += count
-        elif pid == relay_pid:
-            main.add(frames, count)
-        else:
-            workers.add(frames, count)
-    return main, workers, others
-
-
-def print_profile(path: Path, title: str, relay_pid: int, top: int = 20) -> None:
-    """Where py-spy's samples fall: own samples per file and function, inclusive per function of ours."""
-    main, workers, others = read_profile(path, relay_pid)
-    if not main.total:
-        print(f"profile: no samples of the relay's main thread in {path}")
-        return
-    header = f"(py-spy {PROFILE_HZ} Hz, busy samples only)"
-    for name, prof in (
-        ("the relay's main thread (every greenlet)", main),
-        ("the ingest workers' main threads", workers),
-    ):
-        if not prof.total:
-            continue
-        print(f"== relay profile during {title}: {prof.total:,} samples of {name} {header} ==")
-        print(f"  {'own %':>6}  file")
-        for where, count in prof.own_file.most_common(top // 2):
-            print(f"  {100 * count / prof.total:6.1f}  {where}")
-        print(f"  {'own %':>6}  function")
-        for frame, count in prof.own.most_common(top):
-            print(f"  {100 * count / prof.total:6.1f}  {frame}")
-        print(f"  {'incl %':>6}  function (inclusive, ours only)")
-        mine = ("actors", "protocol", "store", "web")
-        ours = [(f, c) for f, c in prof.inclusive.most_common() if any(f"({d}/" in f for d in mine)]
-        for frame, count in ours[:top]:
-            print(f"  {100 * count / prof.total:6.1f}  {frame}")
-    busiest = ", ".join(f"{frame} {count}" for frame, count in others.most_common(3))
-    print(f"  other threads: {sum(others.values()):,} samples ({busiest})")
-    print(f"  raw stacks: {path}", flush=True)
-
-
-def _short_frame(frame: str) -> str:
-    """'fn (/abs/path/to/site-packages/pkg/mod.py:12)' -> 'fn (pkg/mod.py)'."""
-    name, _, where = frame.partition(" (")
-    where = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("site-packages/", f"{ROOT}/", "lib/python3"):
-        if marker in where:
-            where = where.split(marker, 1)[1]
-            break
-    return f"{name} ({where})"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--hosts", type=int, default=4, help="frame host processes (default 4)")
@@ -911,14 +476,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a small smoke run (~20 s)")
     parser.add_argument("--profile", help="py-spy the relay in (a) and (b): PREFIX-throughput.txt, PREFIX-latency.txt")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
-    parser.add_argument("--consumer-worker", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--relay-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.hosts, args.accounts_per_host, args.commits = 2, 8, 1000
         args.rate, args.latency_seconds, args.consumers = 400.0, 2.0, min(args.consumers, 3)
         args.warmup_commits_per_account = 1
-    if args.consumer_worker is None and min(args.hosts, args.accounts_per_host, args.consumers, args.commits) < 1:
+    if min(args.hosts, args.accounts_per_host, args.consumers, args.commits) < 1:
         parser.error("--hosts, --accounts-per-host, --consumers and --commits must be at least 1")
     if any("=" not in item for item in args.relay_env):
         parser.error("--relay-env takes KEY=VALUE")
@@ -931,9 +494,6 @@ def _raise_on_signal(signum: int, _frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.consumer_worker is not None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator stops us (quit or kill)
-        return ConsumerWorker(args.relay_port, args.consumer_worker).run()
     signal.signal(signal.SIGTERM, _raise_on_signal)
     signal.signal(signal.SIGHUP, _raise_on_signal)
     workdir = Path(tempfile.mkdtemp(prefix="skyrelay-bench-"))

@@ -29,6 +29,11 @@ A subscription whose cursor is beyond the newest seq is answered, as the referen
 with an error frame (``FutureCursor``) and closed. ``--frames FILE`` starts the host with a
 history (length-prefixed frames, as ``/control/frames`` takes them), so a test can bring a
 host back on the same port with its events already there before any subscriber can connect.
+
+For benchmarks, ``--held FILE`` starts it with frames made ahead of time (the same format) held
+back, to be released at a pace with ``/control/release``; ``POST /control/rewind`` drops every
+subscriber and puts the host back as it started (every frame of ``--held`` held again, nothing
+served, no send times), so one host can feed a fresh relay several times on the same port.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class FrameStore:
         self.releaser: gevent.Greenlet | None = None
         self.subscriptions: list[dict[str, Any]] = []  # {"cursor": int | None, "answer": str | None}
         self.max_seq = 0  # highest seq of any frame added (pushed frames may come out of order)
+        self.initial_held: list[tuple[int, bytes]] = []  # --held frames, held again by a rewind
 
     def add(self, items: list[tuple[int, bytes]]) -> None:
         self.frames.extend(items)
@@ -159,6 +165,23 @@ def start_release(store: FrameStore, count: int, rate: float | None, record_send
     store.releaser = gevent.spawn(run)
 
 
+def rewind(store: FrameStore) -> None:
+    """Back to the start: no subscriber, nothing served or recorded, every ``--held`` frame held."""
+    if store.releaser is not None:
+        store.releaser.kill()
+        store.releaser = None
+    for ws in list(store.subscribers):
+        ws.close()
+    store.frames = []
+    store.max_seq = 0
+    store.held = deque(store.initial_held)
+    store.track.clear()
+    store.sent_at.clear()
+    store.subscriptions.clear()
+    store.changed.set()
+    store.changed = gevent.event.Event()
+
+
 def make_app(store: FrameStore, did: str) -> Any:
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -227,6 +250,9 @@ def make_app(store: FrameStore, did: str) -> Any:
             rate = float(spec["rate"]) if spec.get("rate") else None
             start_release(store, count, rate, bool(spec.get("record_sends")))
             return reply("200 OK", {"released": count})
+        if path == "/control/rewind" and method == "POST":
+            rewind(store)
+            return reply("200 OK", {"held": len(store.held)})
         if path == "/control/sends":
             sends = [[seq, *store.meta.get(seq, ("", "")), t] for seq, t in sorted(store.sent_at.items())]
             return reply("200 OK", {"clock": "monotonic", "sends": sends})
@@ -274,11 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--did", default="did:web:frame-host.test")
     parser.add_argument("--frames", type=argparse.FileType("rb"), help="length-prefixed frames to start with")
+    parser.add_argument("--held", type=argparse.FileType("rb"), help="length-prefixed frames to hold for release")
     args = parser.parse_args(argv)
     store = FrameStore()
     if args.frames is not None:
         with args.frames:
             store.add(with_seqs(store, split_frames(args.frames.read())))
+    if args.held is not None:
+        with args.held:
+            store.initial_held = with_seqs(store, split_frames(args.held.read()))
+        store.held.extend(store.initial_held)
     server = WSGIServer((args.host, args.port), make_app(store, args.did), handler_class=WebSocketHandler, log=None)
     server.start()
     print(json.dumps({"port": server.server_port}), flush=True)

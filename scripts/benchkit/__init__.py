@@ -1,0 +1,1 @@
+"""Shared pieces of the end-to-end benchmarks (``bench_ingest.py``, ``bench_realistic.py``)."""
