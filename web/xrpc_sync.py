@@ -32,6 +32,7 @@ def sync_blueprint(
     insecure: bool,
     own_hostnames: frozenset[str] = frozenset(),
     probe: Callable[..., Any] = probe_pds,
+    crawl_gate: Callable[[str], None] | None = None,  # the control plane's on/off switch and daily limit
 ) -> Blueprint:
     bp = Blueprint("xrpc_sync", __name__)
 
@@ -51,6 +52,8 @@ def sync_blueprint(
                 existing = get_host(db, target.hostname)
             if is_banned(target.hostname, bans) or (existing and existing.status == "banned"):
                 raise CrawlRefused("HostBanned", "this host is banned from the relay")
+            if crawl_gate is not None:
+                crawl_gate(target.hostname)
             check_addresses(target, insecure=insecure)
             probe(target)
         except CrawlRefused as exc:
