@@ -132,6 +132,8 @@ class Sequencer(pykka.ThreadingActor):
     def _set_status(self, did: str, status: str) -> int | None:
         """Set ``did``'s relay status, announce it as ``#account`` (durable, written through); its seq."""
         self._flush()  # events accepted before the change keep their place before the announcement
+        if self._writer is not None:  # an older snapshot of this account must not land after the change
+            self._writer.join()
         state = next((p.account for p in reversed(self._pending) if p.account and p.account.did == did), None)
         state = state or self._accounts.get(did)
         if state is None:
