@@ -98,6 +98,7 @@ class Relay(AccountOps):
         with self.db.connection_context():
             rows = list_hosts(self.db, limit=1_000_000)
         running = set(self.upstream_conns())
+        trusted = self.trusted_domains()
         out = []
         for row in rows:
             limit = row.account_limit if row.account_limit is not None else self.settings.default_host_account_limit
@@ -106,7 +107,8 @@ class Relay(AccountOps):
                 "ID": row.id, "Host": row.hostname, "Cursor": row.last_seq, "Registered": row.status == HOST_ACTIVE,
                 "Blocked": row.status == HOST_BANNED, "RepoCount": row.account_count, "RepoLimit": limit,
                 "UserCount": row.account_count, "HasActiveConnection": row.hostname in running,
-                "PerSecondEventRate": {"Max": rate, "Window": 1}, "Status": row.status, "Trusted": row.trusted,
+                "PerSecondEventRate": {"Max": rate, "Window": 1}, "Status": row.status,
+                "Trusted": row.trusted or is_banned(row.hostname, trusted),
                 "LastError": row.last_error,
             })  # fmt: skip
         return out
@@ -231,6 +233,10 @@ class Relay(AccountOps):
         with self.db.connection_context():
             raw = get_state(self.db, TRUSTED_KEY)
         return list(json.loads(raw)) if raw else []
+
+    def is_trusted(self, hostname: str) -> bool:
+        """Whether ``hostname`` is in a trusted domain (hosts added later count too)."""
+        return is_banned(hostname, self.trusted_domains())
 
     def set_trusted_domains(self, domains: list[object]) -> list[str]:
         """Replace the trusted domains; hosts in them are marked trusted (limits build on this)."""

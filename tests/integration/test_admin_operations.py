@@ -128,7 +128,7 @@ def test_crawl_switch_daily_limit_consumers_tree_restarts_and_repo_upkeep(
         assert relay.stop() == 0, relay.log()
 
 
-def test_ingest_worker_restart_resubscribes_its_hosts(tmp_path: Path, db_url: str, plc: Any, host: FrameHost) -> None:
+def test_ingest_worker_and_host_restarts_resubscribe(tmp_path: Path, db_url: str, plc: Any, host: FrameHost) -> None:
     relay = start(tmp_path, db_url, plc, SKYRELAY_INGEST_WORKERS="2")
     try:
         ok(relay, "POST", "/admin/pds/requestCrawl", body={"hostname": host.hostname})
@@ -138,6 +138,10 @@ def test_ingest_worker_restart_resubscribes_its_hosts(tmp_path: Path, db_url: st
         seen = subscriptions(host)
         ok(relay, "POST", "/admin/actors/restart", body={"name": owner})
         wait_until(lambda: subscriptions(host) > seen and host.status()["subscribers"] == 1, 30, "a resubscription")
+        wait_until(lambda: ok(relay, "GET", "/admin/subs/getUpstreamConns") == [host.hostname], 30, "the new worker")
+        seen = subscriptions(host)
+        ok(relay, "POST", "/admin/actors/restart", body={"name": f"hosts/{host.hostname}"})  # over the link
+        wait_until(lambda: subscriptions(host) > seen and host.status()["subscribers"] == 1, 30, "a host restart")
         assert call(relay, "POST", "/admin/actors/restart", body={"name": "worker-9"})[0] == 404
     finally:
         assert relay.stop() == 0, relay.log()
