@@ -89,3 +89,25 @@ def test_takedown_is_announced_drops_later_events_and_survives_recovery(tmp_path
     frames = [libipld.decode_dag_cbor_multi(f) for _, f in out2.frames]
     assert [(h["t"], b["seq"]) for h, b in frames] == [("#account", 4), ("#identity", 5)]
     assert frames[0][1]["active"] is True and frames[0][1]["did"] == DID
+
+
+def test_an_unknown_message_is_logged_and_counted(tmp_path: Path, caplog: Any) -> None:
+    from prometheus_client import REGISTRY
+
+    db = open_database(f"sqlite:///{tmp_path / 'relay.sqlite'}")
+    apply_migrations(db)
+    log = EventLog(tmp_path / "events", db, retention_seconds=3600)
+    recover(db, log)
+    seq = Sequencer.start(db, log, Broadcasts())
+
+    def count() -> float:
+        return REGISTRY.get_sample_value("skyrelay_actor_unknown_messages_total", {"actor": "sequencer"}) or 0.0
+
+    before = count()
+    try:
+        with caplog.at_level("WARNING"):
+            seq.ask("not a message", timeout=10)
+    finally:
+        seq.stop()
+    assert count() == before + 1
+    assert "unknown message actor=sequencer message=not a message" in caplog.text
