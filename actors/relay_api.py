@@ -4,7 +4,8 @@ Each change is written to SQL first, then told to the actors that hold it in mem
 supervisor (or, with ingest workers, ``IngestPool``, which passes it over the link to every
 worker), the sequencer, the repo mirror and the caches. Workers and restarted actors read the
 same state from SQL when they start, so a change is not lost while one of them is down.
-Messages: ``actors.messages_control``. Account operations: ``actors.relay_accounts``.
+Messages: ``actors.messages_control``. Account operations: ``actors.relay_accounts``; relay-wide
+policy (requestCrawl switch and daily limit, trusted domains): ``actors.relay_policy``.
 
 Host status ``banned`` is a blocked host: not subscribed, refused by requestCrawl, kept across
 restarts. A banned domain refuses its hosts and their sub-domains' likewise. Public
@@ -14,9 +15,7 @@ admin crawl bypasses both, never a block or a ban.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,35 +25,27 @@ from actors.crawl import CrawlRefused, check_addresses, is_banned, normalize_hos
 from actors.messages import StartHost, StopHost
 from actors.messages_control import ApplyHostLimits, RestartHost
 from actors.relay_accounts import AccountOps
+from actors.relay_policy import PolicyOps
 from store.hosts import (
     HOST_ACTIVE,
     HOST_BANNED,
     HostRow,
     add_domain_ban,
     banned_domains,
-    count_hosts_created_since,
     get_host,
-    get_state,
     list_hosts,
     remove_domain_ban,
     set_host_limits,
     set_host_status,
-    set_hosts_trusted,
-    set_state,
 )
 
 log = logging.getLogger(__name__)
 ASK_TIMEOUT_SECONDS = 10.0
-CRAWL_ENABLED_KEY = "public_crawl_enabled"
-PER_DAY_KEY = "new_hosts_per_day"
-TRUSTED_KEY = "trusted_domains"
 MAX_ACCOUNT_LIMIT = 1 << 40
 MAX_EVENTS_PER_SECOND = 1_000_000.0
-DAY_SECONDS = 86400.0
-_DOMAIN = re.compile(r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
-class Relay(AccountOps):
+class Relay(AccountOps, PolicyOps):
     """Operator operations over a running ``RelaySupervisor``; raises ``ControlError`` on a refusal."""
 
     def __init__(self, supervisor: Any, *, probe: Callable[..., Any] = probe_pds,
@@ -135,17 +126,6 @@ class Relay(AccountOps):
         if is_banned(hostname, bans) or (row is not None and row.status == HOST_BANNED):
             raise CrawlRefused("HostBanned", "this host is banned from the relay")
 
-    def public_crawl_gate(self, hostname: str) -> None:
-        """``CrawlRefused`` when public requestCrawl is off, or would add a host over the day's limit."""
-        if not self.crawl_enabled():
-            raise CrawlRefused("Forbidden", "requestCrawl is disabled on this relay")
-        with self.db.connection_context():
-            if get_host(self.db, hostname) is not None:
-                return  # a known host: no new host is added
-            added = count_hosts_created_since(self.db, self.clock() - DAY_SECONDS)
-        if added >= self.per_day_limit():
-            raise CrawlRefused("RateLimitExceeded", "this relay has added as many new hosts as it does in a day")
-
     def kill_upstream(self, raw: object, *, block: bool = False) -> None:
         row = self._host(raw)
         if block:
@@ -197,14 +177,6 @@ class Relay(AccountOps):
         return {"host": row.hostname, "repo_limit": effective_limit, "per_second": effective_rate}
 
     # -- domains -----------------------------------------------------------------------------------
-    def _domain(self, raw: object) -> str:
-        if not isinstance(raw, str) or not raw.strip():
-            raise ControlError("InvalidRequest", "domain is required")
-        domain = raw.strip().lower().rstrip(".")
-        if len(domain) > 253 or not _DOMAIN.match(domain):
-            raise ControlError("InvalidRequest", f"{domain[:100]!r} is not a valid domain name")
-        return domain
-
     def list_domain_bans(self) -> list[str]:
         with self.db.connection_context():
             return banned_domains(self.db)
@@ -227,49 +199,6 @@ class Relay(AccountOps):
         if not removed:
             raise ControlError("DomainNotFound", f"{domain} is not banned", 404)
         log.info("admin unbanned domain domain=%s", domain)
-
-    # -- trusted domains ---------------------------------------------------------------------------
-    def trusted_domains(self) -> list[str]:
-        with self.db.connection_context():
-            raw = get_state(self.db, TRUSTED_KEY)
-        return list(json.loads(raw)) if raw else []
-
-    def is_trusted(self, hostname: str) -> bool:
-        """Whether ``hostname`` is in a trusted domain (hosts added later count too)."""
-        return is_banned(hostname, self.trusted_domains())
-
-    def set_trusted_domains(self, domains: list[object]) -> list[str]:
-        """Replace the trusted domains; hosts in them are marked trusted (limits build on this)."""
-        clean = sorted({self._domain(d) for d in domains})
-        with self.db.connection_context(), self.db.atomic():
-            set_state(self.db, TRUSTED_KEY, json.dumps(clean))
-            # is_banned is the domain match: the host is one of the domains or below one
-            ids = [r.id for r in list_hosts(self.db, limit=1_000_000) if is_banned(r.hostname, clean)]
-            set_hosts_trusted(self.db, ids)
-        log.info("admin set trusted domains count=%d hosts=%d", len(clean), len(ids))
-        return clean
-
-    # -- public requestCrawl -----------------------------------------------------------------------
-    def crawl_enabled(self) -> bool:
-        with self.db.connection_context():
-            return get_state(self.db, CRAWL_ENABLED_KEY) != "false"
-
-    def set_crawl_enabled(self, enabled: bool) -> None:
-        with self.db.connection_context():
-            set_state(self.db, CRAWL_ENABLED_KEY, "true" if enabled else "false")
-        log.info("admin set public requestCrawl enabled=%s", enabled)
-
-    def per_day_limit(self) -> int:
-        with self.db.connection_context():
-            raw = get_state(self.db, PER_DAY_KEY)
-        return int(raw) if raw is not None else int(self.settings.new_hosts_per_day)
-
-    def set_per_day_limit(self, limit: object) -> None:
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= 1_000_000:
-            raise ControlError("InvalidRequest", "limit must be an integer from 0 to 1000000")
-        with self.db.connection_context():
-            set_state(self.db, PER_DAY_KEY, str(limit))
-        log.info("admin set new hosts per day limit=%d", limit)
 
     # -- consumers and actors ----------------------------------------------------------------------
     def consumers(self) -> list[dict[str, Any]]:
