@@ -75,6 +75,7 @@ class Consumer:
         "_pending",
         "_wake",
         "capacity",
+        "connected_at",
         "frames_sent",
         "remote",
     )
@@ -84,6 +85,7 @@ class Consumer:
             raise ValueError("consumer buffer must hold at least one frame")
         self.capacity = capacity
         self.remote = remote
+        self.connected_at = time.time()  # for the admin consumer list
         self.frames_sent = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from actors.control_errors import ControlError
@@ -203,7 +204,13 @@ class Relay(AccountOps, PolicyOps):
     # -- consumers and actors ----------------------------------------------------------------------
     def consumers(self) -> list[dict[str, Any]]:
         return [
-            {"id": i, "remote_addr": c.remote, "events_consumed": c.frames_sent, "cut_reason": c.cut_reason}
+            {
+                "id": i,
+                "remote_addr": c.remote,
+                "events_consumed": c.frames_sent,
+                "cut_reason": c.cut_reason,
+                "connected_at": datetime.fromtimestamp(c.connected_at, UTC).isoformat().replace("+00:00", "Z"),
+            }
             for i, c in enumerate(self.supervisor.registry.consumers(), start=1)
         ]
 

@@ -137,7 +137,8 @@ COMMANDS: dict[tuple[str, str], tuple[str, str, Builder, Callable[[Any], str]]] 
     ("accounts", "reverse"): ("POST", "/admin/repo/reverseTakedown", lambda a: {"body": {"did": a.target}},
                               _ok("takedown reversed; announced at seq {seq}")),
     ("consumers", "list"): ("GET", "/admin/consumers/list", lambda a: {}, lambda r: table(r, [
-        ("id", "ID"), ("remote_addr", "ADDRESS"), ("events_consumed", "EVENTS SENT"), ("cut_reason", "CUT")])),
+        ("id", "ID"), ("remote_addr", "ADDRESS"), ("events_consumed", "EVENTS SENT"),
+        ("connected_at", "CONNECTED SINCE"), ("cut_reason", "CUT")])),
     ("actors", "list"): ("GET", "/admin/tree", lambda a: {}, lambda r: "\n".join(_tree(r))),
     ("actors", "restart"): ("POST", "/admin/actors/restart", lambda a: {"body": {"name": a.target}},
                             _ok("{name} restarting")),

@@ -79,7 +79,7 @@ def test_crawl_switch_daily_limit_consumers_tree_restarts_and_repo_upkeep(
                 ws.recv()
             consumers = ok(relay, "GET", "/admin/consumers/list")
             assert len(consumers) == 1 and consumers[0]["remote_addr"].startswith("127.0.0.1")
-            assert consumers[0]["events_consumed"] >= 3
+            assert consumers[0]["events_consumed"] >= 3 and consumers[0]["connected_at"].endswith("Z")
         finally:
             ws.close()
 
