@@ -266,6 +266,17 @@ def test_admin_cli_every_group(tmp_path: Path, db_url: str, plc: Any, host: Fram
         cli_ok(relay, "repo", "resync", alice.did)
         wait_until(lambda: alice.did in host.repo_fetches(), 20, "the re-sync fetch")
         assert "did=" in cli_ok(relay, "repo", "compact", alice.did)
+        assert cli_ok(relay, "repo", "verify", alice.did).startswith(f"ok: rev {alice.rev}, 2 records")
+        cli_ok(relay, "repo", "reset", alice.did)
+        wait_until(lambda: host.repo_fetches().count(alice.did) == 2, 20, "the reset fetch")
+        assert "1 accounts queued" in cli_ok(relay, "hosts", "resync", host.hostname)
+        wait_until(lambda: host.repo_fetches().count(alice.did) == 3, 20, "the host re-sync fetch")
+        cli_ok(relay, "crawl", "disable")
+        assert cli_ok(relay, "crawl", "status").strip() == "public requestCrawl disabled"
+        cli_ok(relay, "crawl", "enable")
+        cli_ok(relay, "crawl", "per-day", "7")
+        assert json.loads(cli_ok(relay, "--json", "crawl", "status")) == {"enabled": True}
+        assert ok(relay, "GET", "/admin/subs/perDayLimit") == {"limit": 7}
 
         refused = cli(relay, "hosts", "block", "nosuchhost.example")
         assert refused.returncode == 1 and "HostNotFound" in refused.stderr
