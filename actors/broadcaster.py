@@ -80,6 +80,7 @@ class Consumer:
         "_wake",
         "capacity",
         "capacity_bytes",
+        "connected_at",
         "frames_sent",
         "remote",
     )
@@ -91,6 +92,7 @@ class Consumer:
         self.capacity_bytes = capacity_bytes
         self._pending_bytes = 0
         self.remote = remote
+        self.connected_at = time.time()  # for the admin consumer list
         self.frames_sent = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()

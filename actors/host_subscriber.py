@@ -9,6 +9,7 @@ a bug in the reader is re-raised inside the actor so the supervisor sees the fai
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
@@ -20,6 +21,7 @@ import gevent
 import pykka
 
 from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, PersistEvent, SubscriberCrashed
+from actors.messages_control import SetSubscriberLimits, unknown_message
 from actors.metrics import (
     ACCOUNTS_RESYNC,
     EVENTS_DROPPED,
@@ -160,6 +162,13 @@ class HostSubscriber(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, SubscriberCrashed):
             raise RuntimeError(f"subscriber reader crashed: {message.error}")
+        if isinstance(message, SetSubscriberLimits):  # an operator changed them (already in SQL)
+            self.host = dataclasses.replace(self.host, account_limit=message.account_limit)
+            self.bucket = TokenBucket(message.events_per_second)
+            log.info("host limits applied host=%s account_limit=%s events_per_second=%s",
+                     self.host.hostname, message.account_limit, message.events_per_second)  # fmt: skip
+            return None
+        unknown_message("host_subscriber", message)
         return None
 
     # -- reader greenlet -------------------------------------------------------------------------

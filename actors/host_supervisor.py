@@ -19,6 +19,13 @@ import pykka
 from actors.backoff import Backoff
 from actors.host_subscriber import HostSubscriber, SubscriberConfig
 from actors.messages import ChildFailed, GetTree, HostGaveUp, RestartChild, StartHost, StopHost
+from actors.messages_control import (
+    ApplyHostLimits,
+    ForgetAccount,
+    RestartHost,
+    SetSubscriberLimits,
+    unknown_message,
+)
 from actors.metrics import CHILD_RESTARTS
 from actors.verify import HostContext, Verifier
 from store.hosts import (
@@ -70,20 +77,34 @@ class HostSupervisor(pykka.ThreadingActor):
         self.children: dict[str, _Child] = {}
 
     def on_receive(self, message: Any) -> Any:
-        if isinstance(message, StartHost):
-            self._start(message.hostname, reset=True)
-        elif isinstance(message, RestartChild):
-            child = self.children.get(message.name)
-            if child is not None and child.generation == message.generation and child.state != "stopped":
-                self._start(message.name, reset=False)
-        elif isinstance(message, ChildFailed):
-            self._failed(message.name, message.error, offline=False)
-        elif isinstance(message, HostGaveUp):
-            self._failed(message.hostname, message.error, offline=True)
-        elif isinstance(message, StopHost):
-            self._stop_child(message.hostname, message.reason)
-        elif isinstance(message, GetTree):
-            return self.tree()
+        match message:
+            case StartHost():
+                self._start(message.hostname, reset=True)
+            case RestartChild():
+                child = self.children.get(message.name)
+                if child is not None and child.generation == message.generation and child.state != "stopped":
+                    self._start(message.name, reset=False)
+            case ChildFailed():
+                self._failed(message.name, message.error, offline=False)
+            case HostGaveUp():
+                self._failed(message.hostname, message.error, offline=True)
+            case StopHost():
+                self._stop_child(message.hostname, message.reason)
+            case RestartHost():
+                self._stop_child(message.hostname, "restart")
+                self._start(message.hostname, reset=True)
+            case ApplyHostLimits():
+                child = self.children.get(message.hostname)
+                if child is not None and child.ref is not None and child.ref.is_alive():
+                    limit = message.account_limit
+                    rate = message.events_per_second or self.default_events_per_second
+                    child.ref.tell(SetSubscriberLimits(limit, rate))
+            case ForgetAccount():
+                self.verifier.accounts.forget(message.did)
+            case GetTree():
+                return self.tree()
+            case _:
+                unknown_message("host_supervisor", message)
         return None
 
     def on_stop(self) -> None:

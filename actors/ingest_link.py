@@ -3,7 +3,10 @@
 Over a local socket pair, each message is a 4-byte big-endian length and a DAG-CBOR list
 ``[kind, payload]``. Worker -> relay: ``events`` (batches of verified events with their
 account state), ``cursors`` (upstream progress), ``tree`` (a reply). Relay -> worker:
-``start_host``, ``stop_host``, ``get_tree``. Socket backpressure is the flow control: the
+``start_host``, ``stop_host``, ``get_tree``, ``quit``, and the control plane's
+(``actors.messages_control``): ``restart_host`` (hostname), ``host_limits`` ([hostname,
+account limit, events/s]), ``forget_account`` (did). A worker re-reads all such state from
+SQL when it starts, so a change sent while a worker is down is not lost. Socket backpressure is the flow control: the
 relay stops reading a worker while its sequencer is full, the worker's sends then block,
 and its subscribers stop reading their hosts.
 """

@@ -27,6 +27,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from actors.backoff import Backoff
 from actors.ingest_link import LinkClosed, decode_cursors, decode_events, recv_message, send_message
 from actors.messages import GetTree, StartHost, StopHost, WriteBehind
+from actors.messages_control import ApplyHostLimits, ForgetAccount, RestartHost, unknown_message
 from actors.metrics import CHILD_RESTARTS
 from config.settings import Settings, settings_to_json
 
@@ -67,13 +68,37 @@ class IngestPool:
         return not self._stopping
 
     def tell(self, message: Any) -> None:
-        if isinstance(message, StartHost):
-            index = zlib.crc32(message.hostname.encode()) % len(self.workers)
-            self.hosts[message.hostname] = index
-            self._send(self.workers[index], "start_host", message.hostname)
-        elif isinstance(message, StopHost) and message.hostname in self.hosts:
-            index = self.hosts.pop(message.hostname)
-            self._send(self.workers[index], "stop_host", [message.hostname, message.reason])
+        match message:
+            case StartHost():
+                index = zlib.crc32(message.hostname.encode()) % len(self.workers)
+                self.hosts[message.hostname] = index
+                self._send(self.workers[index], "start_host", message.hostname)
+            case StopHost():
+                if message.hostname in self.hosts:
+                    index = self.hosts.pop(message.hostname)
+                    self._send(self.workers[index], "stop_host", [message.hostname, message.reason])
+            case RestartHost():
+                if message.hostname in self.hosts:
+                    self._send(self.workers[self.hosts[message.hostname]], "restart_host", message.hostname)
+            case ApplyHostLimits():
+                if message.hostname in self.hosts:
+                    payload = [message.hostname, message.account_limit, message.events_per_second]
+                    self._send(self.workers[self.hosts[message.hostname]], "host_limits", payload)
+            case ForgetAccount():  # any worker may hold the account (it may have moved between hosts)
+                for worker in self.workers:
+                    self._send(worker, "forget_account", message.did)
+            case _:
+                unknown_message("ingest_pool", message)
+
+    def restart_worker(self, index: int) -> bool:
+        """Kill worker ``index``; it is started again with its hosts like any dead worker."""
+        if not 0 <= index < len(self.workers):
+            return False
+        proc = self.workers[index].proc
+        if proc is not None and proc.poll() is None:
+            log.warning("ingest worker restart requested index=%d", index)
+            proc.kill()
+        return True
 
     def ask(self, message: Any, timeout: float = 5.0) -> Any:
         if not isinstance(message, GetTree):
@@ -154,6 +179,8 @@ class IngestPool:
                         self.sequencer.tell(cursor)
                 elif kind == "tree" and worker.tree is not None:
                     worker.tree.set(payload)
+                else:
+                    unknown_message("ingest_pool_link", kind)
         except (OSError, LinkClosed):
             pass
         if not self._stopping:

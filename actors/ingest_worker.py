@@ -34,6 +34,7 @@ from actors.ingest_link import (  # noqa: E402
     send_message,
 )
 from actors.messages import AdvanceCursor, GetTree, PersistEvent, StartHost, StopHost  # noqa: E402
+from actors.messages_control import ApplyHostLimits, ForgetAccount, RestartHost, unknown_message  # noqa: E402
 from actors.outbound import OutboundClient  # noqa: E402
 from actors.verify import Verifier, VerifyLimits  # noqa: E402
 from config.logs import configure_logging  # noqa: E402
@@ -133,10 +134,19 @@ def run(settings: Settings, sock: socket.socket, index: int) -> int:
                 hosts.tell(StartHost(str(payload)))
             elif kind == "stop_host":
                 hosts.tell(StopHost(str(payload[0]), str(payload[1])))
+            elif kind == "restart_host":
+                hosts.tell(RestartHost(str(payload)))
+            elif kind == "host_limits":
+                hostname, limit, rate = payload
+                hosts.tell(ApplyHostLimits(str(hostname), limit, rate))
+            elif kind == "forget_account":
+                hosts.tell(ForgetAccount(str(payload)))
             elif kind == "get_tree":
                 send_message(sock, "tree", hosts.ask(GetTree(), timeout=5))
             elif kind == "quit":
                 break
+            else:
+                unknown_message("ingest_worker", kind)
     except (OSError, LinkClosed):
         pass
     log.info("ingest worker stopping index=%d", index)

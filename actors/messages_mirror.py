@@ -52,3 +52,17 @@ class CompactNow:
     """Compact the accounts with the most slices now (also sent by a timer)."""
 
     limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ResetRepo:
+    """Admin (asked): delete the account's mirrored repo and fetch it again from its PDS."""
+
+    did: str
+
+
+@dataclass(frozen=True, slots=True)
+class CompactRepo:
+    """Admin (asked): compact one account now; answers its ``CompactStats`` or None (busy or absent)."""
+
+    did: str

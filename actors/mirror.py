@@ -25,13 +25,16 @@ import pykka
 from prometheus_client import Counter, Gauge, Histogram
 
 from actors.blocking import off_loop
+from actors.messages_control import unknown_message
 from actors.messages_mirror import (
     BackfillDone,
     CompactNow,
+    CompactRepo,
     FlushMirror,
     MirrorBatch,
     MirrorEvent,
     RequestResync,
+    ResetRepo,
 )
 from actors.outbound import Limits, OutboundClient
 from actors.outbound_errors import OutboundError
@@ -112,22 +115,38 @@ class RepoMirror(pykka.ThreadingActor):
 
     # -- messages -----------------------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
-        if isinstance(message, MirrorBatch):
-            for event in message.events:
-                self._apply(event)
-            if self._pending and not self._flush_queued:
-                self._flush_queued = True
-                self.actor_ref.tell(FlushMirror())
-        elif isinstance(message, FlushMirror):
-            self._flush_queued = False
-            self._flush()
-        elif isinstance(message, RequestResync):
-            self._flush()
-            self._start_backfill(message.did, message.reason)
-        elif isinstance(message, BackfillDone):
-            self._backfilled(message)
-        elif isinstance(message, CompactNow):
-            self._compact(message.limit)
+        match message:
+            case MirrorBatch():
+                for event in message.events:
+                    self._apply(event)
+                if self._pending and not self._flush_queued:
+                    self._flush_queued = True
+                    self.actor_ref.tell(FlushMirror())
+            case FlushMirror():
+                self._flush_queued = False
+                self._flush()
+            case RequestResync():
+                self._flush()
+                self._start_backfill(message.did, message.reason)
+            case BackfillDone():
+                self._backfilled(message)
+            case CompactNow():
+                self._compact(message.limit)
+            case ResetRepo():
+                self._flush()
+                if message.did not in self._active:
+                    self._forget(message.did)
+                    off_loop(lambda: self.carstore.delete_repo(message.did))
+                self._start_backfill(message.did, "admin_reset")
+            case CompactRepo():
+                self._flush()
+                if message.did in self._held or message.did in self._active:
+                    return None
+                if off_loop(lambda: self.carstore.head(message.did)) is None:
+                    return None
+                return off_loop(lambda: self.carstore.compact(message.did))
+            case _:
+                unknown_message("repo_mirror", message)
         return None
 
     # -- live events --------------------------------------------------------------------------

@@ -9,8 +9,10 @@ cursors are written behind to SQL on ``Tick``; the log is the truth, so after a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import gevent
@@ -22,19 +24,21 @@ from actors.accounts import AccountState
 from actors.blocking import off_loop
 from actors.messages import AdvanceCursor, FlushBatch, PersistEvent, Tick, WriteBehind
 from actors.messages_broadcast import Broadcast
+from actors.messages_control import SetAccountStatus, unknown_message
 from actors.messages_mirror import MirrorBatch, MirrorEvent
-from actors.metrics import EVENTS_ACCEPTED, INGEST_TO_DURABLE, LAST_SEQ, SEQUENCED_BATCH
+from actors.metrics import EVENTS_ACCEPTED, EVENTS_DROPPED, INGEST_TO_DURABLE, LAST_SEQ, SEQUENCED_BATCH
 from protocol.car import read_car
 from protocol.commit import decode_commit
 from protocol.errors import ProtocolError
-from protocol.frames import AccountEvent, CommitEvent, SyncEvent, decode_frame, resequence
-from store.accounts import ACTIVE, load_account, upsert_accounts
+from protocol.frames import AccountEvent, CommitEvent, SyncEvent, decode_frame, encode_frame, resequence
+from store.accounts import ACTIVE, TAKENDOWN, load_account, takendown_dids, upsert_accounts
 from store.eventlog import EventLog, LogRecord
 from store.hosts import get_state, reset_cursors, save_cursors, set_state
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "sequencer_checkpoint_seq"
 MIRROR_MAX_BACKLOG = 1000  # MirrorBatch messages waiting for the repo mirror
+RELAY_HOST_ID = 0  # the host_id of events the relay itself originates (admin #account announcements)
 
 
 class Sequencer(pykka.ThreadingActor):
@@ -64,41 +68,94 @@ class Sequencer(pykka.ThreadingActor):
         self._written_cursors: dict[int, int] = {}
         self._cursor_resets: set[int] = set()  # hosts whose saved cursor must be allowed to go down
         self._last_seq = event_log.last_seq
+        self._takendown: set[str] = set()  # accounts whose events are dropped here (admin takedowns)
+
+    def on_start(self) -> None:
+        self._takendown = off_loop(lambda: self._load_takedowns())
+
+    def _load_takedowns(self) -> set[str]:
+        with self.db.connection_context():
+            return takendown_dids(self.db)
 
     @property
     def last_seq(self) -> int:
         return self._last_seq
 
     def on_receive(self, message: Any) -> Any:
-        if isinstance(message, PersistEvent):
-            self._pending.append(message)
-            if not self._flush_queued:
-                self._flush_queued = True
-                if self.batch_window_seconds > 0:  # gather a little more: fewer fsyncs and sends
-                    gevent.spawn_later(self.batch_window_seconds, self.actor_ref.tell, FlushBatch())
-                else:
-                    self.actor_ref.tell(FlushBatch())
-        elif isinstance(message, FlushBatch):
-            self._flush_queued = False
-            self._flush()
-        elif isinstance(message, AdvanceCursor):
-            if message.reset:
-                self._cursors[message.host_id] = message.upstream_seq
-                self._cursor_resets.add(message.host_id)
-            elif message.upstream_seq > self._cursors.get(message.host_id, -1):
-                self._cursors[message.host_id] = message.upstream_seq
-        elif isinstance(message, WriteBehind):
-            self._flush()
-            self._write_behind(wait=True)
-        elif isinstance(message, Tick):
-            self._flush()
-            self._write_behind(wait=False)
-            if time.monotonic() - self._last_prune >= self.prune_interval_seconds:
-                self._last_prune = time.monotonic()
-                removed = off_loop(self.log.prune)
-                if removed:
-                    log.info("event log pruned records=%d first_seq=%d", removed, self.log.first_seq)
+        match message:
+            case PersistEvent():
+                self._accept(message)
+            case FlushBatch():
+                self._flush_queued = False
+                self._flush()
+            case AdvanceCursor():
+                if message.reset:
+                    self._cursors[message.host_id] = message.upstream_seq
+                    self._cursor_resets.add(message.host_id)
+                elif message.upstream_seq > self._cursors.get(message.host_id, -1):
+                    self._cursors[message.host_id] = message.upstream_seq
+            case WriteBehind():
+                self._flush()
+                self._write_behind(wait=True)
+            case Tick():
+                self._flush()
+                self._write_behind(wait=False)
+                if time.monotonic() - self._last_prune >= self.prune_interval_seconds:
+                    self._last_prune = time.monotonic()
+                    removed = off_loop(self.log.prune)
+                    if removed:
+                        log.info("event log pruned records=%d first_seq=%d", removed, self.log.first_seq)
+            case SetAccountStatus():
+                return self._set_status(message.did, message.status)
+            case _:
+                unknown_message("sequencer", message)
         return None
+
+    def _accept(self, message: PersistEvent) -> None:
+        account = message.account
+        if account is not None and message.host_id != RELAY_HOST_ID:
+            if account.did in self._takendown:  # taken down since the sender verified it
+                EVENTS_DROPPED.labels("", "account_takendown").inc()
+                if message.upstream_seq > self._cursors.get(message.host_id, -1):
+                    self._cursors[message.host_id] = message.upstream_seq
+                return
+            if account.status == TAKENDOWN:  # the sender's cache predates a reversal
+                message = dataclasses.replace(message, account=account.updated(status=ACTIVE))
+        self._pending.append(message)
+        if not self._flush_queued:
+            self._flush_queued = True
+            if self.batch_window_seconds > 0:  # gather a little more: fewer fsyncs and sends
+                gevent.spawn_later(self.batch_window_seconds, self.actor_ref.tell, FlushBatch())
+            else:
+                self.actor_ref.tell(FlushBatch())
+
+    def _set_status(self, did: str, status: str) -> int | None:
+        """Set ``did``'s relay status, announce it as ``#account`` (durable, written through); its seq."""
+        self._flush()  # events accepted before the change keep their place before the announcement
+        if self._writer is not None:  # an older snapshot of this account must not land after the change
+            self._writer.join()
+        state = next((p.account for p in reversed(self._pending) if p.account and p.account.did == did), None)
+        state = state or self._accounts.get(did)
+        if state is None:
+            row = off_loop(lambda: self._load_account(did))
+            if row is None:
+                return None
+            state = AccountState.from_row(row)
+        state = state.updated(status=status)
+        if status == TAKENDOWN:
+            self._takendown.add(did)
+        else:
+            self._takendown.discard(did)
+        announced = None if state.active else (status if status != ACTIVE else state.upstream_status)
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        frame = encode_frame(AccountEvent(seq=0, did=did, time=stamp, active=state.active, status=announced), 0)
+        self._pending.append(PersistEvent(RELAY_HOST_ID, 0, "#account", frame, state, time.time()))
+        self._flush()
+        return self._last_seq
+
+    def _load_account(self, did: str) -> Any:
+        with self.db.connection_context():
+            return load_account(self.db, did)
 
     def on_stop(self) -> None:
         self._flush()
@@ -259,6 +316,8 @@ def _reapply(db: peewee.Database, record: LogRecord, states: dict[str, AccountSt
         except (ProtocolError, IndexError, KeyError):
             return
         state = state.updated(rev=event.rev, commit_cid=root, data_cid=commit.data)
+    elif isinstance(event, AccountEvent) and record.host_id == RELAY_HOST_ID:  # an admin status change
+        state = state.updated(status=TAKENDOWN if event.status == TAKENDOWN else ACTIVE)
     elif isinstance(event, AccountEvent):
         state = state.updated(upstream_status=ACTIVE if event.active else (event.status or "deactivated"))
     states[did] = state

@@ -241,6 +241,16 @@ class RelaySupervisor:
             if self.sequencer is not None and self.sequencer.is_alive():
                 self.sequencer.tell(Tick())
 
+    # -- for the control plane (actors.relay_api) ---------------------------------------------
+    def restart(self, name: str) -> bool:
+        """Stop a restartable child (``identity``, ``mirror``); the watchdog starts it again. False: not one."""
+        ref = {"identity": self.identity, "mirror": self.mirror.ref}.get(name)
+        if ref is None:
+            return False
+        log.warning("actor restart requested actor=%s", name)
+        ref.stop(block=False)
+        return True
+
     # -- for the web layer --------------------------------------------------------------------
     def tree(self) -> dict[str, Any]:
         def leaf(name: str, kind: str, ref: Any) -> dict[str, Any]:

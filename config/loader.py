@@ -28,9 +28,10 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("text", "json")
 _FIELD_TYPES = typing.get_type_hints(Settings)
 # numeric settings where 0 is meaningful (all others must be positive)
-_ZERO_ALLOWED = frozenset({"ingest_workers", "sequencer_batch_window_seconds"})
+_ZERO_ALLOWED = frozenset({"ingest_workers", "sequencer_batch_window_seconds", "new_hosts_per_day"})
 # SKYRELAY_* variables read by tools and tests, not settings
-_TOOL_ENV = {"SKYRELAY_CONFIG", "SKYRELAY_SHARED_DIR", "SKYRELAY_REFPDS_DIR"}
+_TOOL_ENV = {"SKYRELAY_CONFIG", "SKYRELAY_SHARED_DIR", "SKYRELAY_REFPDS_DIR", "SKYRELAY_ADMIN_URL"}
+MIN_ADMIN_PASSWORD_CHARS = 12
 
 
 class ConfigError(Exception):
@@ -144,6 +145,12 @@ def _validate(s: Settings, problems: list[str]) -> None:
         problems.append(f"log_level = {s.log_level!r} must be one of {', '.join(_LOG_LEVELS)}")
     if s.log_format not in _LOG_FORMATS:
         problems.append(f"log_format = {s.log_format!r} must be one of {', '.join(_LOG_FORMATS)}")
+    for password in s.admin_passwords():
+        if len(password) < MIN_ADMIN_PASSWORD_CHARS:
+            problems.append(
+                f"admin passwords must be at least {MIN_ADMIN_PASSWORD_CHARS} characters (one has {len(password)}):"
+                " use a long random one, e.g. from `openssl rand -hex 16`"
+            )
     for f in dataclasses.fields(s):
         value = getattr(s, f.name)
         if f.name in _ZERO_ALLOWED:

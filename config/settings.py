@@ -90,6 +90,20 @@ class Settings:
     log_level: str = "info"
     # log format: text or json
     log_format: str = "text"
+    # -- control plane (admin API and CLI) --
+    # more admin passwords, comma-separated, accepted beside admin_password (for rotation); 12+ chars each
+    admin_extra_passwords: Secret = field(default_factory=lambda: Secret(""))
+    # failed admin sign-ins from one client address within the window before it is answered 429
+    admin_auth_max_failures: int = 10
+    # the window over which failed admin sign-ins are counted, in seconds
+    admin_auth_window_seconds: float = 300.0
+    # new hosts public requestCrawl may add per day (the admin API changes it at run time)
+    new_hosts_per_day: int = 50
+
+    def admin_passwords(self) -> tuple[str, ...]:
+        """Every accepted admin password (empty: the admin API is off)."""
+        extra = [p.strip() for p in self.admin_extra_passwords.reveal().split(",")]
+        return tuple(p for p in (self.admin_password.reveal(), *extra) if p)
 
     # -- web front end limits (issue 7: anonymous clients) --
     # seconds a client has to send a request line and headers (from connecting, or from its first byte)

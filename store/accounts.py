@@ -1,4 +1,4 @@
-"""Named queries for accounts: load one, list them, upsert many (write-behind from memory)."""
+"""Named queries for accounts: load one, list them, upsert many (write-behind from memory), relay status."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from typing import Any
 
 import peewee
 
-from store.sql import executemany, fetchall, fetchone, to_bytes
+from store.sql import execute, executemany, fetchall, fetchone, to_bytes
 
 # the status of an active account, at the relay (moderation) and upstream (#account)
 ACTIVE = "active"
+# relay-level status of an account an operator took down
+TAKENDOWN = "takendown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,3 +65,25 @@ def upsert_accounts(db: peewee.Database, rows: Iterable[AccountRow]) -> None:
             for r in rows
         ],
     )
+
+
+def set_account_status(db: peewee.Database, did: str, status: str) -> bool:
+    """Set the relay-level status of a known account; False when the account is unknown."""
+    return execute(db, "UPDATE account SET status = ?, updated_at = ? WHERE did = ?", (status, time.time(), did)) > 0
+
+
+def list_takedowns(db: peewee.Database, *, after_uid: int = 0, limit: int = 500) -> list[tuple[int, str]]:
+    """``(uid, did)`` of accounts taken down at this relay, by uid."""
+    rows = fetchall(db, "SELECT uid, did FROM account WHERE status = ? AND uid > ? ORDER BY uid LIMIT ?",
+                    (TAKENDOWN, after_uid, limit))  # fmt: skip
+    return [(int(r[0]), str(r[1])) for r in rows]
+
+
+def takendown_dids(db: peewee.Database) -> set[str]:
+    return {str(r[0]) for r in fetchall(db, "SELECT did FROM account WHERE status = ?", (TAKENDOWN,))}
+
+
+def host_account_dids(db: peewee.Database, host_id: int, *, after_did: str = "", limit: int = 1000) -> list[str]:
+    rows = fetchall(db, "SELECT did FROM account WHERE host_id = ? AND did > ? ORDER BY did LIMIT ?",
+                    (host_id, after_did, limit))  # fmt: skip
+    return [str(r[0]) for r in rows]

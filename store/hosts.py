@@ -1,4 +1,4 @@
-"""Named queries for upstream hosts: create, list, cursors, status, limits, domain bans."""
+"""Named queries for upstream hosts: create, list, cursors, status, limits, trust, domain bans, relay state."""
 
 from __future__ import annotations
 
@@ -109,6 +109,31 @@ def banned_domains(db: peewee.Database) -> list[str]:
 def add_domain_ban(db: peewee.Database, domain: str) -> None:
     execute(db, "INSERT INTO domain_ban (domain, created_at) VALUES (?, ?) ON CONFLICT (domain) DO NOTHING",
             (domain.lower(), time.time()))  # fmt: skip
+
+
+def remove_domain_ban(db: peewee.Database, domain: str) -> bool:
+    """Lift a ban; False when ``domain`` was not banned."""
+    return execute(db, "DELETE FROM domain_ban WHERE domain = ?", (domain.lower(),)) > 0
+
+
+def set_host_limits(
+    db: peewee.Database, host_id: int, *, account_limit: int | None, events_per_second: float | None
+) -> None:
+    execute(db, "UPDATE host SET account_limit = ?, events_per_second = ?, updated_at = ? WHERE id = ?",
+            (account_limit, events_per_second, time.time(), host_id))  # fmt: skip
+
+
+def set_hosts_trusted(db: peewee.Database, trusted: Iterable[int]) -> None:
+    """Mark exactly the hosts ``trusted`` as trusted (every other host untrusted)."""
+    ids = list(trusted)
+    with db.atomic():
+        execute(db, "UPDATE host SET trusted = ? WHERE trusted = ?", (False, True))
+        executemany(db, "UPDATE host SET trusted = ? WHERE id = ?", [(True, h) for h in ids])
+
+
+def count_hosts_created_since(db: peewee.Database, since: float) -> int:
+    row = fetchone(db, "SELECT COUNT(*) FROM host WHERE created_at >= ?", (since,))
+    return int(row[0]) if row else 0
 
 
 def get_state(db: peewee.Database, key: str) -> str | None:

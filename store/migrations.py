@@ -92,6 +92,11 @@ MAIN_MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "index of accounts by relay status (takedown lists)",
+        ("CREATE INDEX account_status_idx ON account (status)",),
+    ),
 )
 
 

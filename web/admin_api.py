@@ -1,53 +1,246 @@
-"""Operator API (HTTP basic auth as ``admin`` with ``admin_password``): repo re-sync requests.
+"""The admin JSON API under ``/admin/``: HTTP in and out around ``actors.relay_api.Relay``, nothing else.
 
-Disabled (404) when no admin password is configured. More operator actions (bans, limits,
-takedowns, the actor tree) belong here as they are built.
+Paths, parameters and JSON field names follow the reference relay's admin API where it has the
+same operation (parameters in the query string or, equally, in a JSON body); skyrelay's own
+operations sit beside them. Every answer is JSON; a refused request is an XRPC error
+``{"error", "message"}`` with a 4xx status and changes nothing. Off (404) without a password;
+authentication and its throttle: ``web.admin_auth``. Routes are listed in README.md.
 """
 
 from __future__ import annotations
 
-import hmac
+import json
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from actors.messages_mirror import RequestResync
-from protocol.syntax import is_valid_did
-from web.xrpc_errors import XrpcError
+from actors.control_errors import ControlError
+from web.admin_auth import AdminAuthError, AdminGuard
+from web.xrpc_errors import XrpcError, xrpc_error_response
 
 log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 64 * 1024
+_TRUE = {"1", "t", "true"}
+_FALSE = {"0", "f", "false"}
+OK = {"success": "true"}
 
 
-def admin_blueprint(*, password: str, mirror: Any, tree: Callable[[], Any] | None = None) -> Blueprint:
+def _body() -> dict[str, Any]:
+    """The JSON object body ({} when there is none); read at most MAX_BODY_BYTES, chunked or not."""
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise XrpcError("PayloadTooLarge", "request body too large", 413)
+    cached = getattr(request, "_admin_body", None)
+    if cached is not None:
+        return dict(cached)
+    data = request.stream.read(MAX_BODY_BYTES + 1)
+    if len(data) > MAX_BODY_BYTES:
+        raise XrpcError("PayloadTooLarge", "request body too large", 413)
+    body: Any = {}
+    if data.strip():
+        try:
+            body = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise XrpcError("InvalidRequest", "body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise XrpcError("InvalidRequest", "body must be a JSON object")
+    request._admin_body = body  # type: ignore[attr-defined]
+    return dict(body)
+
+
+def _param(*names: str) -> Any:
+    """A parameter from the query string or the JSON body (the first name found)."""
+    for name in names:
+        if name in request.args:
+            return request.args[name]
+    body = _body()
+    for name in names:
+        if name in body:
+            return body[name]
+    return None
+
+
+def _bool(name: str) -> bool:
+    raw = _param(name)
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower() if raw is not None else ""
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise XrpcError("InvalidRequest", f"{name} must be true or false")
+
+
+def _int(name: str, *, default: int | None = None) -> int:
+    raw = _param(name)
+    if raw is None and default is not None:
+        return default
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 18:
+        return int(raw)
+    raise XrpcError("InvalidRequest", f"{name} must be a non-negative integer")
+
+
+def _number(name: str) -> Any:
+    """An optional number: JSON numbers pass as they are, query strings are parsed; the Relay checks ranges."""
+    raw = _param(name)
+    if isinstance(raw, str):
+        try:
+            return float(raw) if "." in raw else int(raw)
+        except ValueError:
+            raise XrpcError("InvalidRequest", f"{name} must be a number") from None
+    return raw
+
+
+def admin_blueprint(*, relay: Any, guard: AdminGuard) -> Blueprint:
     bp = Blueprint("admin_api", __name__)
 
     @bp.before_request
     def _auth() -> None:
-        if not password:
+        if not guard.enabled:
             raise XrpcError("NotFound", "the admin API is disabled (no admin password set)", 404)
-        auth = request.authorization
-        given = auth.password if auth is not None and auth.username == "admin" else None
-        if given is None or not hmac.compare_digest(given.encode(), password.encode()):
-            raise XrpcError("AuthRequired", "admin credentials required", 401)
+        guard.check(request.remote_addr or "", request.headers.get("Authorization"))
+
+    @bp.errorhandler(AdminAuthError)
+    def _refused(exc: AdminAuthError) -> Any:
+        resp, status = xrpc_error_response(exc.status, exc.error, exc.message)
+        resp.headers.update(exc.headers)
+        return resp, status
+
+    @bp.errorhandler(ControlError)
+    def _control(exc: ControlError) -> Any:
+        return xrpc_error_response(exc.status, exc.error, exc.message)
+
+    # -- subscriptions and crawling (reference paths) -----------------------------------------
+    @bp.get("/admin/subs/getUpstreamConns")
+    def upstream_conns() -> Any:
+        return jsonify(relay.upstream_conns())
+
+    @bp.post("/admin/subs/killUpstream")
+    def kill_upstream() -> Any:
+        block = _bool("block") if _param("block") is not None else False
+        relay.kill_upstream(_param("host"), block=block)
+        return jsonify(OK)
+
+    @bp.get("/admin/subs/getEnabled")
+    def get_enabled() -> Any:
+        return jsonify({"enabled": relay.crawl_enabled()})
+
+    @bp.post("/admin/subs/setEnabled")
+    def set_enabled() -> Any:
+        relay.set_crawl_enabled(_bool("enabled"))
+        return jsonify(OK)
+
+    @bp.get("/admin/subs/perDayLimit")
+    def per_day_limit() -> Any:
+        return jsonify({"limit": relay.per_day_limit()})
+
+    @bp.post("/admin/subs/setPerDayLimit")
+    def set_per_day_limit() -> Any:
+        relay.set_per_day_limit(_int("limit"))
+        return jsonify(OK)
+
+    @bp.get("/admin/subs/listDomainBans")
+    def list_domain_bans() -> Any:
+        return jsonify({"banned_domains": relay.list_domain_bans()})
+
+    @bp.post("/admin/subs/banDomain")
+    def ban_domain() -> Any:
+        stopped = relay.ban_domain(_param("domain", "Domain"))
+        return jsonify({**OK, "hosts_disconnected": stopped})
+
+    @bp.post("/admin/subs/unbanDomain")
+    def unban_domain() -> Any:
+        relay.unban_domain(_param("domain", "Domain"))
+        return jsonify(OK)
+
+    @bp.get("/admin/subs/trustedDomains")
+    def trusted_domains() -> Any:
+        return jsonify({"trusted_domains": relay.trusted_domains()})
+
+    @bp.post("/admin/subs/setTrustedDomains")
+    def set_trusted_domains() -> Any:
+        domains = _param("domains")
+        if not isinstance(domains, list):
+            raise XrpcError("InvalidRequest", 'body must be JSON {"domains": [...]}')
+        return jsonify({**OK, "trusted_domains": relay.set_trusted_domains(domains)})
+
+    # -- accounts and repos ------------------------------------------------------------------
+    @bp.post("/admin/repo/takeDown")
+    def take_down() -> Any:
+        return jsonify({**OK, "seq": relay.take_down(_param("did"))})
+
+    @bp.post("/admin/repo/reverseTakedown")
+    def reverse_takedown() -> Any:
+        return jsonify({**OK, "seq": relay.reverse_takedown(_param("did"))})
+
+    @bp.get("/admin/repo/takedowns")
+    def takedowns() -> Any:
+        dids, cursor = relay.list_takedowns(_int("cursor", default=0))
+        out: dict[str, Any] = {"dids": dids}
+        if cursor:
+            out["cursor"] = cursor
+        return jsonify(out)
+
+    @bp.post("/admin/repo/compact")
+    def compact() -> Any:
+        return jsonify({**OK, "stats": relay.compact(_param("did"))})
+
+    @bp.post("/admin/repo/reset")
+    def reset() -> Any:
+        relay.reset(_param("did"))
+        return jsonify(OK)
+
+    @bp.post("/admin/repo/verify")
+    def verify() -> Any:
+        result = relay.verify(_param("did"))
+        return jsonify({**result, "success": "true" if result["success"] else "false"})
 
     @bp.post("/admin/repo/resync")
     def resync() -> Any:
-        body = request.get_json(silent=True)
-        did = body.get("did") if isinstance(body, dict) else None
-        if not isinstance(did, str) or not is_valid_did(did):
-            raise XrpcError("InvalidRequest", 'body must be JSON {"did": "<a valid DID>"}')
-        if mirror is None:
-            raise XrpcError("MethodNotImplemented", "the repo mirror is disabled", 501)
-        mirror.tell(RequestResync(did, "admin"))
-        log.info("admin requested resync did=%s", did)
+        did = _param("did")
+        relay.resync(did)
         return jsonify({"did": did, "queued": True})
 
+    # -- hosts -------------------------------------------------------------------------------
+    @bp.get("/admin/pds/list")
+    def list_hosts() -> Any:
+        return jsonify(relay.list_hosts())
+
+    @bp.post("/admin/pds/requestCrawl")
+    def request_crawl() -> Any:
+        return jsonify({**OK, "hostname": relay.request_crawl(_param("hostname"), admin=True)})
+
+    @bp.post("/admin/pds/changeLimits")
+    def change_limits() -> Any:
+        limits = relay.change_limits(_param("host"), repo_limit=_number("repo_limit"), per_second=_number("per_second"))
+        return jsonify({**OK, **limits})
+
+    @bp.post("/admin/pds/block")
+    def block() -> Any:
+        relay.block_host(_param("host"))
+        return jsonify(OK)
+
+    @bp.post("/admin/pds/unblock")
+    def unblock() -> Any:
+        relay.unblock_host(_param("host"))
+        return jsonify(OK)
+
+    @bp.post("/admin/pds/resync")
+    def resync_host() -> Any:
+        return jsonify({**OK, "queued": relay.resync_host(_param("host"))})
+
+    # -- consumers and actors ------------------------------------------------------------------
+    @bp.get("/admin/consumers/list")
+    def consumers() -> Any:
+        return jsonify(relay.consumers())
+
     @bp.get("/admin/tree")
-    def actor_tree() -> Any:
-        if tree is None:
-            raise XrpcError("MethodNotImplemented", "no actor tree available", 501)
-        return jsonify(tree())
+    def tree() -> Any:
+        return jsonify(relay.tree())
+
+    @bp.post("/admin/actors/restart")
+    def restart_actor() -> Any:
+        return jsonify({**OK, "name": relay.restart_actor(_param("name"))})
 
     return bp

@@ -1,4 +1,4 @@
-"""The ``skyrelay`` command: ``serve`` runs the relay; ``config`` prints the effective settings.
+"""The ``skyrelay`` command: ``serve`` runs the relay; ``config`` prints the effective settings; ``admin`` operates one.
 
 Only the standard library is imported at module level: ``serve`` monkey-patches gevent first
 thing, before pykka, peewee or any socket user is imported.
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(serve)
     show = sub.add_parser("config", help="print the effective settings (secrets masked) and exit")
     _add_setting_flags(show)
+    from web.admin_cli import add_admin_parser  # standard library only
+
+    add_admin_parser(sub)
     return parser
 
 
@@ -87,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         from web.server import serve
 
         return serve(settings)
+    if args.command == "admin":
+        from web.admin_cli import run_admin
+
+        return run_admin(args)
     if args.command == "config":
         settings = _settings_from_args(args)
         print(json.dumps(settings.public_dict(), indent=2))

@@ -13,12 +13,14 @@ from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from actors.relay_api import Relay
 from actors.supervisor import RelaySupervisor
 from config.logs import configure_logging
 from config.settings import Settings
 from store.db import open_database, ping
 from store.migrations import apply_migrations
 from web.admin_api import admin_blueprint
+from web.admin_auth import AdminGuard
 from web.app import create_app
 from web.firehose import firehose_blueprint, pre_upgrade_hook
 from web.httpserver import HttpLimits, RelayWSGIServer
@@ -35,6 +37,7 @@ class Services:
         self.settings = settings
         self.relay = relay
         self.db = relay.db
+        self.control = Relay(relay)  # every operator operation goes through it
 
     def health(self) -> bool:
         with self.db.connection_context():
@@ -69,12 +72,16 @@ class Services:
                 crawl_requests_per_minute=self.settings.crawl_requests_per_minute,
                 max_hosts=self.settings.max_hosts,
                 outbound=self.relay.outbound,
+                crawl_gate=self.control.public_crawl_gate,
             ),
             repo_blueprint(db=self.db, carstore=self.relay.carstore),
             admin_blueprint(
-                password=self.settings.admin_password.reveal(),
-                mirror=self.relay.mirror if self.relay.carstore is not None else None,
-                tree=self.relay.tree,
+                relay=self.control,
+                guard=AdminGuard(
+                    self.settings.admin_passwords(),
+                    max_failures=self.settings.admin_auth_max_failures,
+                    window_seconds=self.settings.admin_auth_window_seconds,
+                ),
             ),
             metrics,
         ]

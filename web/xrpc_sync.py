@@ -44,6 +44,7 @@ def sync_blueprint(
     probe: Callable[[CrawlTarget], Any] | None = None,
     crawl_requests_per_minute: int = 30,
     max_hosts: int = 10_000,
+    crawl_gate: Callable[[str], None] | None = None,  # the control plane's on/off switch and daily limit
 ) -> Blueprint:
     """The sync endpoints; requestCrawl is rate-limited per client address and refuses new hosts past ``max_hosts``."""
     bp = Blueprint("xrpc_sync", __name__)
@@ -79,6 +80,8 @@ def sync_blueprint(
             if existing is None and known_hosts >= max_hosts:
                 CRAWL_REFUSED.labels("host_limit").inc()
                 raise XrpcError("HostLimitReached", f"this relay follows its maximum of {max_hosts} hosts", status=403)
+            if crawl_gate is not None:
+                crawl_gate(target.hostname)
             probe_host(target)  # the outbound client checks the addresses it connects to
         except CrawlRefused as exc:
             raise XrpcError(exc.error, exc.message) from None

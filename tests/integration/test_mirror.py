@@ -69,7 +69,10 @@ def make_writer(plc: FakePlc, host: FrameHost) -> RepoWriter:
 
 def test_mirror_follows_commits_backfills_first_seen_and_gaps(tmp_path: Path, db_url: str, plc: Any, host: Any) -> None:
     relay = RelayProcess(
-        tmp_path / "relay", database_url=db_url, plc_url=plc.url, extra_env={"SKYRELAY_ADMIN_PASSWORD": "s3cret"}
+        tmp_path / "relay",
+        database_url=db_url,
+        plc_url=plc.url,
+        extra_env={"SKYRELAY_ADMIN_PASSWORD": "mirror-admin-s3cret"},
     ).start()
     try:
         relay.request_crawl(host.hostname)
@@ -106,7 +109,10 @@ def test_mirror_follows_commits_backfills_first_seen_and_gaps(tmp_path: Path, db
         request = urllib.request.Request(
             f"{relay.url}/admin/repo/resync",
             data=json.dumps({"did": bob.did}).encode(),
-            headers={"Content-Type": "application/json", "Authorization": "Basic YWRtaW46czNjcmV0"},  # admin:s3cret
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": "Basic YWRtaW46bWlycm9yLWFkbWluLXMzY3JldA==",
+            },  # admin:mirror-admin-s3cret
         )
         with urllib.request.urlopen(request, timeout=10) as resp:
             assert json.loads(resp.read()) == {"did": bob.did, "queued": True}

@@ -272,12 +272,23 @@ def serve_ws(store: FrameStore, ws: Any, cursor: int) -> None:
     if sock is not None:  # as a PDS does (Node's ws sets noDelay): Nagle would hold paced frames for ACKs
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     store.subscribers.add(ws)
+    gone = gevent.event.Event()
+
+    def drain() -> None:  # notice a subscriber that hangs up (answering its pings on the way), as a PDS does
+        try:
+            while ws.receive() is not None:
+                pass
+        except Exception:
+            pass
+        gone.set()
+
+    reader = gevent.spawn(drain)
     try:
         if cursor < 0:
             index = len(store.frames)
         else:
             index = next((i for i, (seq, _) in enumerate(store.frames) if seq > cursor), len(store.frames))
-        while not ws.closed:
+        while not ws.closed and not gone.is_set():
             if index < len(store.frames):
                 batch = store.frames[index : index + 256]
                 index += len(batch)
@@ -291,6 +302,7 @@ def serve_ws(store: FrameStore, ws: Any, cursor: int) -> None:
     except Exception:  # the relay went away
         pass
     finally:
+        reader.kill(block=False)
         store.subscribers.discard(ws)
 
 

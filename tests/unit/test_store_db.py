@@ -34,7 +34,10 @@ def test_newer_database_is_refused(db_url: str) -> None:
 def test_failed_migration_rolls_back(db_url: str) -> None:
     db = open_database(db_url)
     apply_migrations(db)
-    broken = (*MAIN_MIGRATIONS, Migration(2, "broken", ("CREATE TABLE ok_table (x INTEGER)", "NOT SQL")))
+    broken = (
+        *MAIN_MIGRATIONS,
+        Migration(MAIN_MIGRATIONS[-1].version + 1, "broken", ("CREATE TABLE ok_table (x INTEGER)", "NOT SQL")),
+    )
     with pytest.raises(peewee.DatabaseError):
         apply_migrations(db, broken)
     with db.connection_context():

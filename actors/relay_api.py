@@ -1,0 +1,240 @@
+"""The control plane: ``Relay``, the one API every operator operation goes through (admin API, CLI, tests).
+
+Each change is written to SQL first, then told to the actors that hold it in memory: the host
+supervisor (or, with ingest workers, ``IngestPool``, which passes it over the link to every
+worker), the sequencer, the repo mirror and the caches. Workers and restarted actors read the
+same state from SQL when they start, so a change is not lost while one of them is down.
+Messages: ``actors.messages_control``. Account operations: ``actors.relay_accounts``; relay-wide
+policy (requestCrawl switch and daily limit, trusted domains): ``actors.relay_policy``.
+
+Host status ``banned`` is a blocked host: not subscribed, refused by requestCrawl, kept across
+restarts. A banned domain refuses its hosts and their sub-domains' likewise. Public
+requestCrawl has an on/off switch and a new-hosts-per-day limit (``relay_state`` keys); an
+admin crawl bypasses both, never a block or a ban.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from actors.control_errors import ControlError
+from actors.crawl import CrawlRefused, CrawlTarget, is_banned, normalize_hostname, probe_pds
+from actors.messages import StartHost, StopHost
+from actors.messages_control import ApplyHostLimits, RestartHost
+from actors.relay_accounts import AccountOps
+from actors.relay_policy import PolicyOps
+from store.hosts import (
+    HOST_ACTIVE,
+    HOST_BANNED,
+    HostRow,
+    add_domain_ban,
+    banned_domains,
+    get_host,
+    list_hosts,
+    remove_domain_ban,
+    set_host_limits,
+    set_host_status,
+)
+
+log = logging.getLogger(__name__)
+ASK_TIMEOUT_SECONDS = 10.0
+MAX_ACCOUNT_LIMIT = 1 << 40
+MAX_EVENTS_PER_SECOND = 1_000_000.0
+
+
+class Relay(AccountOps, PolicyOps):
+    """Operator operations over a running ``RelaySupervisor``; raises ``ControlError`` on a refusal."""
+
+    def __init__(self, supervisor: Any, *, probe: Callable[[CrawlTarget], Any] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+        self.supervisor = supervisor
+        self.settings = supervisor.settings
+        self.db = supervisor.db
+        self.probe = probe or (lambda target: probe_pds(target, client=supervisor.outbound))
+        self.clock = clock
+
+    # -- hosts -------------------------------------------------------------------------------------
+    def _hostname(self, raw: object) -> str:
+        try:
+            return normalize_hostname(raw, insecure=self.settings.allow_insecure_hosts).hostname
+        except CrawlRefused as exc:
+            raise ControlError("InvalidRequest", exc.message) from None
+
+    def _host(self, raw: object) -> HostRow:
+        hostname = self._hostname(raw)
+        with self.db.connection_context():
+            row = get_host(self.db, hostname)
+        if row is None:
+            raise ControlError("HostNotFound", f"host {hostname} is not known to this relay", 404)
+        return row
+
+    def upstream_conns(self) -> list[str]:
+        """Hostnames with a running subscriber (in this process or an ingest worker)."""
+        found: list[str] = []
+
+        def walk(node: dict[str, Any]) -> None:
+            if node.get("kind") == "HostSubscriber" and node.get("state") == "running":
+                found.append(str(node["name"]))
+            for child in node.get("children", []):
+                walk(child)
+
+        walk(self.tree())
+        return sorted(found)
+
+    def list_hosts(self) -> list[dict[str, Any]]:
+        """Every host with its status and limits (the reference relay's ``/admin/pds/list`` fields)."""
+        with self.db.connection_context():
+            rows = list_hosts(self.db, limit=1_000_000)
+        running = set(self.upstream_conns())
+        trusted = self.trusted_domains()
+        out = []
+        for row in rows:
+            limit = row.account_limit if row.account_limit is not None else self.settings.default_host_account_limit
+            rate = row.events_per_second or self.settings.default_host_events_per_second
+            out.append({
+                "ID": row.id, "Host": row.hostname, "Cursor": row.last_seq, "Registered": row.status == HOST_ACTIVE,
+                "Blocked": row.status == HOST_BANNED, "RepoCount": row.account_count, "RepoLimit": limit,
+                "UserCount": row.account_count, "HasActiveConnection": row.hostname in running,
+                "PerSecondEventRate": {"Max": rate, "Window": 1}, "Status": row.status,
+                "Trusted": row.trusted or is_banned(row.hostname, trusted),
+                "LastError": row.last_error,
+            })  # fmt: skip
+        return out
+
+    def request_crawl(self, raw: object, *, admin: bool = True) -> str:
+        """Subscribe to a host after the checks requestCrawl makes; an admin crawl skips the public gate."""
+        try:
+            target = normalize_hostname(raw, insecure=self.settings.allow_insecure_hosts)
+            self._check_not_banned(target.hostname)
+            if not admin:
+                self.public_crawl_gate(target.hostname)
+            self.probe(target)  # the outbound client checks the addresses it connects to
+        except CrawlRefused as exc:
+            raise ControlError(exc.error, exc.message) from None
+        self.supervisor.hosts.tell(StartHost(target.hostname))
+        log.info("crawl requested host=%s admin=%s", target.hostname, admin)
+        return target.hostname
+
+    def _check_not_banned(self, hostname: str) -> None:
+        with self.db.connection_context():
+            bans = banned_domains(self.db)
+            row = get_host(self.db, hostname)
+        if is_banned(hostname, bans) or (row is not None and row.status == HOST_BANNED):
+            raise CrawlRefused("HostBanned", "this host is banned from the relay")
+
+    def kill_upstream(self, raw: object, *, block: bool = False) -> None:
+        row = self._host(raw)
+        if block:
+            self.block_host(row.hostname)
+            return
+        if row.hostname not in self.upstream_conns():
+            raise ControlError("HostInactive", "no active connection to the given host")
+        self.supervisor.hosts.tell(StopHost(row.hostname, "admin_kill"))
+        log.info("admin killed upstream host=%s", row.hostname)
+
+    def block_host(self, raw: object) -> None:
+        row = self._host(raw)
+        with self.db.connection_context():
+            set_host_status(self.db, row.id, HOST_BANNED, "blocked by an operator")
+        self.supervisor.hosts.tell(StopHost(row.hostname, "admin_block"))
+        log.info("admin blocked host=%s", row.hostname)
+
+    def unblock_host(self, raw: object) -> None:
+        row = self._host(raw)
+        with self.db.connection_context():
+            set_host_status(self.db, row.id, HOST_ACTIVE)
+            banned = is_banned(row.hostname, banned_domains(self.db))
+        if not banned:
+            self.supervisor.hosts.tell(StartHost(row.hostname))
+        log.info("admin unblocked host=%s", row.hostname)
+
+    def change_limits(self, raw: object, *, repo_limit: object = None, per_second: object = None) -> dict[str, Any]:
+        """Set a host's account limit and/or events per second (given ones only)."""
+        row = self._host(raw)
+        if repo_limit is None and per_second is None:
+            raise ControlError("InvalidRequest", "give repo_limit and/or per_second")
+        limit, rate = row.account_limit, row.events_per_second
+        if repo_limit is not None:
+            ok = isinstance(repo_limit, int) and not isinstance(repo_limit, bool)
+            if not ok or not 0 <= repo_limit <= MAX_ACCOUNT_LIMIT:  # type: ignore[operator]
+                raise ControlError("InvalidRequest", f"repo_limit must be an integer from 0 to {MAX_ACCOUNT_LIMIT}")
+            limit = repo_limit  # type: ignore[assignment]
+        if per_second is not None:
+            ok = isinstance(per_second, int | float) and not isinstance(per_second, bool)
+            if not ok or not 0 < float(per_second) <= MAX_EVENTS_PER_SECOND:  # type: ignore[arg-type]
+                raise ControlError("InvalidRequest", f"per_second must be in (0, {MAX_EVENTS_PER_SECOND:g}]")
+            rate = float(per_second)  # type: ignore[arg-type]
+        with self.db.connection_context():
+            set_host_limits(self.db, row.id, account_limit=limit, events_per_second=rate)
+        effective_limit = limit if limit is not None else self.settings.default_host_account_limit
+        effective_rate = rate or self.settings.default_host_events_per_second
+        self.supervisor.hosts.tell(ApplyHostLimits(row.hostname, effective_limit, effective_rate))
+        log.info("admin changed host limits host=%s account_limit=%s events_per_second=%s", row.hostname, limit, rate)
+        return {"host": row.hostname, "repo_limit": effective_limit, "per_second": effective_rate}
+
+    # -- domains -----------------------------------------------------------------------------------
+    def list_domain_bans(self) -> list[str]:
+        with self.db.connection_context():
+            return banned_domains(self.db)
+
+    def ban_domain(self, raw: object) -> list[str]:
+        """Ban a domain and its sub-domains; disconnects their hosts. The hostnames stopped."""
+        domain = self._domain(raw)
+        with self.db.connection_context():
+            add_domain_ban(self.db, domain)
+            hosts = [r.hostname for r in list_hosts(self.db, limit=1_000_000) if is_banned(r.hostname, [domain])]
+        for hostname in hosts:
+            self.supervisor.hosts.tell(StopHost(hostname, "domain_ban"))
+        log.info("admin banned domain domain=%s hosts_stopped=%d", domain, len(hosts))
+        return hosts
+
+    def unban_domain(self, raw: object) -> None:
+        domain = self._domain(raw)
+        with self.db.connection_context():
+            removed = remove_domain_ban(self.db, domain)
+        if not removed:
+            raise ControlError("DomainNotFound", f"{domain} is not banned", 404)
+        log.info("admin unbanned domain domain=%s", domain)
+
+    # -- consumers and actors ----------------------------------------------------------------------
+    def consumers(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": i,
+                "remote_addr": c.remote,
+                "events_consumed": c.frames_sent,
+                "cut_reason": c.cut_reason,
+                "connected_at": datetime.fromtimestamp(c.connected_at, UTC).isoformat().replace("+00:00", "Z"),
+            }
+            for i, c in enumerate(self.supervisor.registry.consumers(), start=1)
+        ]
+
+    def tree(self) -> dict[str, Any]:
+        return dict(self.supervisor.tree())
+
+    def restart_actor(self, name: object) -> str:
+        """Restart ``identity``, ``mirror``, ``worker-N`` (an ingest worker) or ``hosts/<hostname>``."""
+        if not isinstance(name, str) or not name:
+            raise ControlError("InvalidRequest", "name is required")
+        if name.startswith("hosts/"):
+            row = self._host(name.removeprefix("hosts/"))
+            if row.hostname not in self.upstream_conns():
+                raise ControlError("HostInactive", "that host has no running subscriber")
+            self.supervisor.hosts.tell(RestartHost(row.hostname))
+        elif name.startswith("worker-") and name.removeprefix("worker-").isdigit():
+            pool = self.supervisor.hosts
+            if not hasattr(pool, "restart_worker") or not pool.restart_worker(int(name.removeprefix("worker-"))):
+                raise ControlError("ActorNotFound", f"no ingest worker {name}", 404)
+        elif name in ("identity", "mirror"):
+            if not self.supervisor.restart(name):
+                raise ControlError("ActorNotRunning", f"{name} is not running now", 409)
+        elif name in ("relay", "sequencer", "broadcaster", "hosts"):
+            raise ControlError("NotRestartable", f"{name} is essential; restart the relay process instead")
+        else:
+            raise ControlError("ActorNotFound", f"no actor named {name!r}", 404)
+        log.warning("admin restarted actor name=%s", name)
+        return name
