@@ -21,9 +21,10 @@ directories just made); (3) one transaction inserting the slice rows, updating `
 deleting the pending row. Slices are purged only after their rows are committed
 ``superseded``: a file none of whose rows is live is unlinked (and its directory synced), then
 the superseded rows are deleted. ``open()`` finishes both: a pending row's file that no slice
-row names, and files of superseded rows without live ones, are deleted. So after a kill -9 at
-any point every account reads back at its last acknowledged write; with ``fsync`` a SQLite
-metadata database runs ``synchronous=FULL`` so that holds across power loss too.
+row names, and files of superseded rows without live ones, are deleted (an intent killed
+before its directory was made has nothing to remove). So after a kill -9 at any point every
+account reads back at its last acknowledged write; with ``fsync`` a SQLite metadata database
+runs ``synchronous=FULL`` so that holds across power loss too.
 
 Concurrency: one ``CarStore`` per directory (a ``flock``), any number of threads or greenlets
 using it. ``compact`` reads and writes outside any transaction, then swaps metadata in one
@@ -126,7 +127,9 @@ class CarStore:
         files = [rel for _, entries in pending for _, rel in entries]
         orphans = sum(self._unlink(rel) for rel in q.unreferenced(self._db, files, live_only=False))  # never recorded
         if pending:
-            self._sync({os.path.dirname(os.path.join(self._root, rel)) for rel in files})
+            # a kill after the intent, before its directory was made, left no directory to sync
+            dirs = {os.path.dirname(os.path.join(self._root, rel)) for rel in files}
+            self._sync({d for d in dirs if os.path.isdir(d)})
             with self._db.atomic():
                 q.delete_pending(self._db, *(token for token, _ in pending))
         dead = q.superseded_slices(self._db)
