@@ -22,9 +22,11 @@ deleting the pending row. Slices are purged only after their rows are committed
 ``superseded``: a file none of whose rows is live is unlinked (and its directory synced), then
 the superseded rows are deleted. ``open()`` finishes both: a pending row's file that no slice
 row names, and files of superseded rows without live ones, are deleted (an intent killed
-before its directory was made has nothing to remove). So after a kill -9 at any point every
-account reads back at its last acknowledged write; with ``fsync`` a SQLite metadata database
-runs ``synchronous=FULL`` so that holds across power loss too.
+before its directory was made has nothing to remove). It deletes each intent before deciding:
+a dead writer's last commit may still be under way on a database server (``_finish_intent``).
+So after a kill -9 at any point every account reads back at its last acknowledged write; with
+``fsync`` a SQLite metadata database runs ``synchronous=FULL`` so that holds across power loss
+too.
 
 Concurrency: one ``CarStore`` per directory (a ``flock``), any number of threads or greenlets
 using it. ``compact`` reads and writes outside any transaction, then swaps metadata in one
@@ -123,15 +125,9 @@ class CarStore:
             raise
 
     def _recover(self) -> None:
-        pending = q.load_pending(self._db)
-        files = [rel for _, entries in pending for _, rel in entries]
-        orphans = sum(self._unlink(rel) for rel in q.unreferenced(self._db, files, live_only=False))  # never recorded
-        if pending:
-            # a kill after the intent, before its directory was made, left no directory to sync
-            dirs = {os.path.dirname(os.path.join(self._root, rel)) for rel in files}
-            self._sync({d for d in dirs if os.path.isdir(d)})
-            with self._db.atomic():
-                q.delete_pending(self._db, *(token for token, _ in pending))
+        orphans = sum(
+            self._finish_intent(token, [rel for _, rel in entries]) for token, entries in q.load_pending(self._db)
+        )
         dead = q.superseded_slices(self._db)
         files_removed = self._remove(dead)
         log.info(
@@ -141,6 +137,24 @@ class CarStore:
             len(dead),
             files_removed,
         )
+
+    def _finish_intent(self, token: str, files: Sequence[str]) -> int:
+        """Remove a dead write's files that no slice row names, then its intent; how many files were removed.
+
+        All in one transaction that first deletes the intent: the process that held the lock is
+        gone, but its last transaction may still be committing on a database server, and it
+        deletes the same row. The delete waits for it; if it committed, no row is left, its
+        files are recorded and stay. Deciding from a read outside this transaction could unlink
+        the file of a slice that committed just after the read (a live row with no file).
+        """
+        with self._db.atomic():
+            if not q.delete_pending(self._db, token):
+                return 0
+            removed = sum(self._unlink(rel) for rel in q.unreferenced(self._db, files, live_only=False))
+            # a kill after the intent, before its directory was made, left no directory to sync
+            dirs = {os.path.dirname(os.path.join(self._root, rel)) for rel in files}
+            self._sync({d for d in dirs if os.path.isdir(d)})  # the unlinks durable before the commit
+        return removed
 
     def close(self) -> None:
         """Release the directory (a no-op when not open)."""

@@ -18,20 +18,24 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import peewee
 import pytest
 
 from protocol import mst
 from protocol.car import read_car
 from protocol.crypto import PrivateKey
 from protocol.repo_writer import RepoWriter, Write
+from store import carstore_schema
 from store.carstore import CarStore, SliceWrite
 from store.carstore_compact import repo_blocks
 from store.db import open_database
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DID = "did:plc:killstep"
+WAIT_S = 60
 
 CHILD = """
 import os, signal, sys
@@ -143,7 +147,7 @@ def test_open_after_a_kill_at_each_step_recovers_and_takes_writes_again(
         store.open()
         writer = check_complete(store, acked_rev)
         if step == "purge" and op == "replace":
-            assert writer.rev > acked_rev  # the replace had committed before the kill
+            assert writer.rev is not None and writer.rev > acked_rev  # the replace had committed before the kill
         # writes go on, in the directories the kill left (or never made)
         event = writer.commit([Write("create", "app.bsky.feed.post/9999999999999", {"text": "after"})])
         blocks = list(read_car(event.blocks).blocks.items())
@@ -156,3 +160,66 @@ def test_open_after_a_kill_at_each_step_recovers_and_takes_writes_again(
     finally:
         close_all = getattr(db, "close_all", None)
         close_all() if close_all is not None else db.close()
+
+
+def test_open_keeps_the_file_of_a_dead_writers_transaction_that_commits_while_it_recovers(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The killed process is gone (its lock is free) but its last transaction is still committing.
+
+    On PostgreSQL the server finishes a COMMIT the client sent just before SIGKILL on its own
+    time, possibly after the next ``open()`` listed the intents. Here the writer thread stops
+    inside ``write_slices``' transaction (after deleting its intent, before the commit), its store
+    is closed (the lock released, as by the kill), a second store opens in another thread, and the
+    writer commits once the recovery reaches the intent. The slice must stay readable.
+    """
+    directory = tmp_path / "carstore"
+    writer = RepoWriter(DID, PrivateKey.generate("k256"))
+    dbs = [open_database(db_url), open_database(db_url)]
+    dead, fresh = CarStore(directory, dbs[0]), CarStore(directory, dbs[1])
+    in_commit, recovering = threading.Event(), threading.Event()
+    real_delete = carstore_schema.delete_pending
+
+    def delete_pending(db: peewee.Database, *tokens: str) -> int:
+        if db is dbs[1]:
+            recovering.set()
+            return real_delete(db, *tokens)
+        n = real_delete(db, *tokens)  # the dead writer: its intent row is locked until its commit
+        in_commit.set()
+        assert recovering.wait(WAIT_S), "open() never reached the intent"
+        return n
+
+    def write(i: int) -> None:
+        event = writer.commit([Write("create", f"app.bsky.feed.post/{i:013d}", {"text": f"post {i}"})])
+        blocks = list(read_car(event.blocks).blocks.items())
+        dead.write_slices([SliceWrite(DID, event.rev, event.since, event.commit, writer.data, blocks)])
+
+    try:
+        dead.open()
+        write(0)
+        monkeypatch.setattr(carstore_schema, "delete_pending", delete_pending)
+        writing = threading.Thread(target=write, args=(1,), daemon=True)
+        writing.start()
+        assert in_commit.wait(WAIT_S)
+        dead.close()  # the process "dies": its lock goes, its transaction lives on
+        errors: list[BaseException] = []
+
+        def open_fresh() -> None:
+            try:
+                fresh.open()
+            except BaseException as exc:
+                errors.append(exc)
+
+        opening = threading.Thread(target=open_fresh, daemon=True)
+        opening.start()
+        writing.join(WAIT_S)
+        opening.join(WAIT_S)
+        assert not writing.is_alive() and not opening.is_alive() and not errors, errors
+        monkeypatch.setattr(carstore_schema, "delete_pending", real_delete)
+        assert writer.rev is not None
+        check_complete(fresh, writer.rev)  # before the fix: the slice's row live, its file unlinked
+        fresh.close()
+    finally:
+        for db in dbs:
+            close_all = getattr(db, "close_all", None)
+            close_all() if close_all is not None else db.close()
