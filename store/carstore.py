@@ -30,7 +30,10 @@ too.
 
 Concurrency: one ``CarStore`` per directory (a ``flock``), any number of threads or greenlets
 using it. ``compact`` reads and writes outside any transaction, then swaps metadata in one
-short one replacing only the slices it read; readers retry when a file goes meanwhile. File
+short one replacing only the slices it read; readers retry when a file goes meanwhile.
+Transactions that supersede an account's slices (compact, replace, delete) write its
+``car_repo`` row first: on PostgreSQL that row lock orders them, so a replace or delete waiting
+on a compaction then sees (and supersedes) the slice that compaction inserted. File
 I/O and fsync block the calling thread: under gevent call these in the thread pool.
 """
 
@@ -200,9 +203,10 @@ class CarStore:
         rel, data = self._new_path(write.did, write.rev), write_car([write.commit_cid], write.blocks)
         token = self._stage(write.did, rel, data)
         with self._db.atomic():
+            # the account's car_repo row first: it orders this after a compaction committing now
+            q.upsert_repos(self._db, [(write.did, write.rev, write.commit_cid, write.data_cid, 1)], reset=True)
             dead = q.supersede_account(self._db, write.did)
             q.insert_slices(self._db, [SliceRow.of(write, rel, len(data), len(write.blocks), KIND_FULL)])
-            q.upsert_repos(self._db, [(write.did, write.rev, write.commit_cid, write.data_cid, 1)], reset=True)
             q.delete_pending(self._db, token)
         self._remove(dead)
 
@@ -210,8 +214,8 @@ class CarStore:
         """Remove the account's slices (rows and files) and its head."""
         self._check_open()
         with self._db.atomic():
+            q.delete_repo_row(self._db, did)  # first, as in replace_repo
             dead = q.supersede_account(self._db, did)
-            q.delete_repo_row(self._db, did)
         self._remove(dead)
 
     def compact(self, did: str) -> CompactStats:

@@ -204,10 +204,10 @@ def compact_account(store: CarStore, did: str) -> CompactStats:
     ids = [r.id for r in rows]
     try:
         with db.atomic():
+            q.adjust_slice_count(db, did, 1 - n)  # the car_repo row first (see ``store.carstore``)
             if q.supersede_slices(db, ids) != n:
                 raise _LostRace  # rolls the transaction back
             q.insert_slices(db, [new])
-            q.adjust_slice_count(db, did, 1 - n)
             q.delete_pending(db, token)
     except _LostRace:
         store._discard(token, [rel])
