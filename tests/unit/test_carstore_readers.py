@@ -21,7 +21,7 @@ from protocol import mst
 from protocol.car import read_car
 from protocol.crypto import PrivateKey
 from protocol.repo_writer import RepoWriter, Write
-from store import carstore_compact
+from store import carstore_compact, carstore_schema
 from store.carstore import CarStore, CarStoreError, SliceWrite
 from store.carstore_schema import SliceRow
 from store.db import open_database
@@ -143,10 +143,38 @@ def test_a_reader_that_keeps_losing_the_race_gets_a_carstore_error(
 ) -> None:
     writer = RepoWriter("did:plc:loser", KEY)
     store.write_slices([commit(writer, 0)])
+    real = carstore_compact.read_slice
+    n = 0
 
-    def always_gone(root: str, row: SliceRow) -> bytes:
+    def gone_each_time(root: str, row: SliceRow) -> bytes:
+        nonlocal n
+        n += 1
+        monkeypatch.setattr(carstore_compact, "read_slice", real)
+        store.write_slices([commit(writer, n)])  # the rows change before every retry
+        monkeypatch.setattr(carstore_compact, "read_slice", gone_each_time)
         raise FileNotFoundError(row.path)
 
-    monkeypatch.setattr(carstore_compact, "read_slice", always_gone)
+    monkeypatch.setattr(carstore_compact, "read_slice", gone_each_time)
     with pytest.raises(CarStoreError, match="kept changing"):
         store.load_blocks(writer.did)
+    assert n == carstore_compact._READ_ATTEMPTS
+
+
+def test_a_live_slice_whose_file_is_gone_is_reported_at_once(store: CarStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = RepoWriter("did:plc:damaged", KEY)
+    store.write_slices([commit(writer, 0)])
+    store.write_slices([commit(writer, 1)])
+    path = carstore_schema.live_slices(store._db, writer.did)[-1].path  # the second batch's pack, its alone
+    os.unlink(store.directory / "slices" / path)  # a damaged mirror: no writer will change the rows
+    real = carstore_schema.live_slices
+    calls = 0
+
+    def counted(db: Any, did: str) -> list[SliceRow]:
+        nonlocal calls
+        calls += 1
+        return real(db, did)
+
+    monkeypatch.setattr(carstore_schema, "live_slices", counted)
+    with pytest.raises(CarStoreError, match="is missing"):
+        store.load_blocks(writer.did)
+    assert calls == 2
