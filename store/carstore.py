@@ -21,13 +21,19 @@ directories just made); (3) one transaction inserting the slice rows, updating `
 deleting the pending row. Slices are purged only after their rows are committed
 ``superseded``: a file none of whose rows is live is unlinked (and its directory synced), then
 the superseded rows are deleted. ``open()`` finishes both: a pending row's file that no slice
-row names, and files of superseded rows without live ones, are deleted. So after a kill -9 at
-any point every account reads back at its last acknowledged write; with ``fsync`` a SQLite
-metadata database runs ``synchronous=FULL`` so that holds across power loss too.
+row names, and files of superseded rows without live ones, are deleted (an intent killed
+before its directory was made has nothing to remove). It deletes each intent before deciding:
+a dead writer's last commit may still be under way on a database server (``_finish_intent``).
+So after a kill -9 at any point every account reads back at its last acknowledged write; with
+``fsync`` a SQLite metadata database runs ``synchronous=FULL`` so that holds across power loss
+too.
 
 Concurrency: one ``CarStore`` per directory (a ``flock``), any number of threads or greenlets
 using it. ``compact`` reads and writes outside any transaction, then swaps metadata in one
-short one replacing only the slices it read; readers retry when a file goes meanwhile. File
+short one replacing only the slices it read; readers retry when a file goes meanwhile.
+Transactions that supersede an account's slices (compact, replace, delete) write its
+``car_repo`` row first: on PostgreSQL that row lock orders them, so a replace or delete waiting
+on a compaction then sees (and supersedes) the slice that compaction inserted. File
 I/O and fsync block the calling thread: under gevent call these in the thread pool.
 """
 
@@ -122,13 +128,9 @@ class CarStore:
             raise
 
     def _recover(self) -> None:
-        pending = q.load_pending(self._db)
-        files = [rel for _, entries in pending for _, rel in entries]
-        orphans = sum(self._unlink(rel) for rel in q.unreferenced(self._db, files, live_only=False))  # never recorded
-        if pending:
-            self._sync({os.path.dirname(os.path.join(self._root, rel)) for rel in files})
-            with self._db.atomic():
-                q.delete_pending(self._db, *(token for token, _ in pending))
+        orphans = sum(
+            self._finish_intent(token, [rel for _, rel in entries]) for token, entries in q.load_pending(self._db)
+        )
         dead = q.superseded_slices(self._db)
         files_removed = self._remove(dead)
         log.info(
@@ -138,6 +140,24 @@ class CarStore:
             len(dead),
             files_removed,
         )
+
+    def _finish_intent(self, token: str, files: Sequence[str]) -> int:
+        """Remove a dead write's files that no slice row names, then its intent; how many files were removed.
+
+        All in one transaction that first deletes the intent: the process that held the lock is
+        gone, but its last transaction may still be committing on a database server, and it
+        deletes the same row. The delete waits for it; if it committed, no row is left, its
+        files are recorded and stay. Deciding from a read outside this transaction could unlink
+        the file of a slice that committed just after the read (a live row with no file).
+        """
+        with self._db.atomic():
+            if not q.delete_pending(self._db, token):
+                return 0
+            removed = sum(self._unlink(rel) for rel in q.unreferenced(self._db, files, live_only=False))
+            # a kill after the intent, before its directory was made, left no directory to sync
+            dirs = {os.path.dirname(os.path.join(self._root, rel)) for rel in files}
+            self._sync({d for d in dirs if os.path.isdir(d)})  # the unlinks durable before the commit
+        return removed
 
     def close(self) -> None:
         """Release the directory (a no-op when not open)."""
@@ -183,9 +203,10 @@ class CarStore:
         rel, data = self._new_path(write.did, write.rev), write_car([write.commit_cid], write.blocks)
         token = self._stage(write.did, rel, data)
         with self._db.atomic():
+            # the account's car_repo row first: it orders this after a compaction committing now
+            q.upsert_repos(self._db, [(write.did, write.rev, write.commit_cid, write.data_cid, 1)], reset=True)
             dead = q.supersede_account(self._db, write.did)
             q.insert_slices(self._db, [SliceRow.of(write, rel, len(data), len(write.blocks), KIND_FULL)])
-            q.upsert_repos(self._db, [(write.did, write.rev, write.commit_cid, write.data_cid, 1)], reset=True)
             q.delete_pending(self._db, token)
         self._remove(dead)
 
@@ -193,8 +214,8 @@ class CarStore:
         """Remove the account's slices (rows and files) and its head."""
         self._check_open()
         with self._db.atomic():
+            q.delete_repo_row(self._db, did)  # first, as in replace_repo
             dead = q.supersede_account(self._db, did)
-            q.delete_repo_row(self._db, did)
         self._remove(dead)
 
     def compact(self, did: str) -> CompactStats:

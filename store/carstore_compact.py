@@ -2,7 +2,8 @@
 
 Reads list the live slice rows and read each slice's byte range of its file (a complete CAR
 v1); a file removed meanwhile (a compaction, replace or delete committed between the query and
-the read) makes the read start over with fresh rows, up to ``_READ_ATTEMPTS`` times. Every
+the read) makes the read start over with fresh rows, up to ``_READ_ATTEMPTS`` times (a file
+missing under unchanged rows is reported at once). Every
 slice parsed is hash-checked (``read_car``); a lone compacted slice asked for as a full repo
 CAR is served as stored, unparsed.
 
@@ -90,12 +91,20 @@ class CompactStats:
 
 
 def read_live(db: peewee.Database, did: str, read: Callable[[list[SliceRow]], T]) -> T:
-    """``read(live slice rows, oldest first)``, again with fresh rows when a file went away meanwhile."""
+    """``read(live slice rows, oldest first)``, again with fresh rows when a file went away meanwhile.
+
+    A file is unlinked only after the supersede of its rows committed, so the rows read again
+    differ; the same rows again mean a live row without its file (a damaged mirror): raised.
+    """
+    failed: list[SliceRow] | None = None
     for _ in range(_READ_ATTEMPTS):
+        rows = q.live_slices(db, did)
+        if rows == failed:
+            raise CarStoreError(f"a live slice file of {did} is missing")
         try:
-            return read(q.live_slices(db, did))
+            return read(rows)
         except FileNotFoundError:
-            continue
+            failed = rows
     raise CarStoreError(f"slices of {did} kept changing while being read")
 
 
@@ -204,10 +213,10 @@ def compact_account(store: CarStore, did: str) -> CompactStats:
     ids = [r.id for r in rows]
     try:
         with db.atomic():
+            q.adjust_slice_count(db, did, 1 - n)  # the car_repo row first (see ``store.carstore``)
             if q.supersede_slices(db, ids) != n:
                 raise _LostRace  # rolls the transaction back
             q.insert_slices(db, [new])
-            q.adjust_slice_count(db, did, 1 - n)
             q.delete_pending(db, token)
     except _LostRace:
         store._discard(token, [rel])

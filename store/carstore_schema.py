@@ -275,9 +275,9 @@ def insert_pending(db: peewee.Database, token: str, files: Sequence[tuple[str, s
     execute(db, "INSERT INTO car_pending (token, paths, created_at) VALUES (?, ?, ?)", (token, paths, time.time()))
 
 
-def delete_pending(db: peewee.Database, *tokens: str) -> None:
-    for token in tokens:
-        execute(db, "DELETE FROM car_pending WHERE token = ?", (token,))
+def delete_pending(db: peewee.Database, *tokens: str) -> int:
+    """Delete the intents; how many there were."""
+    return sum(execute(db, "DELETE FROM car_pending WHERE token = ?", (token,)) for token in tokens)
 
 
 def load_pending(db: peewee.Database) -> list[tuple[str, list[tuple[str, str]]]]:
