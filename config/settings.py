@@ -90,6 +90,11 @@ class Settings:
     log_level: str = "info"
     # log format: text or json
     log_format: str = "text"
+    # -- process lifecycle and infrastructure failures --
+    # seconds a stopping relay has to stop every actor and thread; then it exits hard (os._exit)
+    shutdown_timeout_seconds: float = 60.0
+    # seconds an actor retries a failing database or disk (with backoff) before the relay stops
+    infra_retry_seconds: float = 300.0
 
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'relay.sqlite'}"

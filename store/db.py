@@ -30,6 +30,12 @@ class StoreError(Exception):
     """The database cannot be opened or its schema is from a newer version."""
 
 
+# what a database raises while it is unreachable, restarting, locked or out of space: worth a
+# retry. ``InterfaceError`` is not a ``DatabaseError`` in peewee: psycopg2 raises it for a
+# pooled connection the server closed while it sat in the pool.
+TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (peewee.OperationalError, peewee.InterfaceError)
+
+
 def _gevent_active() -> bool:
     if "gevent.monkey" not in sys.modules:
         return False
@@ -76,11 +82,13 @@ def is_postgres(db: peewee.Database) -> bool:
     return isinstance(db, peewee.PostgresqlDatabase)
 
 
-def ping(db: peewee.Database) -> bool:
-    """True when a trivial query succeeds (for the health endpoint)."""
+def ping(db: peewee.Database, *, raise_errors: bool = False) -> bool:
+    """True when a trivial query succeeds (for the health endpoint); with ``raise_errors`` a failure raises."""
     try:
         db.execute_sql("SELECT 1").fetchone()
         return True
-    except peewee.DatabaseError as exc:
+    except (peewee.DatabaseError, peewee.InterfaceError) as exc:
+        if raise_errors:
+            raise
         log.warning("database ping failed error=%s", type(exc).__name__)
         return False
