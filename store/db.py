@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import peewee
@@ -34,6 +35,32 @@ class StoreError(Exception):
 # retry. ``InterfaceError`` is not a ``DatabaseError`` in peewee: psycopg2 raises it for a
 # pooled connection the server closed while it sat in the pool.
 TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (peewee.OperationalError, peewee.InterfaceError)
+
+
+class _PooledPostgres(PooledPostgresqlDatabase):
+    """A pool that lets go of a connection the server has closed (a restart), instead of reusing it.
+
+    peewee keeps a thread's (greenlet's) connection open until ``close()``; code that runs
+    statements outside ``connection_context`` would get the dead connection back forever
+    ("connection already closed"). After a connection-level error outside a transaction the
+    dead connection is closed, which makes the pool drop it: the next statement reconnects.
+    """
+
+    def execute_sql(self, sql: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute_sql(sql, params, *args, **kwargs)
+        except TRANSIENT_DB_ERRORS:
+            self._forget_dead_connection()
+            raise
+
+    def _forget_dead_connection(self) -> None:
+        conn = None if self.is_closed() else self._state.conn
+        if conn is None or not getattr(conn, "closed", 0) or self.in_transaction():
+            return
+        try:
+            self.close()
+        except Exception:
+            self._state.reset()
 
 
 def _gevent_active() -> bool:
@@ -64,7 +91,7 @@ def open_database(url: str) -> peewee.Database:
         if _gevent_active():
             _make_psycopg_green()
         options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        return PooledPostgresqlDatabase(
+        return _PooledPostgres(
             (parts.path or "/").lstrip("/") or "postgres",
             user=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
