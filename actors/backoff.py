@@ -67,6 +67,7 @@ def retry(
     policy: RetryPolicy,
     repair: Callable[[], None] | None = None,
     sleep: Callable[[float], object] = gevent.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """``fn()``, retried with backoff while it raises one of ``retry_on``; its result.
 
@@ -84,7 +85,7 @@ def retry(
                     repair()
                 result = fn()
             except retry_on as exc:
-                now = time.monotonic()
+                now = clock()
                 if first_failure is None:
                     first_failure = now
                     INFRA_FAILING.labels(operation).inc()
@@ -111,7 +112,7 @@ def retry(
                 log.warning(
                     "infrastructure recovered operation=%s after=%.1fs attempts=%d",
                     operation,
-                    time.monotonic() - first_failure,
+                    clock() - first_failure,
                     backoff.failures + 1,
                 )
             return result

@@ -92,7 +92,7 @@ class RelaySupervisor:
             allow_insecure_hosts=settings.allow_insecure_hosts,
             ttl_seconds=settings.identity_ttl_seconds,
         )
-        self.accounts = AccountCache(db)
+        self.accounts = AccountCache(db, retry_policy=self.retry_policy)
         self.verifier = Verifier(
             self.directory,
             self.accounts,
