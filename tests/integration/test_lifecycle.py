@@ -117,9 +117,11 @@ def hosts() -> Iterator[list[FrameHost]]:
         h.stop()
 
 
-def test_database_locked_while_a_host_starts_is_retried(tmp_path: Path, hosts: list[FrameHost]) -> None:
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_database_locked_while_a_host_starts_is_retried(tmp_path: Path, hosts: list[FrameHost], workers: str) -> None:
     first, second = hosts
-    relay = RelayProcess(tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'main.sqlite'}", plc_url="http://x")
+    relay = RelayProcess(tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'main.sqlite'}", plc_url="http://x",
+                         extra_env={"SKYRELAY_INGEST_WORKERS": workers})  # fmt: skip
     relay.start()
     try:
         relay.request_crawl(first.hostname)
@@ -155,6 +157,26 @@ def test_a_database_error_that_outlasts_the_retries_ends_the_process(tmp_path: P
     finally:
         if relay.proc.poll() is None:
             relay.kill9()
+
+
+def test_an_ingest_worker_whose_supervisor_fails_exits_and_is_restarted(tmp_path: Path, hosts: list[FrameHost]) -> None:
+    first, second = hosts
+    env = {"SKYRELAY_INGEST_WORKERS": "1", "SKYRELAY_INFRA_RETRY_SECONDS": "1"}
+    relay = RelayProcess(tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'main.sqlite'}", plc_url="http://x",
+                         extra_env=env)  # fmt: skip
+    relay.start()
+    try:
+        relay.request_crawl(first.hostname)
+        wait_until(lambda: first.status()["subscribers"] == 1, 20, "a running subscriber")
+        with WriteLock(tmp_path / "main.sqlite"):
+            relay.request_crawl(second.hostname)
+            wait_until(lambda: "ingest worker died index=0" in relay.log(), 90, "the worker to exit")
+        # started again with its hosts, it subscribes to both once the database is free
+        wait_until(lambda: second.status()["subscribers"] == 1, 90, "the second host after the restart")
+        wait_until(lambda: first.status()["subscribers"] >= 1, 30, "the first host after the restart")
+        assert relay.proc is not None and relay.proc.poll() is None
+    finally:
+        assert relay.stop() == 0, relay.log()
 
 
 GUARD_SCRIPT = textwrap.dedent(
