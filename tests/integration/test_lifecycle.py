@@ -7,6 +7,7 @@ timeout" is made the way it happens: another process holds SQLite's write lock.
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -177,6 +178,41 @@ def test_an_ingest_worker_whose_supervisor_fails_exits_and_is_restarted(tmp_path
         assert relay.proc is not None and relay.proc.poll() is None
     finally:
         assert relay.stop() == 0, relay.log()
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_sigterm_while_an_actor_is_stuck_still_ends_the_process(
+    tmp_path: Path, hosts: list[FrameHost], signals: int
+) -> None:
+    """The host supervisor retries a locked database when SIGTERM comes: the deadline (or a second signal) ends it."""
+    second = hosts[1]
+    env = {"SKYRELAY_SHUTDOWN_TIMEOUT_SECONDS": "5"}
+    relay = RelayProcess(tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'main.sqlite'}", plc_url="http://x",
+                         extra_env=env)  # fmt: skip
+    relay.start()
+    assert relay.proc is not None
+    try:
+        with WriteLock(tmp_path / "main.sqlite"):
+            relay.request_crawl(second.hostname)
+            wait_until(lambda: relay.metric("skyrelay_infrastructure_retries_total", operation="host_start") >= 1,
+                       60, "the supervisor busy retrying")  # fmt: skip
+            started = time.monotonic()
+            relay.proc.send_signal(signal.SIGTERM)
+            if signals == 2:
+                wait_until(lambda: "relay stopping" in relay.log(), 10, "the shutdown to begin")
+                relay.proc.send_signal(signal.SIGTERM)
+            status = relay.proc.wait(timeout=60)
+            elapsed = time.monotonic() - started
+        assert status == 1, relay.log()  # a forced exit is never a success
+        if signals == 2:
+            assert "exiting at once reason=second signal" in relay.log()
+            assert elapsed < 5 + 10
+        else:
+            assert "shutdown deadline passed: exiting hard timeout=5s still_alive=" in relay.log()
+            assert "HostSupervisor*1" in relay.log()
+    finally:
+        if relay.proc.poll() is None:
+            relay.kill9()
 
 
 GUARD_SCRIPT = textwrap.dedent(
