@@ -6,9 +6,10 @@ the log afterwards, byte for byte; relay seqs stay contiguous, no upstream event
 twice, nothing is lost, and ingest resumes by itself once the disk or the database is back.
 The relay reports the trouble meanwhile (a log line and ``skyrelay_infrastructure_*``).
 
-The disk test mounts a small tmpfs (the tests run as root) and fills it with a ballast file;
-the PostgreSQL test restarts the local server (``pg_ctlcluster``), which other test runs on
-the same server notice: it restarts it once.
+The disk test mounts a small tmpfs (so it must run as root, as CI does) and fills it with a
+ballast file. The PostgreSQL tests exist when TEST_DATABASE_URL is set: one kills the relay's
+server processes (as a crash of the server would), one restarts the local server once
+(``pg_ctlcluster``, as root), which other test runs on that server notice.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from store.db import TRANSIENT_DB_ERRORS, open_database
 from tests.support.consumer import collect
 from tests.support.fake_plc import FakePlc, make_did_doc, new_plc_did
 from tests.support.procs import FrameHost, RelayProcess, http_json, wait_until
+
+# the PostgreSQL tests exist only with TEST_DATABASE_URL, like the db_url fixture's PostgreSQL variants
+PG_BASE = os.environ.get("TEST_DATABASE_URL", "")
 
 
 class LiveConsumer:
@@ -99,7 +103,11 @@ def check_log(relay: RelayProcess, consumer: LiveConsumer, total: int) -> None:
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "disk"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if done.returncode:
+        pytest.fail(f"this test mounts a tmpfs and must run as root: {done.stderr.strip()}")
     try:
         yield mount
     finally:
@@ -209,10 +217,9 @@ def own_schema(base: str) -> Iterator[tuple[str, str]]:
         run_sql(base, f"DROP SCHEMA {name} CASCADE")
 
 
-def test_a_connection_the_server_closed_is_not_reused() -> None:
+def connection_closed_by_the_server_is_not_reused() -> None:
     """A statement run outside connection_context (the event log's metadata does) after a server crash."""
-    base = os.environ.get("TEST_DATABASE_URL")
-    assert base, "needs PostgreSQL: set TEST_DATABASE_URL"
+    base = PG_BASE
     with own_schema(base) as (url, name):
         db = open_database(url)
         assert db.execute_sql("SELECT 1").fetchone() == (1,)
@@ -224,10 +231,8 @@ def test_a_connection_the_server_closed_is_not_reused() -> None:
 
 
 @pytest.mark.parametrize("outage", ["backends_killed", "server_restarted"])
-def test_database_outage_during_ingest_loses_nothing(tmp_path: Path, plc: FakePlc, host: FrameHost,
-                                                     outage: str) -> None:  # fmt: skip
-    base = os.environ.get("TEST_DATABASE_URL")
-    assert base, "the chaos test needs PostgreSQL: set TEST_DATABASE_URL"
+def database_outage_during_ingest_loses_nothing(tmp_path: Path, plc: FakePlc, host: FrameHost, outage: str) -> None:
+    base = PG_BASE
     accounts = accounts_on(plc, host, 4)
     with own_schema(base) as (url, name):
         relay = RelayProcess(tmp_path / "data", database_url=url, plc_url=plc.url,
@@ -270,3 +275,8 @@ def host_seq(url: str) -> int:
         return int(http_json(url)["seq"])
     except OSError:
         return -1
+
+
+if PG_BASE:
+    test_a_connection_the_server_closed_is_not_reused = connection_closed_by_the_server_is_not_reused
+    test_database_outage_during_ingest_loses_nothing = database_outage_during_ingest_loses_nothing
