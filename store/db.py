@@ -42,8 +42,9 @@ class _PooledPostgres(PooledPostgresqlDatabase):
 
     peewee keeps a thread's (greenlet's) connection open until ``close()``; code that runs
     statements outside ``connection_context`` would get the dead connection back forever
-    ("connection already closed"). After a connection-level error outside a transaction the
-    dead connection is closed, which makes the pool drop it: the next statement reconnects.
+    ("connection already closed"). A connection psycopg2 knows is closed is closed on our side
+    too (after the failing statement, or before the next one outside a transaction), which
+    makes the pool drop it: the next statement reconnects.
     """
 
     def execute_sql(self, sql: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -52,6 +53,11 @@ class _PooledPostgres(PooledPostgresqlDatabase):
         except TRANSIENT_DB_ERRORS:
             self._forget_dead_connection()
             raise
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:  # every statement, BEGIN included, starts here
+        if not self.in_transaction():
+            self._forget_dead_connection()
+        return super().cursor(*args, **kwargs)
 
     def _forget_dead_connection(self) -> None:
         conn = None if self.is_closed() else self._state.conn

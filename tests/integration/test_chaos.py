@@ -257,7 +257,12 @@ def database_outage_during_ingest_loses_nothing(tmp_path: Path, plc: FakePlc, ho
                     time.sleep(0.5)
             last_upstream = first + more
             wait_until(lambda: relay.metric("skyrelay_last_seq") >= last_upstream, 120, "ingest to finish")
-            assert relay.metric("skyrelay_infrastructure_retries_total", operation="write_behind") >= 1
+            if outage == "server_restarted":  # write-behind runs every second: it met the server down
+                assert relay.metric("skyrelay_infrastructure_retries_total", operation="write_behind") >= 1
+            else:  # killed connections are met by whatever used them next (mirror, metadata, write-behind)
+                assert relay.metric("skyrelay_infrastructure_retries_total") >= 1 or (
+                    "event log metadata update failed" in relay.log()
+                ), relay.log()
             assert relay.proc is not None and relay.proc.poll() is None
             status_url = f"{relay.url}/xrpc/com.atproto.sync.getHostStatus?hostname={host.hostname}"
             wait_until(lambda: host_seq(status_url) >= last_upstream, 30, "cursors written behind again")
