@@ -65,7 +65,8 @@ class _PooledPostgres(PooledPostgresqlDatabase):
             return
         try:
             self.close()
-        except Exception:
+        except Exception:  # forget it anyway, and give its place in the pool back
+            self._in_use.pop(self.conn_key(conn), None)
             self._state.reset()
 
 
