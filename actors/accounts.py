@@ -2,6 +2,9 @@
 
 The ingest path reads and updates it inline (one greenlet per host, no preemption). What is
 persisted is decided elsewhere: the sequencer writes the state carried by each durable event.
+A failing SQL read (the database restarting) is retried with backoff, holding that host's
+events: a subscriber that crashed instead would resume from the cursor in SQL, which lags
+behind the log while the database is away.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from dataclasses import dataclass, replace
 
 import peewee
 
+from actors.backoff import RetryPolicy, retry
 from store.accounts import ACTIVE, AccountRow, load_account
+from store.db import TRANSIENT_DB_ERRORS
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +56,11 @@ class AccountState:
 class AccountCache:
     """``did -> AccountState``: memory first, then SQL; at most ``max_entries`` in memory."""
 
-    def __init__(self, db: peewee.Database, max_entries: int = 1_000_000) -> None:
+    def __init__(
+        self, db: peewee.Database, max_entries: int = 1_000_000, retry_policy: RetryPolicy | None = None
+    ) -> None:
         self._db = db
+        self._retry_policy = retry_policy or RetryPolicy()
         self._max = max_entries
         self._items: OrderedDict[str, AccountState] = OrderedDict()
         self.hits = 0
@@ -65,8 +73,12 @@ class AccountCache:
             self.hits += 1
             return state
         self.misses += 1
-        with self._db.connection_context():
-            row = load_account(self._db, did)
+
+        def load() -> AccountRow | None:
+            with self._db.connection_context():
+                return load_account(self._db, did)
+
+        row = retry(load, operation="account_lookup", retry_on=TRANSIENT_DB_ERRORS, policy=self._retry_policy)
         if row is None:
             return None
         state = AccountState.from_row(row)

@@ -3,6 +3,9 @@
 A subscriber that crashes is restarted after an exponential, jittered delay. One that keeps
 failing to connect gives up (``HostGaveUp``): the host is marked offline in SQL and retried
 on the slow ``offline_retry_seconds`` schedule, never forgotten. Banned hosts are not started.
+A database error while starting or parking a host is retried with backoff (``actors.backoff``)
+and escalates (this actor fails, the relay stops) only once it has lasted the retry policy's
+limit; a supervisor that fails stops its subscribers first.
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import gevent
 import peewee
 import pykka
 
-from actors.backoff import Backoff
+from actors.backoff import Backoff, RetryPolicy, retry
+from actors.blocking import off_loop
 from actors.host_subscriber import HostSubscriber, SubscriberConfig
 from actors.messages import ChildFailed, GetTree, HostGaveUp, RestartChild, StartHost, StopHost
 from actors.messages_control import (
@@ -28,6 +32,7 @@ from actors.messages_control import (
 )
 from actors.metrics import CHILD_RESTARTS
 from actors.verify import HostContext, Verifier
+from store.db import TRANSIENT_DB_ERRORS
 from store.hosts import (
     HOST_ACTIVE,
     HOST_BANNED,
@@ -39,6 +44,7 @@ from store.hosts import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -63,6 +69,7 @@ class HostSupervisor(pykka.ThreadingActor):
         lenient: bool,
         offline_retry_seconds: float = 900.0,
         is_banned: Callable[[str], bool] = lambda hostname: False,
+        retry_policy: RetryPolicy | None = None,
     ) -> None:
         super().__init__()
         self.db = db
@@ -74,6 +81,7 @@ class HostSupervisor(pykka.ThreadingActor):
         self.lenient = lenient
         self.offline_retry_seconds = offline_retry_seconds
         self.is_banned = is_banned
+        self.retry_policy = retry_policy or RetryPolicy()
         self.children: dict[str, _Child] = {}
 
     def on_receive(self, message: Any) -> Any:
@@ -111,6 +119,23 @@ class HostSupervisor(pykka.ThreadingActor):
         for hostname in list(self.children):
             self._stop_child(hostname, "shutdown")
 
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        # no subscriber may outlive its supervisor: a leftover one keeps the process alive
+        for child in self.children.values():
+            if child.ref is not None and child.ref.is_alive():
+                child.ref.stop(block=False)
+
+    def _db(self, operation: str, fn: Callable[[], T]) -> T:
+        """``fn()`` (database work), retried with backoff while the database fails."""
+
+        def attempt() -> T:
+            with self.db.connection_context():
+                return fn()
+
+        # in the thread pool: SQLite waiting out a lock (busy_timeout) must not freeze the event loop
+        return retry(lambda: off_loop(attempt), operation=operation, retry_on=TRANSIENT_DB_ERRORS,
+                     policy=self.retry_policy)  # fmt: skip
+
     def tree(self) -> dict[str, Any]:
         kids = []
         for hostname, child in sorted(self.children.items()):
@@ -125,11 +150,10 @@ class HostSupervisor(pykka.ThreadingActor):
         return {"name": "hosts", "kind": "HostSupervisor", "state": "running", "children": kids}
 
     def _start(self, hostname: str, *, reset: bool) -> None:
-        if self.is_banned(hostname):
+        if self._db("host_start", lambda: self.is_banned(hostname)):
             log.info("host not started: banned host=%s", hostname)
             return
-        with self.db.connection_context():
-            row = ensure_host(self.db, hostname, account_limit=self.default_account_limit)
+        row = self._db("host_start", lambda: ensure_host(self.db, hostname, account_limit=self.default_account_limit))
         if row.status == HOST_BANNED:
             return
         child = self.children.get(hostname)
@@ -140,17 +164,20 @@ class HostSupervisor(pykka.ThreadingActor):
         if reset:
             child.backoff = Backoff()
         if row.status != HOST_ACTIVE:
-            with self.db.connection_context():
-                set_host_status(self.db, row.id, HOST_ACTIVE)
+            self._db("host_start", lambda: set_host_status(self.db, row.id, HOST_ACTIVE))
         ctx = HostContext(
             host_id=row.id,
             hostname=hostname,
             lenient=self.lenient or row.lenient,
             account_limit=row.account_limit if row.account_limit is not None else self.default_account_limit,
         )
-        with self.db.connection_context():  # the accounts table is the truth; keep the host row in step
-            account_count = count_host_accounts(self.db, row.id)
-            save_account_counts(self.db, [(row.id, account_count)])
+
+        def recount() -> int:  # the accounts table is the truth; keep the host row in step
+            count = count_host_accounts(self.db, row.id)
+            save_account_counts(self.db, [(row.id, count)])
+            return count
+
+        account_count = self._db("host_start", recount)
         child.ref = HostSubscriber.start(
             host=ctx,
             cursor=row.last_seq,
@@ -177,9 +204,12 @@ class HostSupervisor(pykka.ThreadingActor):
         if offline:
             child.state = "offline"
             delay = self.offline_retry_seconds
-            with self.db.connection_context():
+
+            def park() -> None:
                 row = ensure_host(self.db, hostname)
                 set_host_status(self.db, row.id, HOST_OFFLINE, error[:500])
+
+            self._db("host_offline", park)
             log.warning("host offline host=%s error=%s retry_in=%.0fs", hostname, error, delay)
             CHILD_RESTARTS.labels("host_offline").inc()
         else:

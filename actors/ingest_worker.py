@@ -3,7 +3,9 @@
 Started by ``actors.ingest_pool`` as ``python -m actors.ingest_worker --fd N``; it reads its
 settings (JSON, secrets left out) from stdin, then runs a ``HostSupervisor`` with the usual
 ``HostSubscriber`` actors whose sequencer is a ``RemoteSequencer``: accepted events travel to
-the relay process in batches over the socket. The worker exits when the relay goes away.
+the relay process in batches over the socket. The worker exits when the relay goes away, and
+with status 1 when its host supervisor fails (a database error that outlasted its retries),
+after stopping every actor: the relay then starts it again with backoff.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
+import pykka  # noqa: E402
 
 from actors.accounts import AccountCache  # noqa: E402
+from actors.backoff import RetryPolicy  # noqa: E402
 from actors.crawl import is_banned  # noqa: E402
 from actors.host_subscriber import SubscriberConfig  # noqa: E402
 from actors.host_supervisor import HostSupervisor  # noqa: E402
@@ -97,6 +101,7 @@ class RemoteSequencer:
 def run(settings: Settings, sock: socket.socket, index: int) -> int:
     configure_logging(settings.log_level, settings.log_format)
     db = open_database(settings.effective_database_url())
+    retry_policy = RetryPolicy(give_up_after_seconds=settings.infra_retry_seconds)
     directory = IdentityDirectory(
         db,
         plc_url=settings.plc_url,
@@ -106,7 +111,7 @@ def run(settings: Settings, sock: socket.socket, index: int) -> int:
     )
     verifier = Verifier(
         directory,
-        AccountCache(db),
+        AccountCache(db, retry_policy=retry_policy),
         VerifyLimits(
             max_ops=settings.max_commit_ops,
             max_rev_future_seconds=settings.max_rev_future_seconds,
@@ -125,7 +130,9 @@ def run(settings: Settings, sock: socket.socket, index: int) -> int:
         lenient=settings.lenient_sync_validation,
         offline_retry_seconds=settings.offline_retry_seconds,
         is_banned=lambda hostname: _banned(db, hostname),
+        retry_policy=retry_policy,
     )
+    watcher = gevent.spawn(_watch, hosts, sock)
     log.info("ingest worker started index=%d", index)
     try:
         while not remote.closed.is_set():
@@ -149,15 +156,32 @@ def run(settings: Settings, sock: socket.socket, index: int) -> int:
                 unknown_message("ingest_worker", kind)
     except (OSError, LinkClosed):
         pass
+    failed = not hosts.is_alive()
+    watcher.kill(block=False)
     log.info("ingest worker stopping index=%d", index)
-    hosts.stop(block=True, timeout=30)  # subscribers tell their final cursors
-    identity.stop(block=True, timeout=10)
+    for ref in (hosts, identity, *reversed(pykka.ActorRegistry.get_all())):  # then orphans of a failed supervisor
+        if ref.is_alive():
+            try:
+                ref.stop(block=True, timeout=30)  # subscribers tell their final cursors
+            except pykka.Timeout:
+                log.warning("actor did not stop in time actor=%s", ref.actor_class.__name__)
     try:
         remote.flush()
         sock.shutdown(socket.SHUT_WR)  # the relay reads to the end, then sees EOF
     except (OSError, LinkClosed):
         pass
-    return 0
+    return 1 if failed else 0
+
+
+def _watch(hosts: Any, sock: socket.socket) -> None:
+    """End the worker's loop when the host supervisor has failed (its subscribers would be orphans)."""
+    while hosts.is_alive():
+        gevent.sleep(0.5)
+    log.error("host supervisor died: stopping the ingest worker")
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
 
 
 def _banned(db: Any, hostname: str) -> bool:

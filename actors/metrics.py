@@ -28,3 +28,12 @@ UPSTREAM_CONNECTED = Gauge(
 )
 UPSTREAM_RECONNECTS = Counter("skyrelay_upstream_reconnects_total", "Upstream websocket reconnects", ["reason"])
 CHILD_RESTARTS = Counter("skyrelay_actor_restarts_total", "Supervised actor restarts", ["kind"])
+INFRA_RETRIES = Counter(
+    "skyrelay_infrastructure_retries_total", "Failed database or disk operations retried, by operation", ["operation"]
+)
+INFRA_FAILING = Gauge(
+    "skyrelay_infrastructure_failing",
+    "Operations failing right now and being retried (database or disk trouble), by operation",
+    ["operation"],
+    multiprocess_mode="livesum",
+)

@@ -24,6 +24,7 @@ import gevent
 import pykka
 from prometheus_client import Counter, Gauge, Histogram
 
+from actors.backoff import RetryPolicy, retry
 from actors.blocking import off_loop
 from actors.messages_control import unknown_message
 from actors.messages_mirror import (
@@ -43,8 +44,10 @@ from protocol.crypto import load_did_key
 from protocol.errors import ProtocolError
 from protocol.repo_verify import verify_repo
 from store.carstore import CarStore, SliceWrite
+from store.db import TRANSIENT_DB_ERRORS
 
 log = logging.getLogger(__name__)
+_DB_RETRY = RetryPolicy()  # carstore metadata: a database outage is retried this long, then the mirror fails
 
 SLICES_WRITTEN = Counter("skyrelay_mirror_slices_written_total", "Commit slices written to the repo mirror")
 BACKFILLS = Counter("skyrelay_mirror_backfills_total", "Whole-repo fetches, by result", ["result"])
@@ -155,7 +158,10 @@ class RepoMirror(pykka.ThreadingActor):
         if rev is not None:
             self._heads.move_to_end(did)
             return rev
-        head = off_loop(lambda: self.carstore.head(did))
+        # a database outage is waited out here (the sequencer waits for us past a bound) rather
+        # than crashing: a restarted mirror would have dropped the events meanwhile
+        head = retry(lambda: off_loop(lambda: self.carstore.head(did)), operation="mirror_read",
+                     retry_on=TRANSIENT_DB_ERRORS, policy=_DB_RETRY)  # fmt: skip
         if head is None:
             return None
         self._remember(did, head.rev)
@@ -203,8 +209,9 @@ class RepoMirror(pykka.ThreadingActor):
 
     def _flush(self) -> None:
         writes, self._pending = self._pending, []
-        if writes:
-            off_loop(lambda: self.carstore.write_slices(writes))
+        if writes:  # a failed attempt leaves its pack under a pending row, removed at the next open()
+            retry(lambda: off_loop(lambda: self.carstore.write_slices(writes)), operation="mirror_write",
+                  retry_on=TRANSIENT_DB_ERRORS, policy=_DB_RETRY)  # fmt: skip
             SLICES_WRITTEN.inc(len(writes))
 
     def _forget(self, did: str) -> None:

@@ -5,6 +5,13 @@ of a batch queues a ``FlushBatch`` behind whatever is already in the inbox. Each
 appended and fsynced before it is told to the broadcaster. Account state and upstream
 cursors are written behind to SQL on ``Tick``; the log is the truth, so after a crash
 ``recover()`` re-applies the log tail past the last SQL checkpoint.
+
+Infrastructure failures on the way to durable are retried with backoff (``actors.backoff``)
+with the batch held: a failed log write (a full disk) is repaired and the batch written again
+with the same seqs; a database error writing an account status change is retried. Meanwhile
+the inbox fills and the subscribers stop reading: ingest stops, nothing is lost or logged
+twice, and it resumes when the disk or database is back. Only a failure that lasts the retry
+policy's limit, or a failed fsync (which only recovery at start-up can judge), stops the actor.
 """
 
 from __future__ import annotations
@@ -21,18 +28,27 @@ import peewee
 import pykka
 
 from actors.accounts import AccountState
+from actors.backoff import RetryPolicy, retry
 from actors.blocking import off_loop
 from actors.messages import AdvanceCursor, FlushBatch, PersistEvent, Tick, WriteBehind
 from actors.messages_broadcast import Broadcast
 from actors.messages_control import SetAccountStatus, unknown_message
 from actors.messages_mirror import MirrorBatch, MirrorEvent
-from actors.metrics import EVENTS_ACCEPTED, EVENTS_DROPPED, INGEST_TO_DURABLE, LAST_SEQ, SEQUENCED_BATCH
+from actors.metrics import (
+    EVENTS_ACCEPTED,
+    EVENTS_DROPPED,
+    INFRA_RETRIES,
+    INGEST_TO_DURABLE,
+    LAST_SEQ,
+    SEQUENCED_BATCH,
+)
 from protocol.car import read_car
 from protocol.commit import decode_commit
 from protocol.errors import ProtocolError
 from protocol.frames import AccountEvent, CommitEvent, SyncEvent, decode_frame, encode_frame, resequence
 from store.accounts import ACTIVE, TAKENDOWN, load_account, takendown_dids, upsert_accounts
-from store.eventlog import EventLog, LogRecord
+from store.db import TRANSIENT_DB_ERRORS
+from store.eventlog import EventLog, EventLogWriteError, LogRecord
 from store.hosts import get_state, reset_cursors, save_cursors, set_state
 
 log = logging.getLogger(__name__)
@@ -51,8 +67,10 @@ class Sequencer(pykka.ThreadingActor):
         prune_interval_seconds: float = 60.0,
         batch_window_seconds: float = 0.0,
         mirror: Any = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> None:
         super().__init__()
+        self.retry_policy = retry_policy or RetryPolicy()
         self.mirror = mirror  # told each durable batch's repo events (None: no repo mirror)
         self.prune_interval_seconds = prune_interval_seconds
         self.batch_window_seconds = batch_window_seconds
@@ -175,14 +193,18 @@ class Sequencer(pykka.ThreadingActor):
             frame = resequence(item.frame, seq)
             records.append(LogRecord(seq, now, item.host_id, item.upstream_seq, frame))
             out.append((seq, frame))
-        self.log.append(records)
-        off_loop(self.log.sync)
+        self._append_durably(records)
         self._last_seq = seq
         # an account status change is written through before it is announced, so the read API
         # (which checks SQL) never serves a repo the firehose has already said is taken down
         changes = [item.account for item in batch if item.kind == "#account" and item.account is not None]
         if changes:
-            off_loop(lambda: self._write_accounts(changes))
+            retry(
+                lambda: off_loop(lambda: self._write_accounts(changes)),
+                operation="account_status_write",
+                retry_on=TRANSIENT_DB_ERRORS,
+                policy=self.retry_policy,
+            )
         self.broadcaster.tell(Broadcast(tuple(out)))
         done = time.time()
         kinds: dict[str, int] = {}
@@ -205,6 +227,22 @@ class Sequencer(pykka.ThreadingActor):
                 self.mirror.tell(MirrorBatch(mirrored))
         SEQUENCED_BATCH.observe(len(batch))
         LAST_SEQ.set(seq)
+
+    def _append_durably(self, records: list[LogRecord]) -> None:
+        """Append and fsync ``records``; after a failed write, repair the log and write what is missing."""
+
+        def attempt() -> None:
+            todo = [r for r in records if r.seq > self.log.last_seq]  # a repair may have kept a part
+            self.log.append(todo)
+            off_loop(self.log.sync)
+
+        retry(
+            attempt,
+            operation="event_log_append",
+            retry_on=(EventLogWriteError,),
+            policy=self.retry_policy,
+            repair=self.log.repair,
+        )
 
     def _write_accounts(self, accounts: list[AccountState]) -> None:
         with self.db.connection_context(), self.db.atomic():
@@ -238,8 +276,9 @@ class Sequencer(pykka.ThreadingActor):
             try:
                 off_loop(write)
                 self._written_cursors = cursors
-            except peewee.DatabaseError as exc:  # keep the changes for the next attempt
-                log.warning("write-behind failed error=%s: retrying at the next tick", exc)
+            except (peewee.DatabaseError, peewee.InterfaceError) as exc:  # keep the changes for the next attempt
+                INFRA_RETRIES.labels("write_behind").inc()
+                log.warning("write-behind failed error=%s: retrying at the next tick", str(exc).strip()[:300])
                 self._cursor_resets |= resets
                 for did, state in accounts.items():
                     self._accounts.setdefault(did, state)

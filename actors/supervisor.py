@@ -4,7 +4,9 @@
 (which owns one HostSubscriber per host). The sequencer and the broadcaster are essential:
 if either dies the relay cannot keep its promises (durable, ordered output), so the process
 stops with a non-zero status. The identity resolver is restarted with backoff. pykka has no
-supervision; failures are seen by a watchdog that checks the children's liveness.
+supervision; failures are seen by a watchdog that checks the children's liveness. ``stop()``
+stops the tree in reverse order, then any actor still registered with pykka (a subscriber
+orphaned by a failed supervisor would otherwise keep the process alive).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import peewee
 import pykka
 
 from actors.accounts import AccountCache
-from actors.backoff import Backoff
+from actors.backoff import Backoff, RetryPolicy
 from actors.broadcaster import Broadcaster, ConsumerRegistry
 from actors.crawl import is_banned
 from actors.host_subscriber import SubscriberConfig
@@ -75,9 +77,10 @@ class Forwarder:
 class RelaySupervisor:
     """Owns the actor tree of one relay process. ``start()``, then ``wait()``; ``stop()`` on signal."""
 
-    def __init__(self, settings: Settings, db: peewee.Database) -> None:
+    def __init__(self, settings: Settings, db: peewee.Database, carstore_db: peewee.Database | None = None) -> None:
         self.settings = settings
         self.db = db
+        self.retry_policy = RetryPolicy(give_up_after_seconds=settings.infra_retry_seconds)
         self.registry = ConsumerRegistry()
         self.event_log = EventLog(
             settings.data_dir / "events",
@@ -92,7 +95,7 @@ class RelaySupervisor:
             ttl_seconds=settings.identity_ttl_seconds,
             outbound=self.outbound,
         )
-        self.accounts = AccountCache(db)
+        self.accounts = AccountCache(db, retry_policy=self.retry_policy)
         self.verifier = Verifier(
             self.directory,
             self.accounts,
@@ -114,7 +117,7 @@ class RelaySupervisor:
         self.carstore_db: peewee.Database | None = None
         self.carstore: CarStore | None = None
         if settings.mirror_enabled:
-            self.carstore_db = open_database(settings.effective_carstore_database_url())
+            self.carstore_db = carstore_db or open_database(settings.effective_carstore_database_url())
             self.carstore = CarStore(settings.data_dir / "repos", self.carstore_db)
         self._stopping = False
         self._greenlets: list[gevent.Greenlet] = []
@@ -135,6 +138,7 @@ class RelaySupervisor:
             prune_interval_seconds=60.0,
             batch_window_seconds=self.settings.sequencer_batch_window_seconds,
             mirror=self.mirror if self.carstore is not None else None,
+            retry_policy=self.retry_policy,
         )
         self._start_identity()
         if self.settings.ingest_workers > 0:
@@ -150,6 +154,7 @@ class RelaySupervisor:
                 default_events_per_second=self.settings.default_host_events_per_second,
                 lenient=self.settings.lenient_sync_validation,
                 is_banned=self._is_banned,
+                retry_policy=self.retry_policy,
             )
         with self.db.connection_context():
             known = [
@@ -161,6 +166,8 @@ class RelaySupervisor:
 
     def _start_mirror(self) -> None:
         assert self.carstore is not None
+        if self._stopping:
+            return
         self.mirror.ref = RepoMirror.start(
             self.carstore,
             self.directory,
@@ -177,6 +184,8 @@ class RelaySupervisor:
         self._mirror_backoff.started()
 
     def _start_identity(self) -> None:
+        if self._stopping:
+            return
         self.identity = IdentityResolver.start(self.directory)
         self._identity_backoff.started()
 
@@ -202,6 +211,12 @@ class RelaySupervisor:
                     ref.stop(block=True, timeout=30)
                 except Exception:
                     log.exception("actor did not stop cleanly")
+        for ref in reversed(pykka.ActorRegistry.get_all()):  # orphans, e.g. of a failed supervisor
+            log.warning("stopping a leftover actor actor=%s", ref.actor_class.__name__)
+            try:
+                ref.stop(block=True, timeout=10)
+            except Exception:
+                log.exception("leftover actor did not stop actor=%s", ref.actor_class.__name__)
         for consumer in self.registry.consumers():
             consumer.close()
         if self.carstore is not None:

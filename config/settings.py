@@ -100,11 +100,6 @@ class Settings:
     # new hosts public requestCrawl may add per day (the admin API changes it at run time)
     new_hosts_per_day: int = 50
 
-    def admin_passwords(self) -> tuple[str, ...]:
-        """Every accepted admin password (empty: the admin API is off)."""
-        extra = [p.strip() for p in self.admin_extra_passwords.reveal().split(",")]
-        return tuple(p for p in (self.admin_password.reveal(), *extra) if p)
-
     # -- web front end limits (issue 7: anonymous clients) --
     # seconds a client has to send a request line and headers (from connecting, or from its first byte)
     http_header_timeout_seconds: float = 10.0
@@ -133,6 +128,16 @@ class Settings:
     outbound_dns_server: str = ""
     # longest one whole-repo backfill download (getRepo) may take, in seconds
     backfill_fetch_total_seconds: float = 900.0
+    # -- process lifecycle and infrastructure failures --
+    # seconds a stopping relay has to stop every actor and thread; then it exits hard (os._exit)
+    shutdown_timeout_seconds: float = 60.0
+    # seconds an actor retries a failing database or disk (with backoff) before the relay stops
+    infra_retry_seconds: float = 300.0
+
+    def admin_passwords(self) -> tuple[str, ...]:
+        """Every accepted admin password (empty: the admin API is off)."""
+        extra = [p.strip() for p in self.admin_extra_passwords.reveal().split(",")]
+        return tuple(p for p in (self.admin_password.reveal(), *extra) if p)
 
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'relay.sqlite'}"

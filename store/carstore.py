@@ -118,8 +118,7 @@ class CarStore:
         self._lock_fd = fd
         try:
             self._root_fd = os.open(self._root, os.O_RDONLY | os.O_CLOEXEC)
-            q.check_own_database(self._db)
-            apply_migrations(self._db, q.CARSTORE_MIGRATIONS)
+            apply_migrations(self._db, q.CARSTORE_MIGRATIONS, table=q.VERSION_TABLE)
             if self._fsync and isinstance(self._db, peewee.SqliteDatabase):
                 self._db.pragma("synchronous", "full", permanent=True)
             self._recover()

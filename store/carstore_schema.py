@@ -1,6 +1,8 @@
 """The carstore's metadata database: its own migrations, the named raw-SQL queries on it, its value types.
 
-Three tables, in a database of their own (``CARSTORE_DATABASE_URL``; with SQLite a second file):
+Three tables, in the database ``CARSTORE_DATABASE_URL`` names (by default a second SQLite file;
+it may be the relay's main database: the carstore records its migrations in a table of its own,
+``VERSION_TABLE``):
 
 - ``car_slice``: one row per slice: the ``byte_size`` bytes at ``byte_offset`` of the file
   ``path`` (relative to the carstore's ``slices/`` directory). A file is a pack of one batch's
@@ -29,10 +31,10 @@ from typing import Any
 
 import peewee
 
-from store.db import StoreError
-from store.migrations import Migration, current_version
+from store.migrations import Migration
 from store.sql import execute, fetchall, fetchone, to_bytes
 
+VERSION_TABLE = "carstore_schema_version"
 CARSTORE_MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -142,18 +144,6 @@ def _slice(r: Sequence[Any]) -> SliceRow:
     commit, data = to_bytes(r[4]), to_bytes(r[5])
     assert commit is not None and data is not None
     return SliceRow(int(r[0]), r[1], r[2], r[3], commit, data, r[6], int(r[7]), int(r[8]), int(r[9]), int(r[10]))
-
-
-def check_own_database(db: peewee.Database) -> None:
-    """``StoreError`` unless ``db`` holds only carstore migrations (it must not be the relay's main database)."""
-    current_version(db)  # creates schema_version when missing
-    ours = {m.version: m.name for m in CARSTORE_MIGRATIONS}
-    for version, name in fetchall(db, "SELECT version, name FROM schema_version"):
-        if ours.get(int(version)) != name:
-            raise StoreError(
-                f"carstore database holds another schema (migration {version} {name!r}):"
-                " give the carstore a database of its own (CARSTORE_DATABASE_URL)"
-            )
 
 
 def _insert_many(db: peewee.Database, head: str, one: str, rows: Sequence[Sequence[Any]], tail: str = "") -> None:

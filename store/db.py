@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import peewee
@@ -28,6 +29,45 @@ SQLITE_PRAGMAS = (
 
 class StoreError(Exception):
     """The database cannot be opened or its schema is from a newer version."""
+
+
+# what a database raises while it is unreachable, restarting, locked or out of space: worth a
+# retry. ``InterfaceError`` is not a ``DatabaseError`` in peewee: psycopg2 raises it for a
+# pooled connection the server closed while it sat in the pool.
+TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (peewee.OperationalError, peewee.InterfaceError)
+
+
+class _PooledPostgres(PooledPostgresqlDatabase):
+    """A pool that lets go of a connection the server has closed (a restart), instead of reusing it.
+
+    peewee keeps a thread's (greenlet's) connection open until ``close()``; code that runs
+    statements outside ``connection_context`` would get the dead connection back forever
+    ("connection already closed"). A connection psycopg2 knows is closed is closed on our side
+    too (after the failing statement, or before the next one outside a transaction), which
+    makes the pool drop it: the next statement reconnects.
+    """
+
+    def execute_sql(self, sql: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute_sql(sql, params, *args, **kwargs)
+        except TRANSIENT_DB_ERRORS:
+            self._forget_dead_connection()
+            raise
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:  # every statement, BEGIN included, starts here
+        if not self.in_transaction():
+            self._forget_dead_connection()
+        return super().cursor(*args, **kwargs)
+
+    def _forget_dead_connection(self) -> None:
+        conn = None if self.is_closed() else self._state.conn
+        if conn is None or not getattr(conn, "closed", 0) or self.in_transaction():
+            return
+        try:
+            self.close()
+        except Exception:  # forget it anyway, and give its place in the pool back
+            self._in_use.pop(self.conn_key(conn), None)
+            self._state.reset()
 
 
 def _gevent_active() -> bool:
@@ -58,7 +98,7 @@ def open_database(url: str) -> peewee.Database:
         if _gevent_active():
             _make_psycopg_green()
         options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        return PooledPostgresqlDatabase(
+        return _PooledPostgres(
             (parts.path or "/").lstrip("/") or "postgres",
             user=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
@@ -76,11 +116,13 @@ def is_postgres(db: peewee.Database) -> bool:
     return isinstance(db, peewee.PostgresqlDatabase)
 
 
-def ping(db: peewee.Database) -> bool:
-    """True when a trivial query succeeds (for the health endpoint)."""
+def ping(db: peewee.Database, *, raise_errors: bool = False) -> bool:
+    """True when a trivial query succeeds (for the health endpoint); with ``raise_errors`` a failure raises."""
     try:
         db.execute_sql("SELECT 1").fetchone()
         return True
-    except peewee.DatabaseError as exc:
+    except (peewee.DatabaseError, peewee.InterfaceError) as exc:
+        if raise_errors:
+            raise
         log.warning("database ping failed error=%s", type(exc).__name__)
         return False

@@ -12,8 +12,10 @@ of reader greenlets in the same process. Readers see only records made durable b
 Other processes may read the files (append-only, every record crc-checked, so a reader stops
 at a record still being written), but nothing tells them how far is durable. File I/O blocks
 the process (gevent does not make it cooperative); SQL may yield, and the in-memory state is
-consistent whenever it does. After a failed write or fsync the log refuses further appends:
-close it and open it again (recovery decides what survived).
+consistent whenever it does. After a failed write (``EventLogWriteError``: a full disk) the
+log refuses appends until ``repair()`` cuts it back to its last whole record. After a failed
+fsync it refuses them until it is closed and opened again (the page cache may have dropped
+data: a process restart and recovery decide what survived).
 """
 
 from __future__ import annotations
@@ -30,20 +32,21 @@ from pathlib import Path
 
 import peewee
 
-from store.log_recovery import ensure_index, fsync_dir, lock_directory, recover_segments
+from store.log_recovery import ensure_index, fsync_dir, lock_directory, recover_segments, remove_stray_segments
 from store.segment_list import SegmentList
 from store.segment_table import SegmentTable
 from store.segments import (
     HEADER_SIZE,
     MAX_FRAME_BYTES,
     EventLogError,
+    EventLogWriteError,
     LogRecord,
     Segment,
     encode_run,
     segment_name,
 )
 
-__all__ = ["EventLog", "EventLogError", "LogRecord", "RecoveryInfo"]
+__all__ = ["EventLog", "EventLogError", "EventLogWriteError", "LogRecord", "RecoveryInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ class EventLog:
         self._durable_seq = 0
         self._metadata_due = 0.0  # monotonic time of the next periodic metadata flush
         self._broken: str | None = None
+        self._repairable = False  # the failure was a write: repair() may fix it in place
 
     # -- open and recovery ---------------------------------------------------------------
 
@@ -172,12 +176,12 @@ class EventLog:
             while view:
                 view = view[os.write(self._wfd, view) :]
         except OSError as exc:
-            self._broken = f"write failed: {exc}"
+            self._broken, self._repairable = f"write failed: {exc}", True
             try:
                 os.ftruncate(self._wfd, seg.size)
             except OSError:
-                pass  # open() will cut the partial record
-            raise EventLogError(f"event log write failed: {exc}") from exc
+                pass  # repair() or open() will cut the partial record
+            raise EventLogWriteError(f"event log write failed: {exc}") from exc
         seg.index_seqs.extend(seqs)
         seg.index_offsets.extend(offsets)
         seg.size += len(data)
@@ -200,8 +204,8 @@ class EventLog:
             self._wfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
             fsync_dir(self.directory)
         except OSError as exc:
-            self._broken = f"cannot start segment {path.name}: {exc}"
-            raise EventLogError(f"event log {self._broken}") from exc
+            self._broken, self._repairable = f"cannot start segment {path.name}: {exc}", True
+            raise EventLogWriteError(f"event log {self._broken}") from exc
         seg = Segment(path, first.seq, 0, first.time, first.time, 0, 0, 0, array("q"))
         self._segs.add(seg)
         self._table.stage(seg)
@@ -228,14 +232,56 @@ class EventLog:
         try:
             _fdatasync(fd)
         except OSError as exc:
-            self._broken = f"fsync failed: {exc}"  # the page cache may have dropped the data: reopen
+            self._broken, self._repairable = f"fsync failed: {exc}", False  # the page cache may have dropped data
             raise EventLogError(f"event log fsync failed: {exc}") from exc
 
     def _check_writable(self) -> None:
         if self._lock_fd < 0:
             raise EventLogError("event log is not open")
         if self._broken:
+            if self._repairable:
+                raise EventLogWriteError(f"event log refuses writes until repaired: {self._broken}")
             raise EventLogError(f"event log refuses writes until reopened: {self._broken}")
+
+    def repair(self) -> None:
+        """After a failed write: cut the log back to its last whole record, fsync it, accept writes again.
+
+        A segment the failed batch started and left empty is removed. Afterwards everything in
+        the log is durable, and ``last_seq`` may be past the last ``sync()``: records a batch
+        wrote before a segment roll (the roll fsynced them). ``EventLogWriteError`` if the
+        repair fails too (try again later); ``EventLogError`` after a failed fsync, which only
+        closing and opening the log (a restart) can repair. A no-op on a healthy log.
+        """
+        if self._broken is None:
+            return
+        if not self._repairable:
+            raise EventLogError(f"event log cannot be repaired in place: {self._broken}")
+        if self._wfd >= 0:
+            os.close(self._wfd)
+            self._wfd = -1
+        segs = self._segs
+        while segs.items and segs.items[-1].size == 0:  # started by the failed batch, nothing in it
+            seg = segs.pop_newest()
+            self._table.stage_delete(seg)
+            seg.path.unlink(missing_ok=True)
+        try:
+            remove_stray_segments(self.directory, segs.items[-1].first_seq if segs.items else 0)
+            fsync_dir(self.directory)
+            if segs.items:
+                active = segs.items[-1]
+                self._wfd = os.open(active.path, os.O_WRONLY | os.O_APPEND)
+                os.ftruncate(self._wfd, active.size)  # a partial record a failed write left behind
+        except OSError as exc:
+            raise EventLogWriteError(f"event log repair failed: {exc}") from exc
+        if segs.items:
+            active = segs.items[-1]
+            self._fsync(self._wfd)
+            active.durable_size = active.size
+            active.sealed = False  # active again if the failed batch had rolled past it
+            self._table.stage(active)
+        self._appended_seq = self._durable_seq = segs.items[-1].last_seq if segs.items else 0
+        self._broken, self._repairable = None, False
+        log.warning("event log repaired after a failed write last_seq=%d", self._durable_seq)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -39,6 +39,17 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def remove_stray_segments(directory: Path, after_seq: int) -> int:
+    """Delete empty segment files named past ``after_seq`` (a roll that failed half-way); how many."""
+    removed = 0
+    for name in os.listdir(directory):
+        seq = parse_segment_name(name)
+        if seq is not None and seq > after_seq and (directory / name).stat().st_size == 0:
+            (directory / name).unlink()
+            removed += 1
+    return removed
+
+
 def recover_segments(directory: Path, rows: dict[str, SegmentRow]) -> tuple[list[Segment], int]:
     """The segments in ``directory`` in seq order after repair, and how many bytes were cut."""
     files = sorted((seq, name) for name in os.listdir(directory) if (seq := parse_segment_name(name)) is not None)

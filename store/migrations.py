@@ -3,6 +3,12 @@
 Migrations are portable DDL with placeholders (``{pk}``, ``{blob}``...) filled per dialect, so
 one list serves SQLite and PostgreSQL. A migration, once released, never changes: add a new one.
 A database whose recorded version is newer than this code knows is refused.
+
+Each migration list records its versions in a table of its own (the relay's in
+``schema_version``, the carstore's in ``carstore_schema_version``), so one database can hold
+both schemas. Before that split every list used ``schema_version``: a list whose own table is
+still empty adopts its rows from there (same version, same name), once, so an existing
+separate carstore database keeps its history.
 """
 
 from __future__ import annotations
@@ -104,19 +110,52 @@ def _render(db: peewee.Database, statement: str) -> str:
     return statement.format(**(_PG_TYPES if is_postgres(db) else _SQLITE_TYPES))
 
 
-def current_version(db: peewee.Database) -> int:
+MAIN_VERSION_TABLE = "schema_version"  # also where every list recorded its versions before the split
+
+
+def current_version(db: peewee.Database, table: str = MAIN_VERSION_TABLE) -> int:
     db.execute_sql(
-        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+        f"CREATE TABLE IF NOT EXISTS {table} (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
         " applied_at " + ("DOUBLE PRECISION" if is_postgres(db) else "REAL") + " NOT NULL)"
     )
-    row = db.execute_sql("SELECT MAX(version) FROM schema_version").fetchone()
+    row = db.execute_sql(f"SELECT MAX(version) FROM {table}").fetchone()
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def apply_migrations(db: peewee.Database, migrations: Sequence[Migration] = MAIN_MIGRATIONS) -> int:
-    """Bring ``db`` to the newest version; return it. ``StoreError`` if the db is newer."""
+def _param(db: peewee.Database) -> str:
+    return "%s" if is_postgres(db) else "?"
+
+
+def _adopt_legacy_versions(db: peewee.Database, table: str, migrations: Sequence[Migration]) -> None:
+    """Move this list's rows (same version and name) from the shared ``schema_version`` to ``table``."""
+    if MAIN_VERSION_TABLE not in db.get_tables():
+        return
+    ours = {(m.version, m.name) for m in migrations}
+    rows = db.execute_sql(f"SELECT version, name, applied_at FROM {MAIN_VERSION_TABLE}").fetchall()
+    mine = [(int(v), str(n), float(t)) for v, n, t in rows if (int(v), str(n)) in ours]
+    if not mine:
+        return
+    p = _param(db)
+    for version, name, applied_at in mine:
+        db.execute_sql(f"INSERT INTO {table} (version, name, applied_at) VALUES ({p}, {p}, {p})",
+                       (version, name, applied_at))  # fmt: skip
+        db.execute_sql(f"DELETE FROM {MAIN_VERSION_TABLE} WHERE version = {p} AND name = {p}", (version, name))
+    log.info("schema versions moved from=%s to=%s versions=%s", MAIN_VERSION_TABLE, table, [v for v, _, _ in mine])
+
+
+def apply_migrations(
+    db: peewee.Database, migrations: Sequence[Migration] = MAIN_MIGRATIONS, *, table: str = MAIN_VERSION_TABLE
+) -> int:
+    """Bring ``db`` to the newest version of ``migrations`` (recorded in ``table``); return it.
+
+    ``StoreError`` if the database records a newer version than ``migrations`` know.
+    """
     with db.connection_context():
-        have = current_version(db)
+        have = current_version(db, table)
+        if have == 0 and table != MAIN_VERSION_TABLE:
+            with db.atomic():
+                _adopt_legacy_versions(db, table, migrations)
+            have = current_version(db, table)
         newest = migrations[-1].version if migrations else 0
         if have > newest:
             raise StoreError(f"database schema version {have} is newer than this code knows ({newest})")
@@ -126,10 +165,9 @@ def apply_migrations(db: peewee.Database, migrations: Sequence[Migration] = MAIN
             with db.atomic():
                 for statement in migration.statements:
                     db.execute_sql(_render(db, statement))
+                p = _param(db)
                 db.execute_sql(
-                    "INSERT INTO schema_version (version, name, applied_at) VALUES (%s, %s, %s)"
-                    if is_postgres(db)
-                    else "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                    f"INSERT INTO {table} (version, name, applied_at) VALUES ({p}, {p}, {p})",
                     (migration.version, migration.name, time.time()),
                 )
             log.info("schema migrated version=%d name=%r", migration.version, migration.name)

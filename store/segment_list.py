@@ -35,6 +35,12 @@ class SegmentList:
         seg.deleted = True
         return seg
 
+    def pop_newest(self) -> Segment:
+        seg = self.items.pop()
+        del self._first_seqs[-1]
+        seg.deleted = True
+        return seg
+
     def read(self, cursor: int, limit: int, max_seq: int, out: list, full: bool) -> None:
         """Append to ``out`` up to ``limit`` records with ``cursor < seq <= max_seq``, in order.
 

@@ -94,7 +94,7 @@ class SegmentTable:
             return
         try:
             self.write([SegmentRow.of(s) for s in staged.values() if not s.deleted], deleted)
-        except peewee.DatabaseError as exc:
+        except (peewee.DatabaseError, peewee.InterfaceError) as exc:  # InterfaceError: a connection gone
             log.warning("event log metadata update failed error=%s: retried at the next flush", type(exc).__name__)
             for name, seg in staged.items():
                 self._staged.setdefault(name, seg)

@@ -44,6 +44,10 @@ class EventLogError(StoreError):
     """The event log cannot be opened or used: locked, corrupt beyond repair, or failed I/O."""
 
 
+class EventLogWriteError(EventLogError):
+    """A write failed (disk full, for example) and ``EventLog.repair()`` may make the log writable again."""
+
+
 @dataclass(frozen=True, slots=True)
 class LogRecord:
     seq: int  # relay seq, strictly increasing, assigned by the caller

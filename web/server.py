@@ -1,14 +1,16 @@
-"""Run the relay: start storage and the actor tree, serve HTTP and websockets, stop in reverse."""
+"""Run the relay: lock the data dir, start storage and the actor tree, serve HTTP and websockets, stop in reverse."""
 
 from __future__ import annotations
 
 import gc
 import logging
 import signal
+import sys
 from typing import Any
 
 import gevent
 import gevent.event
+import peewee
 from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -16,12 +18,15 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from actors.relay_api import Relay
 from actors.supervisor import RelaySupervisor
 from config.logs import configure_logging
-from config.settings import Settings
-from store.db import open_database, ping
+from config.settings import Settings, mask_url_password
+from store.carstore import CarStoreError
+from store.data_dir import claim_database, lock_data_dir
+from store.db import StoreError, open_database, ping
 from store.migrations import apply_migrations
 from web.admin_api import admin_blueprint
 from web.admin_auth import AdminGuard
 from web.app import create_app
+from web.exit_guard import ExitGuard, still_alive
 from web.firehose import firehose_blueprint, pre_upgrade_hook
 from web.httpserver import HttpLimits, RelayWSGIServer
 from web.xrpc_repo import repo_blueprint
@@ -87,29 +92,83 @@ class Services:
         ]
 
 
-def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT (exit 0) or until an essential actor dies (exit 1)."""
-    configure_logging(settings.log_level, settings.log_format)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = open_database(settings.effective_database_url())
+EXIT_REFUSED = 2  # start-up refused: data directory in use, database unusable or from a newer version
+
+
+def _refuse(reason: str) -> int:
+    """One line on stderr (no traceback) and the status a service manager should not retry fast."""
+    print(f"skyrelay: {reason}", file=sys.stderr, flush=True)
+    return EXIT_REFUSED
+
+
+def _reachable(url: str) -> peewee.Database:
+    """The database at ``url``, connected once; ``StoreError`` with a one-line reason if unusable."""
+    db = open_database(url)
+    try:
+        with db.connection_context():
+            ping(db, raise_errors=True)
+    except (peewee.DatabaseError, peewee.InterfaceError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StoreError(f"cannot use database {mask_url_password(url)}: {detail}") from None
+    return db
+
+
+def _start_relay(settings: Settings) -> RelaySupervisor:
+    """Open and migrate the databases, recover the event log, start the actor tree."""
+    db = _reachable(settings.effective_database_url())
+    carstore_db = _reachable(settings.effective_carstore_database_url()) if settings.mirror_enabled else None
     apply_migrations(db)
-    relay = RelaySupervisor(settings, db)
-    relay.start()
+    claim_database(db, settings.data_dir)
+    relay = RelaySupervisor(settings, db, carstore_db)
+    try:
+        relay.start()
+    except BaseException:
+        relay.stop()
+        raise
+    return relay
+
+
+def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or until an essential actor dies (exit 1); 2 if refused at start.
+
+    However it stops, the process is gone within ``shutdown_timeout_seconds`` (``web.exit_guard``).
+    """
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        lock_data_dir(settings.data_dir)  # before any database is opened; held until the process exits
+        relay = _start_relay(settings)
+    except (StoreError, CarStoreError) as exc:
+        return _refuse(str(exc))
+    except (peewee.DatabaseError, peewee.InterfaceError) as exc:  # lost between the check and the migrations
+        return _refuse(f"database error at start-up: {(str(exc).strip().splitlines() or [''])[0]}")
+    except OSError as exc:  # the data directory or a SQLite file's folder cannot be made or written
+        return _refuse(f"cannot use the data directory or a database file: {exc}")
     app = create_app(Services(settings, relay))
     host, port = settings.bind_host_port()
     server = RelayWSGIServer((host, port), app, limits=HttpLimits.from_settings(settings))
     server.pre_start_hook = pre_upgrade_hook
+    guard = ExitGuard(settings.shutdown_timeout_seconds)
     stop = gevent.event.Event()
+
+    def on_signal() -> None:
+        if guard.armed:
+            guard.exit_now("second signal while stopping")
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(sig, stop.set)
+        gevent.signal_handler(sig, on_signal)
     server.start()
     gc.freeze()  # long-lived start-up objects out of the cyclic GC's way (see HACKING.md)
     log.info("relay listening bind=%s:%d", host, server.server_port)
     status = relay.wait(stop)
+    guard.arm(status)  # from here the process ends within the deadline, whatever hangs
     if status:
         log.error("relay stopping after a fatal error reason=%s", relay.fatal_reason)
     else:
         log.info("relay stopping")
     server.stop(timeout=5)
     relay.stop()
+    alive = still_alive()
+    if alive != "nothing known":
+        log.warning("still running after the relay stopped still_alive=%s", alive)
     return status

@@ -21,9 +21,16 @@ def collect(
         while len(out) < count and time.monotonic() < deadline:
             ws.settimeout(max(0.1, deadline - time.monotonic()))
             try:
-                data = ws.recv()
+                # control frames come back too, so a server that pings an idle consumer cannot keep
+                # this loop waiting past its deadline
+                opcode, frame = ws.recv_data_frame(control_frame=True)
             except (websocket.WebSocketTimeoutException, websocket.WebSocketConnectionClosedException):
                 break
+            if opcode != websocket.ABNF.OPCODE_BINARY:
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    break
+                continue
+            data = frame.data
             if not data:
                 break
             header, body = libipld.decode_dag_cbor_multi(data)

@@ -23,8 +23,9 @@ from protocol.repo_writer import RepoWriter, Write
 from store import carstore_compact
 from store.carstore import CarStore, CarStoreError, SliceWrite
 from store.carstore_compact import repo_blocks
-from store.db import StoreError, open_database
-from store.migrations import apply_migrations
+from store.carstore_schema import CARSTORE_MIGRATIONS, VERSION_TABLE
+from store.db import open_database
+from store.migrations import MAIN_MIGRATIONS, apply_migrations, current_version
 
 KEY = PrivateKey.generate("k256")
 NAME_RE = re.compile(r"^slices/([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{32})\.[a-z2-7]{13}\.[0-9a-f]{8}\.car$")
@@ -333,7 +334,7 @@ def test_open_removes_orphans_and_superseded_files(db: peewee.Database, tmp_path
     store.close()
 
 
-def test_one_store_per_directory_and_not_the_main_database(db: peewee.Database, tmp_path: Path) -> None:
+def test_one_store_per_directory(db: peewee.Database, tmp_path: Path) -> None:
     first = CarStore(tmp_path / "cs", db)
     first.open()
     with pytest.raises(CarStoreError, match="in use"):
@@ -341,11 +342,41 @@ def test_one_store_per_directory_and_not_the_main_database(db: peewee.Database, 
     first.close()
     with pytest.raises(CarStoreError, match="not open"):
         first.load_blocks("did:plc:x")
-    other = open_database(f"sqlite:///{tmp_path / 'main.sqlite'}")
-    apply_migrations(other)
-    with pytest.raises(StoreError, match="database of its own"):
-        CarStore(tmp_path / "cs2", other).open()
-    other.close()
+
+
+def test_the_main_database_may_hold_the_carstore_too(db_url: str, tmp_path: Path) -> None:
+    """One database for both, as the seed allows: each schema records its versions in its own table."""
+    db = open_database(db_url)
+    assert apply_migrations(db) == MAIN_MIGRATIONS[-1].version
+    store = CarStore(tmp_path / "cs", db)
+    store.open()
+    writer = RepoWriter("did:plc:shared", KEY)
+    store.write_slices(commits(writer, 3))
+    store.close()
+    assert apply_migrations(db) == MAIN_MIGRATIONS[-1].version  # both again, in either order
+    store = CarStore(tmp_path / "cs", db)
+    store.open()
+    assert records(store.load_blocks(writer.did), writer.data) == writer.records
+    store.close()
+    with db.connection_context():
+        assert current_version(db) == MAIN_MIGRATIONS[-1].version
+        assert current_version(db, VERSION_TABLE) == CARSTORE_MIGRATIONS[-1].version
+    db.close()
+
+
+def test_a_carstore_database_from_before_the_split_keeps_its_history(db_url: str, tmp_path: Path) -> None:
+    """Its versions were in ``schema_version``: they move to the carstore's own table, nothing re-runs."""
+    db = open_database(db_url)
+    apply_migrations(db, CARSTORE_MIGRATIONS[:1])  # as released: carstore versions in schema_version
+    apply_migrations(db, CARSTORE_MIGRATIONS)
+    store = CarStore(tmp_path / "cs", db)
+    store.open()  # a re-run of migration 1 would fail: its tables exist
+    store.close()
+    with db.connection_context():
+        assert current_version(db, VERSION_TABLE) == CARSTORE_MIGRATIONS[-1].version
+        assert current_version(db) == 0
+    assert apply_migrations(db) == MAIN_MIGRATIONS[-1].version  # and the relay's schema fits beside it
+    db.close()
 
 
 @pytest.mark.parametrize("method", ["fsync", "auto"])
