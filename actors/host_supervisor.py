@@ -3,11 +3,15 @@
 A subscriber that crashes is restarted after an exponential, jittered delay. One that keeps
 failing to connect gives up (``HostGaveUp``): the host is marked offline in SQL and retried
 on the slow ``offline_retry_seconds`` schedule, never forgotten. Banned hosts are not started.
+A watchdog reads each subscriber's ``HostProgress``: a reader stuck on one frame for
+``stall_seconds`` is logged with its stack, counted, and restarted (the frame is read again);
+one stuck waiting for the sequencer is logged and counted only (a reconnect cannot help).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +21,9 @@ import peewee
 import pykka
 
 from actors.backoff import Backoff
+from actors.host_progress import HOST_STALLS, HostProgress
 from actors.host_subscriber import HostSubscriber, SubscriberConfig
-from actors.messages import ChildFailed, GetTree, HostGaveUp, RestartChild, StartHost, StopHost
+from actors.messages import CheckProgress, ChildFailed, GetTree, HostGaveUp, RestartChild, StartHost, StopHost
 from actors.metrics import CHILD_RESTARTS
 from actors.verify import HostContext, Verifier
 from store.hosts import (
@@ -41,6 +46,8 @@ class _Child:
     generation: int = 0
     state: str = "running"  # running, restarting, offline, stopped
     last_error: str | None = None
+    progress: HostProgress | None = None  # the running subscriber's, read by the watchdog
+    stall_reported: float | None = None  # busy_since of the stall last reported (report each once)
 
 
 class HostSupervisor(pykka.ThreadingActor):
@@ -68,6 +75,19 @@ class HostSupervisor(pykka.ThreadingActor):
         self.offline_retry_seconds = offline_retry_seconds
         self.is_banned = is_banned
         self.children: dict[str, _Child] = {}
+        self._watchdog: gevent.Greenlet | None = None
+
+    def on_start(self) -> None:
+        self._watchdog = gevent.spawn(self._watch)
+
+    def _watch(self) -> None:
+        interval = max(0.2, min(5.0, self.config.stall_seconds / 4))
+        while True:
+            gevent.sleep(interval)
+            try:
+                self.actor_ref.tell(CheckProgress())
+            except pykka.ActorDeadError:
+                return
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, StartHost):
@@ -82,11 +102,15 @@ class HostSupervisor(pykka.ThreadingActor):
             self._failed(message.hostname, message.error, offline=True)
         elif isinstance(message, StopHost):
             self._stop_child(message.hostname, message.reason)
+        elif isinstance(message, CheckProgress):
+            self._check_progress()
         elif isinstance(message, GetTree):
             return self.tree()
         return None
 
     def on_stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.kill(block=False)
         for hostname in list(self.children):
             self._stop_child(hostname, "shutdown")
 
@@ -100,6 +124,8 @@ class HostSupervisor(pykka.ThreadingActor):
                 "restarts": child.generation,
                 "last_error": child.last_error,
             }
+            if child.progress is not None and child.state == "running":
+                info["progress"] = child.progress.summary()
             kids.append(info)
         return {"name": "hosts", "kind": "HostSupervisor", "state": "running", "children": kids}
 
@@ -130,6 +156,8 @@ class HostSupervisor(pykka.ThreadingActor):
         with self.db.connection_context():  # the accounts table is the truth; keep the host row in step
             account_count = count_host_accounts(self.db, row.id)
             save_account_counts(self.db, [(row.id, account_count)])
+        child.progress = HostProgress()
+        child.stall_reported = None
         child.ref = HostSubscriber.start(
             host=ctx,
             cursor=row.last_seq,
@@ -139,10 +167,31 @@ class HostSupervisor(pykka.ThreadingActor):
             sequencer=self.sequencer,
             parent=self.actor_ref,
             config=self.config,
+            progress=child.progress,
         )
         child.state = "running"
         child.backoff.started()
         log.info("host subscriber started host=%s cursor=%d", hostname, row.last_seq)
+
+    def _check_progress(self) -> None:
+        now = time.monotonic()
+        for hostname, child in list(self.children.items()):
+            progress = child.progress
+            if child.state != "running" or progress is None or progress.busy_since is None:
+                continue
+            stuck = progress.stuck_for(now)
+            if stuck < self.config.stall_seconds or child.stall_reported == progress.busy_since:
+                continue
+            child.stall_reported = progress.busy_since
+            phase = progress.phase
+            HOST_STALLS.labels(phase).inc()
+            log.warning(
+                "host stalled host=%s phase=%s stuck_seconds=%.1f read=%d processed=%d%s\n%s",
+                hostname, phase, stuck, progress.read, progress.processed,
+                "" if phase != "backpressure" else " (waiting for the sequencer: not restarted)", progress.where(),
+            )  # fmt: skip
+            if phase != "backpressure":
+                self._failed(hostname, f"stalled for {stuck:.0f}s in {phase}", offline=False)
 
     def _failed(self, hostname: str, error: str, *, offline: bool) -> None:
         child = self.children.get(hostname)
@@ -152,6 +201,7 @@ class HostSupervisor(pykka.ThreadingActor):
         if child.ref is not None and child.ref.is_alive():
             child.ref.stop(block=False)
         child.ref = None
+        child.progress = None
         child.generation += 1
         if offline:
             child.state = "offline"

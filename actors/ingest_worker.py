@@ -34,6 +34,7 @@ from actors.ingest_link import (  # noqa: E402
     send_message,
 )
 from actors.messages import AdvanceCursor, GetTree, PersistEvent, StartHost, StopHost  # noqa: E402
+from actors.stack_dump import install_stack_dump  # noqa: E402
 from actors.verify import Verifier, VerifyLimits  # noqa: E402
 from config.logs import configure_logging  # noqa: E402
 from config.settings import Settings, settings_from_json  # noqa: E402
@@ -94,6 +95,7 @@ class RemoteSequencer:
 
 def run(settings: Settings, sock: socket.socket, index: int) -> int:
     configure_logging(settings.log_level, settings.log_format)
+    install_stack_dump()
     db = open_database(settings.effective_database_url())
     directory = IdentityDirectory(
         db,

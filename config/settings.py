@@ -90,6 +90,9 @@ class Settings:
     log_level: str = "info"
     # log format: text or json
     log_format: str = "text"
+    # -- hostile and stalled upstreams (issue 7) --
+    # a connected host whose reader spends this long on one frame is logged, counted and reconnected
+    host_stall_seconds: float = 60.0
 
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'relay.sqlite'}"

@@ -11,6 +11,8 @@ answers ``describeServer`` like a PDS. Frames reach it through a control API on 
   accounts (with their genesis commits first), appends them, answers with the number of frames.
   With ``"hold": true`` the frames are kept aside, unseen by subscribers, until released; the
   accounts' repos carry on from one call to the next (a later call may repeat the accounts).
+  With ``"creation": true`` each new account arrives as the reference PDS creates one:
+  ``#identity``, ``#account`` (active), the empty genesis ``#commit``, then ``#sync`` of that rev.
 - ``POST /control/release``: JSON ``{"count": n, "rate": r, "record_sends": bool}`` (all
   optional): hands the first ``n`` held frames (default all) to subscribers, at once or paced at
   ``r`` frames/s; with ``record_sends`` the time each frame is handed to a subscriber's socket is
@@ -52,8 +54,8 @@ from gevent.pywsgi import WSGIServer  # noqa: E402
 from geventwebsocket.handler import WebSocketHandler  # noqa: E402
 
 from protocol.crypto import PrivateKey  # noqa: E402
-from protocol.frames import decode_frame, encode_frame, error_frame  # noqa: E402
-from protocol.repo_writer import RepoWriter, Write  # noqa: E402
+from protocol.frames import AccountEvent, IdentityEvent, decode_frame, encode_frame, error_frame  # noqa: E402
+from protocol.repo_writer import RepoWriter, Write, now_iso  # noqa: E402
 from tests.support.framing import split_frames  # noqa: E402
 
 
@@ -110,9 +112,11 @@ def generate(spec: dict[str, Any], store: FrameStore | None = None) -> list[tupl
     def add(event: Any) -> None:
         nonlocal seq
         out.append((seq, encode_frame(event)))
-        if store is not None:
+        if store is not None and hasattr(event, "repo"):
             store.meta[seq] = (event.repo, event.rev)
         seq += 1
+
+    creation = bool(spec.get("creation"))
 
     for acct in spec["accounts"]:
         writer = known.get(acct["did"])
@@ -121,7 +125,12 @@ def generate(spec: dict[str, Any], store: FrameStore | None = None) -> list[tupl
             writer = RepoWriter(acct["did"], key)
             if store is not None:
                 store.writers[writer.did] = writer
+            if creation:
+                add(IdentityEvent(seq, writer.did, now_iso()))
+                add(AccountEvent(seq, writer.did, now_iso(), active=True))
             add(writer.commit([], seq))
+            if creation:
+                add(writer.sync_event(seq))
         writers.append(writer)
     for i in range(int(spec["commits"])):
         writer = writers[i % len(writers)]

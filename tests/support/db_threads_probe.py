@@ -1,0 +1,59 @@
+"""Probe for tests: greenlets and gevent's thread pool using one ``open_database`` handle at once.
+
+Run as ``python -m tests.support.db_threads_probe URL SECONDS``; prints one JSON line
+``{"greenlet_rounds": [...], "thread_rounds": n}``: how many connect/query/close rounds each
+greenlet completed in each second. A greenlet parked forever on a lock shows as a flat count.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import gevent  # noqa: E402
+
+from store.db import open_database  # noqa: E402
+
+GREENLETS = 10
+THREADS = 3
+
+
+def main() -> int:
+    db = open_database(sys.argv[1])
+    seconds = int(sys.argv[2])
+    rounds = [0] * GREENLETS
+    threads = [0]
+
+    def green(i: int) -> None:
+        while True:
+            with db.connection_context():
+                db.execute_sql("SELECT 1").fetchone()
+            rounds[i] += 1
+            gevent.sleep(0)
+
+    def in_thread() -> None:
+        with db.connection_context():
+            db.execute_sql("SELECT 1").fetchone()
+        threads[0] += 1
+
+    def offload() -> None:
+        pool = gevent.get_hub().threadpool
+        while True:
+            pool.apply(in_thread)
+
+    workers = [gevent.spawn(green, i) for i in range(GREENLETS)] + [gevent.spawn(offload) for _ in range(THREADS)]
+    history = []
+    for _ in range(seconds):
+        gevent.sleep(1)
+        history.append(list(rounds))
+    gevent.killall(workers, timeout=5)
+    print(json.dumps({"greenlet_rounds": history, "thread_rounds": threads[0]}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
