@@ -148,7 +148,7 @@ def _ops(raw: Any, max_ops: int) -> tuple[RepoOp, ...]:
         if not isinstance(op, dict):
             raise FrameError("op must be a map", reason="bad_field")
         action = op.get("action")
-        if action not in ACTIONS:
+        if not isinstance(action, str) or action not in ACTIONS:  # a list or map is unhashable
             raise FrameError(f"unknown op action {action!r}", reason="bad_field")
         path = _str(op, "path", 1024)
         cid = _opt_cid(op.get("cid"), "ops.cid")

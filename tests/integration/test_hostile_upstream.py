@@ -1,0 +1,62 @@
+"""Hostile or broken upstreams, as a real frame host (and a real hostile HTTP server) would act.
+
+A frame that breaks the parser is dropped and counted, the cursor moves past it, and the host's
+later events arrive (it used to crash the subscriber, which re-read the same frame forever).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import libipld
+
+from tests.integration.test_upstream_behaviour import (  # noqa: F401  (fixtures)
+    Feed,
+    crawl,
+    dropped,
+    firehose,
+    frame_hosts,
+    host_status,
+    make_writers,
+    new_host,
+    relays,
+    start_relay,
+    subscriptions,
+)
+from tests.support.fake_plc import FakePlc
+from tests.support.procs import FrameHost, RelayProcess, wait_until
+
+
+def with_op_action(frame: bytes, action: object) -> bytes:
+    header, body = libipld.decode_dag_cbor_multi(frame)
+    body["ops"][0]["action"] = action
+    return bytes(libipld.encode_dag_cbor(header)) + bytes(libipld.encode_dag_cbor(body))
+
+
+def test_an_op_action_that_is_a_list_or_map_is_dropped_and_the_host_goes_on(
+    tmp_path: Path,
+    plc: FakePlc,
+    new_host: Callable[[], FrameHost],
+    relays: list[RelayProcess],  # noqa: F811
+) -> None:
+    host = new_host()
+    writers = make_writers(plc, host, 1)
+    feed = Feed(writers)
+    relay = start_relay(relays, tmp_path, plc)
+    crawl(relay, host)
+    good = feed.genesis()
+    bad = [with_op_action(f, ["create"]) for f in feed.posts_round_robin(1)]
+    bad += [with_op_action(f, {"create": 1}) for f in feed.posts_round_robin(1)]
+    # the two hostile frames took two posts of the real repo: the next commit is a gap, still valid
+    after = feed.posts_round_robin(3)
+    host.push(good + bad + after)
+
+    wait_until(lambda: relay.metric("skyrelay_last_seq") >= 4, 20, "the events after the hostile frames")
+    bodies = firehose(relay, 4)
+    assert [b["seq"] for b in bodies] == [1, 2, 3, 4]
+    assert dropped(relay, "bad_field") == 2
+    assert "subscriber reader crashed" not in relay.log()
+    assert len(subscriptions(host)) == 1  # never reconnected
+    wait_until(lambda: host_status(relay, host.hostname)["seq"] == 6, 20, "the cursor past every frame")
+    assert relay.stop() == 0
