@@ -2,8 +2,11 @@
 
 A frame that breaks the parser is dropped and counted, the cursor moves past it, and the host's
 later events arrive (it used to crash the subscriber, which re-read the same frame forever).
+A PDS whose getRepo answers a malformed HTTP status line fails that backfill and gives its slot
+back (it used to keep the slot forever, so no other account was ever backfilled).
 """
 
+# ruff: noqa: F811  (pytest fixtures imported from test_upstream_behaviour are parameters here)
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -25,7 +28,7 @@ from tests.integration.test_upstream_behaviour import (  # noqa: F401  (fixtures
     subscriptions,
 )
 from tests.support.fake_plc import FakePlc
-from tests.support.procs import FrameHost, RelayProcess, wait_until
+from tests.support.procs import FrameHost, RelayProcess, http_json, wait_until
 
 
 def with_op_action(frame: bytes, action: object) -> bytes:
@@ -38,7 +41,7 @@ def test_an_op_action_that_is_a_list_or_map_is_dropped_and_the_host_goes_on(
     tmp_path: Path,
     plc: FakePlc,
     new_host: Callable[[], FrameHost],
-    relays: list[RelayProcess],  # noqa: F811
+    relays: list[RelayProcess],
 ) -> None:
     host = new_host()
     writers = make_writers(plc, host, 1)
@@ -59,4 +62,30 @@ def test_an_op_action_that_is_a_list_or_map_is_dropped_and_the_host_goes_on(
     assert "subscriber reader crashed" not in relay.log()
     assert len(subscriptions(host)) == 1  # never reconnected
     wait_until(lambda: host_status(relay, host.hostname)["seq"] == 6, 20, "the cursor past every frame")
+    assert relay.stop() == 0
+
+
+def test_a_getrepo_with_a_malformed_status_line_gives_its_backfill_slot_back(
+    tmp_path: Path, plc: FakePlc, new_host: Callable[[], FrameHost], relays: list[RelayProcess]
+) -> None:
+    host = new_host()
+    broken, healthy = make_writers(plc, host, 2)
+    # one backfill slot in all: a slot lost to the broken PDS answer would stop every later backfill
+    env = {"SKYRELAY_BACKFILL_CONCURRENCY": "1", "SKYRELAY_BACKFILL_PER_HOST": "1"}
+    relay = start_relay(relays, tmp_path, plc, env)
+    crawl(relay, host)
+    http_json(f"{host.url}/control/broken_getrepo?did={broken.did}", {})
+    feed = Feed([broken, healthy])
+    for writer in (broken, healthy):
+        writer.commit([], 0)  # the genesis the relay never sees: both accounts are first seen mid-history
+    host.push(feed.posts_round_robin(1, [broken]))
+    wait_until(lambda: broken.did in host.repo_fetches(), 20, "the broken account's backfill")
+    wait_until(lambda: relay.metric("skyrelay_mirror_backfills_total", result="failed") >= 1, 20, "a failed backfill")
+
+    frames = feed.posts_round_robin(1, [healthy])
+    host.upload_repo(healthy.did, healthy.repo_car())
+    host.push(frames)
+    wait_until(lambda: healthy.did in host.repo_fetches(), 20, "the next account's backfill (a free slot)")
+    wait_until(lambda: relay.metric("skyrelay_mirror_backfills_total", result="ok") >= 1, 20, "it to succeed")
+    assert "mirror backfill failed did=" + broken.did in relay.log()
     assert relay.stop() == 0

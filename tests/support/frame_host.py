@@ -23,6 +23,8 @@ answers ``describeServer`` like a PDS. Frames reach it through a control API on 
 - ``GET /control/status``: ``{"frames": n, "last_seq": s, "subscribers": k, "held": h,
   "releasing": bool}``.
 - ``POST /control/close``: drops every subscriber connection (to test reconnects).
+- ``POST /control/broken_getrepo?did=D``: from now on ``getRepo`` of ``D`` answers a malformed
+  HTTP status line and closes the connection (a broken PDS).
 - ``GET /control/subscriptions``: ``{"subscriptions": [{"cursor": c, "answer": a}, ...]}``, every
   subscribeRepos request so far in arrival order: its ``cursor`` query (``null`` without one)
   and ``"FutureCursor"`` or ``null`` (served).
@@ -74,6 +76,7 @@ class FrameStore:
         self.releaser: gevent.Greenlet | None = None
         self.subscriptions: list[dict[str, Any]] = []  # {"cursor": int | None, "answer": str | None}
         self.max_seq = 0  # highest seq of any frame added (pushed frames may come out of order)
+        self.broken_getrepo: set[str] = set()  # DIDs whose getRepo answers a malformed status line
 
     def add(self, items: list[tuple[int, bytes]]) -> None:
         self.frames.extend(items)
@@ -198,6 +201,13 @@ def make_app(store: FrameStore, did: str) -> Any:
         if path == "/xrpc/com.atproto.sync.getRepo":
             query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
             repo_did = query.get("did", [""])[0]
+            if repo_did in store.broken_getrepo:
+                store.repo_fetches.append(repo_did)
+                sock = environ["frame_host.socket"]
+                sock.sendall(b"HTTP/1.1 2OO Fine\r\nContent-Length: 0\r\n\r\n")
+                sock.shutdown(socket.SHUT_RDWR)
+                start_response("200 OK", [("Content-Length", "0")])
+                return []
             car = store.repos.get(repo_did)
             if car is None and repo_did in store.writers:
                 car = store.writers[repo_did].repo_car()
@@ -209,6 +219,9 @@ def make_app(store: FrameStore, did: str) -> Any:
         if path == "/control/repo" and method == "POST":  # a test uploads the repo getRepo serves for a DID
             query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
             store.repos[query["did"][0]] = environ["wsgi.input"].read()
+            return reply("200 OK", {"ok": True})
+        if path == "/control/broken_getrepo" and method == "POST":
+            store.broken_getrepo.add(urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))["did"][0])
             return reply("200 OK", {"ok": True})
         if path == "/control/repo_fetches":
             return reply("200 OK", {"fetches": store.repo_fetches})
@@ -277,6 +290,15 @@ def serve_ws(store: FrameStore, ws: Any, cursor: int) -> None:
         store.subscribers.discard(ws)
 
 
+class Handler(WebSocketHandler):
+    """Gives the app the raw socket (``frame_host.socket``), to answer as a broken server would."""
+
+    def get_environ(self) -> dict[str, Any]:
+        env: dict[str, Any] = super().get_environ()
+        env["frame_host.socket"] = self.socket
+        return env
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1")
@@ -288,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.frames is not None:
         with args.frames:
             store.add(with_seqs(store, split_frames(args.frames.read())))
-    server = WSGIServer((args.host, args.port), make_app(store, args.did), handler_class=WebSocketHandler, log=None)
+    server = WSGIServer((args.host, args.port), make_app(store, args.did), handler_class=Handler, log=None)
     server.start()
     print(json.dumps({"port": server.server_port}), flush=True)
     try:
