@@ -30,11 +30,12 @@ from protocol.errors import ProtocolError
 from protocol.frames import AccountEvent, CommitEvent, SyncEvent, decode_frame, resequence
 from store.accounts import ACTIVE, load_account, upsert_accounts
 from store.eventlog import EventLog, LogRecord
-from store.hosts import get_state, reset_cursors, save_cursors, set_state
+from store.hosts import get_state, refresh_account_counts, reset_cursors, save_cursors, set_state
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "sequencer_checkpoint_seq"
 MIRROR_MAX_BACKLOG = 1000  # MirrorBatch messages waiting for the repo mirror
+ACCOUNT_COUNT_SECONDS = 5.0  # hosts whose accounts changed get their account_count recounted this often
 
 
 class Sequencer(pykka.ThreadingActor):
@@ -64,6 +65,8 @@ class Sequencer(pykka.ThreadingActor):
         self._written_cursors: dict[int, int] = {}
         self._cursor_resets: set[int] = set()  # hosts whose saved cursor must be allowed to go down
         self._last_seq = event_log.last_seq
+        self._count_hosts: set[int] = set()  # hosts with account changes since their last recount
+        self._last_count = 0.0
 
     @property
     def last_seq(self) -> int:
@@ -163,9 +166,15 @@ class Sequencer(pykka.ThreadingActor):
             if not wait:
                 return
             self._writer.join()
-        if not self._accounts and not self._cursor_resets and self._cursors == self._written_cursors:
+        count_due = bool(self._count_hosts) and time.monotonic() - self._last_count >= ACCOUNT_COUNT_SECONDS
+        if not self._accounts and not self._cursor_resets and self._cursors == self._written_cursors and not count_due:
             return
         accounts, self._accounts = self._accounts, {}
+        self._count_hosts.update(a.host_id for a in accounts.values() if a.host_id)
+        recount: set[int] = set()
+        if self._count_hosts and time.monotonic() - self._last_count >= ACCOUNT_COUNT_SECONDS:
+            recount, self._count_hosts = self._count_hosts, set()
+            self._last_count = time.monotonic()
         cursors = dict(self._cursors)
         resets, self._cursor_resets = self._cursor_resets, set()
         checkpoint = self._last_seq
@@ -175,6 +184,7 @@ class Sequencer(pykka.ThreadingActor):
                 upsert_accounts(self.db, (a.to_row() for a in accounts.values()))
                 reset_cursors(self.db, resets)
                 save_cursors(self.db, cursors.items())
+                refresh_account_counts(self.db, recount)  # listHosts' accountCount, kept current
                 set_state(self.db, CHECKPOINT_KEY, str(checkpoint))
 
         def run() -> None:
@@ -184,6 +194,7 @@ class Sequencer(pykka.ThreadingActor):
             except peewee.DatabaseError as exc:  # keep the changes for the next attempt
                 log.warning("write-behind failed error=%s: retrying at the next tick", exc)
                 self._cursor_resets |= resets
+                self._count_hosts |= recount
                 for did, state in accounts.items():
                     self._accounts.setdefault(did, state)
             finally:

@@ -89,3 +89,20 @@ def test_a_getrepo_with_a_malformed_status_line_gives_its_backfill_slot_back(
     wait_until(lambda: relay.metric("skyrelay_mirror_backfills_total", result="ok") >= 1, 20, "it to succeed")
     assert "mirror backfill failed did=" + broken.did in relay.log()
     assert relay.stop() == 0
+
+
+def test_list_hosts_account_count_follows_new_accounts(
+    tmp_path: Path, plc: FakePlc, new_host: Callable[[], FrameHost], relays: list[RelayProcess]
+) -> None:
+    host = new_host()
+    writers = make_writers(plc, host, 5)
+    relay = start_relay(relays, tmp_path, plc)
+    crawl(relay, host)  # the subscriber starts with 0 accounts: the count used to stay 0
+    host.push(Feed(writers).genesis())
+
+    def listed() -> int:
+        hosts = http_json(f"{relay.url}/xrpc/com.atproto.sync.listHosts")["hosts"]
+        return int(next(h["accountCount"] for h in hosts if h["hostname"] == host.hostname))
+
+    wait_until(lambda: listed() == 5, 20, "listHosts to count the 5 new accounts", interval=0.5)
+    assert host_status(relay, host.hostname)["accountCount"] == 5
