@@ -30,7 +30,8 @@ from protocol.errors import ProtocolError
 from protocol.frames import AccountEvent, CommitEvent, SyncEvent, decode_frame, resequence
 from store.accounts import ACTIVE, load_account, upsert_accounts
 from store.eventlog import EventLog, LogRecord
-from store.hosts import get_state, refresh_account_counts, reset_cursors, save_cursors, set_state
+from store.hosts import get_state, list_hosts, refresh_account_counts, reset_cursors, save_cursors, set_state
+from store.log_recovery import tail_cursors
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "sequencer_checkpoint_seq"
@@ -240,9 +241,14 @@ def recover(db: peewee.Database, event_log: EventLog) -> int:
     with db.connection_context():
         for record in info.tail:
             _reapply(db, record, states)
+        saved = {h.id: h.last_seq for h in list_hosts(db, limit=1_000_000)} if info.tail else {}
+        cursors, resets = tail_cursors(info.tail, saved)
+        if resets:
+            log.warning("recovered cursors of hosts whose history restarted hosts=%s", sorted(resets))
         with db.atomic():
             upsert_accounts(db, (s.to_row() for s in states.values()))
-            save_cursors(db, info.host_cursors.items())
+            reset_cursors(db, resets)
+            save_cursors(db, cursors.items())
             set_state(db, CHECKPOINT_KEY, str(info.last_seq))
     if info.tail:
         log.info("recovered log tail events=%d last_seq=%d", len(info.tail), info.last_seq)
