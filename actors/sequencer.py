@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 import gevent
@@ -23,7 +24,7 @@ from actors.blocking import off_loop
 from actors.messages import AdvanceCursor, FlushBatch, PersistEvent, Tick, WriteBehind
 from actors.messages_broadcast import Broadcast
 from actors.messages_mirror import MirrorBatch, MirrorEvent
-from actors.metrics import EVENTS_ACCEPTED, INGEST_TO_DURABLE, LAST_SEQ, SEQUENCED_BATCH
+from actors.metrics import EVENTS_ACCEPTED, INGEST_TO_DURABLE, LAST_SEQ, SEQUENCED_BATCH, SEQUENCER_DROPPED
 from protocol.car import read_car
 from protocol.commit import decode_commit
 from protocol.errors import ProtocolError
@@ -36,6 +37,7 @@ from store.log_recovery import tail_cursors
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "sequencer_checkpoint_seq"
 MIRROR_MAX_BACKLOG = 1000  # MirrorBatch messages waiting for the repo mirror
+MAX_REMEMBERED_REVS = 500_000  # accounts whose last sequenced rev the sequencer keeps (LRU)
 ACCOUNT_COUNT_SECONDS = 5.0  # hosts whose accounts changed get their account_count recounted this often
 
 
@@ -66,6 +68,7 @@ class Sequencer(pykka.ThreadingActor):
         self._written_cursors: dict[int, int] = {}
         self._cursor_resets: set[int] = set()  # hosts whose saved cursor must be allowed to go down
         self._last_seq = event_log.last_seq
+        self._revs: OrderedDict[str, str] = OrderedDict()  # did -> rev of its last sequenced commit/sync
         self._count_hosts: set[int] = set()  # hosts with account changes since their last recount
         self._last_count = 0.0
 
@@ -75,6 +78,8 @@ class Sequencer(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, PersistEvent):
+            if not self._rev_in_order(message):
+                return None
             self._pending.append(message)
             if not self._flush_queued:
                 self._flush_queued = True
@@ -103,6 +108,31 @@ class Sequencer(pykka.ThreadingActor):
                 if removed:
                     log.info("event log pruned records=%d first_seq=%d", removed, self.log.first_seq)
         return None
+
+    def _rev_in_order(self, item: PersistEvent) -> bool:
+        """An account's rev goes up across hosts too; False (dropped, counted, cursor moved) if not.
+
+        One host's events are verified in order against the worker's own account state, but an
+        account that migrates to a host of another ingest worker is verified there against SQL,
+        which trails the log by up to a write-behind. This check against the last rev sequenced
+        closes that window: a rollback racing a migration is dropped here.
+        """
+        account = item.account
+        if account is None or account.rev is None or item.kind not in ("#commit", "#sync"):
+            return True
+        last = self._revs.get(account.did)
+        if last is not None and (account.rev < last or (account.rev == last and item.kind == "#commit")):
+            SEQUENCER_DROPPED.labels("rev_not_newer").inc()
+            log.info("event dropped by the sequencer reason=rev_not_newer host_id=%d seq=%d did=%s rev=%s last_rev=%s",
+                     item.host_id, item.upstream_seq, account.did, account.rev, last)  # fmt: skip
+            if item.upstream_seq > self._cursors.get(item.host_id, -1):  # processed: written behind after a flush
+                self._cursors[item.host_id] = item.upstream_seq
+            return False
+        self._revs[account.did] = account.rev
+        self._revs.move_to_end(account.did)
+        if len(self._revs) > MAX_REMEMBERED_REVS:
+            self._revs.popitem(last=False)
+        return True
 
     def on_stop(self) -> None:
         self._flush()
