@@ -217,6 +217,11 @@ class HostSubscriber(pykka.ThreadingActor):
         pinger: gevent.Greenlet | None = None
         try:
             client.connect()
+            if self.cursor < 0:
+                # read live: from now on everything after seq 0 is ours, so a restart before the
+                # host's first event resumes from 0 instead of live again (no event is lost)
+                self.cursor = start_cursor = 0
+                self._advance(force=True)
             self.connected = True
             UPSTREAM_CONNECTED.inc()
             log.info("upstream connected host=%s cursor=%d", self.host.hostname, self.cursor)
