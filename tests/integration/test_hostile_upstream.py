@@ -2,6 +2,7 @@
 
 A frame that breaks the parser is dropped and counted, the cursor moves past it, and the host's
 later events arrive (it used to crash the subscriber, which re-read the same frame forever).
+A bug while verifying one frame drops that frame only (traceback logged once per reason per host).
 A PDS whose getRepo answers a malformed HTTP status line fails that backfill and gives its slot
 back (it used to keep the slot forever, so no other account was ever backfilled).
 """
@@ -9,6 +10,10 @@ back (it used to keep the slot forever, so no other account was ever backfilled)
 # ruff: noqa: F811  (pytest fixtures imported from test_upstream_behaviour are parameters here)
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +33,7 @@ from tests.integration.test_upstream_behaviour import (  # noqa: F401  (fixtures
     subscriptions,
 )
 from tests.support.fake_plc import FakePlc
-from tests.support.procs import FrameHost, RelayProcess, http_json, wait_until
+from tests.support.procs import REPO_ROOT, FrameHost, RelayProcess, http_json, wait_until
 
 
 def with_op_action(frame: bytes, action: object) -> bytes:
@@ -106,3 +111,82 @@ def test_list_hosts_account_count_follows_new_accounts(
 
     wait_until(lambda: listed() == 5, 20, "listHosts to count the 5 new accounts", interval=0.5)
     assert host_status(relay, host.hostname)["accountCount"] == 5
+
+
+SUBSCRIBER_SCRIPT = textwrap.dedent(
+    """
+    from gevent import monkey
+
+    monkey.patch_all()
+    import json
+    import logging
+    import sys
+    import time
+
+    import gevent
+
+    from actors.accounts import AccountState
+    from actors.host_subscriber import HostSubscriber, SubscriberConfig
+    from actors.messages import AdvanceCursor, PersistEvent
+    from actors.verify import Accepted, HostContext
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+    hostname, bad, expected = sys.argv[1], {int(s) for s in sys.argv[2].split(",")}, int(sys.argv[3])
+
+    class Accounts:
+        def put(self, state): pass
+
+    class BuggyVerifier:  # raises on some events, as a verifier bug would
+        accounts = Accounts()
+        def check(self, event, host):
+            if event.seq in bad:
+                raise RuntimeError(f"verifier bug on seq {event.seq}")
+            return Accepted(AccountState(did=event.repo, host_id=host.host_id))
+
+    class Inbox:
+        def qsize(self): return 0
+
+    class Sequencer:
+        actor_inbox = Inbox()
+        told = []
+        def tell(self, message): self.told.append(message)
+
+    class Parent:
+        def tell(self, message): print("parent told", message, file=sys.stderr)
+
+    sequencer = Sequencer()
+    config = SubscriberConfig(max_frame_bytes=1 << 20, max_ops=200, max_queue=1000, cursor_flush_seconds=0.1,
+                              insecure=True)
+    ref = HostSubscriber.start(host=HostContext(1, hostname), cursor=0, account_count=0, events_per_second=None,
+                               verifier=BuggyVerifier(), sequencer=sequencer, parent=Parent(), config=config)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        cursors = [m.upstream_seq for m in sequencer.told if isinstance(m, AdvanceCursor)]
+        if cursors and max(cursors) >= expected:
+            break
+        gevent.sleep(0.05)
+    ref.stop()
+    print(json.dumps({
+        "persisted": [m.upstream_seq for m in sequencer.told if isinstance(m, PersistEvent)],
+        "cursor": max([m.upstream_seq for m in sequencer.told if isinstance(m, AdvanceCursor)], default=-1),
+    }), flush=True)
+    """
+)
+
+
+def test_an_exception_while_verifying_one_frame_drops_it_and_the_host_goes_on(
+    plc: FakePlc, new_host: Callable[[], FrameHost]
+) -> None:
+    host = new_host()
+    feed = Feed(make_writers(plc, host, 1))
+    host.push(feed.genesis() + feed.posts_round_robin(5))  # seqs 1..6
+    proc = subprocess.run(
+        [sys.executable, "-c", SUBSCRIBER_SCRIPT, host.hostname, "2,4", "6"],
+        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"persisted": [1, 3, 5, 6], "cursor": 6}, proc.stderr
+    assert proc.stderr.count("event dropped host=") == 2 and proc.stderr.count("reason=verify_error") == 3
+    assert proc.stderr.count("Traceback (most recent call last)") == 1  # once per reason and host
+    assert "subscriber reader crashed" not in proc.stderr and "parent told" not in proc.stderr
