@@ -58,6 +58,13 @@ def _shareable_with_threads(db: peewee.Database) -> peewee.Database:
     A native lock is held only across non-blocking work here, so greenlets may wait on it.
     """
     db._lock = _native_rlock()  # type: ignore[attr-defined]
+    if isinstance(db, PooledPostgresqlDatabase):  # the pool's free list has a lock of its own
+        import threading
+
+        pool_lock = _native_rlock()
+        db._pool_lock = pool_lock
+        # waiting for a free connection (the pool is full) wakes at least every second anyway
+        db._pool_available = threading.Condition(pool_lock)  # type: ignore[arg-type]
     return db
 
 

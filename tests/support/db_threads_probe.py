@@ -1,8 +1,9 @@
 """Probe for tests: greenlets and gevent's thread pool using one ``open_database`` handle at once.
 
 Run as ``python -m tests.support.db_threads_probe URL SECONDS``; prints one JSON line
-``{"greenlet_rounds": [...], "thread_rounds": n}``: how many connect/query/close rounds each
-greenlet completed in each second. A greenlet parked forever on a lock shows as a flat count.
+``{"greenlet_rounds": [...], "thread_rounds": [...]}``: how many connect/query/close rounds each
+greenlet, and the thread pool in all, had completed after each second. A greenlet (or the pool)
+parked forever on a lock shows as a flat count.
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ def main() -> int:
 
     workers = [gevent.spawn(green, i) for i in range(GREENLETS)] + [gevent.spawn(offload) for _ in range(THREADS)]
     history = []
+    thread_history: list[int] = []
     for _ in range(seconds):
         gevent.sleep(1)
         history.append(list(rounds))
+        thread_history.append(threads[0])
     gevent.killall(workers, timeout=5)
-    print(json.dumps({"greenlet_rounds": history, "thread_rounds": threads[0]}), flush=True)
+    print(json.dumps({"greenlet_rounds": history, "thread_rounds": thread_history}), flush=True)
     return 0
 
 
