@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import gevent
-import libipld
 import pykka
 
 from actors.host_progress import HostProgress
@@ -30,11 +29,12 @@ from actors.metrics import (
     UPSTREAM_RECONNECTS,
     VERIFY_WARNINGS,
 )
+from actors.token_bucket import TokenBucket
 from actors.verify import Accepted, HostContext, Verifier
 from actors.wsclient import WebSocketClient, WebSocketError
 from config.settings import Settings
 from protocol.errors import ProtocolError
-from protocol.frames import ErrorFrame, InfoEvent, decode_frame, encode_frame, event_type
+from protocol.frames import ErrorFrame, InfoEvent, decode_frame, encode_frame, event_type, peek_seq
 
 log = logging.getLogger(__name__)
 
@@ -68,31 +68,6 @@ class SubscriberConfig:
         )
 
 
-class TokenBucket:
-    """Rate limiter: ``rate`` events/s with bursts up to ``burst``; ``wait()`` sleeps as needed."""
-
-    def __init__(self, rate: float | None, burst: float | None = None) -> None:
-        self.rate = rate
-        self.burst = burst or (max(rate * 2, 10.0) if rate else 0.0)
-        self.tokens = self.burst
-        self.stamp = time.monotonic()
-
-    def wait(self) -> float:
-        if not self.rate:
-            return 0.0
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        delay = (1 - self.tokens) / self.rate
-        gevent.sleep(delay)
-        self.tokens = 0.0
-        self.stamp = time.monotonic()
-        return delay
-
-
 YIELD_EVERY_SECONDS = 0.002  # longest a subscriber runs before letting other greenlets in
 BUG_LOG_INTERVAL_SECONDS = 300.0  # a traceback per host and reason at most this often
 
@@ -104,17 +79,6 @@ def _received(kind: str) -> Any:
 
 class Reconnect(Exception):
     """The upstream asked us to (error frame) or the connection is unusable."""
-
-
-def peek_seq(data: bytes) -> int | None:
-    """The ``seq`` of a frame that failed typed parsing, when its body still has a plain one."""
-    try:
-        parts = libipld.decode_dag_cbor_multi(data)
-    except Exception:  # not DAG-CBOR at all
-        return None
-    body = parts[1] if len(parts) == 2 and isinstance(parts[1], dict) else None
-    seq = body.get("seq") if body is not None else None
-    return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 < seq < 2**63 else None
 
 
 def firehose_url(hostname: str, cursor: int, insecure: bool) -> str:

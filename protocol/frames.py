@@ -239,6 +239,17 @@ def decode_frame(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES, max_ops: int 
     return parse_body(kind, body, max_ops=max_ops)
 
 
+def peek_seq(data: bytes) -> int | None:
+    """The ``seq`` of a frame that failed typed parsing, when its body still has a plain one."""
+    try:
+        parts = libipld.decode_dag_cbor_multi(data)
+    except Exception:  # not DAG-CBOR at all: best effort, whatever the decoder raised
+        return None
+    body = parts[1] if len(parts) == 2 and isinstance(parts[1], dict) else None
+    seq = body.get("seq") if body is not None else None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 < seq < 2**63 else None
+
+
 def event_type(event: Event) -> str:
     return _TYPE_OF.get(type(event), "#info")
 

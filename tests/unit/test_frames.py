@@ -162,3 +162,13 @@ def test_any_ops_value_is_parsed_or_a_typed_error(ops: object) -> None:
         decode_frame(_commit_frame_with_ops(ops))  # type: ignore[arg-type]
     except ProtocolError:
         pass
+
+
+def test_peek_seq_finds_the_seq_of_a_frame_that_failed_typed_parsing() -> None:
+    from protocol.frames import peek_seq
+
+    bad_op = _commit_frame_with_ops([{"action": ["create"], "path": "a/b", "cid": None}])
+    assert peek_seq(bad_op) == 2
+    assert peek_seq(frame({"op": 1, "t": "#identity"}, {"seq": 7, "did": 5})) == 7
+    for data in (b"garbage", frame({"op": 1}, {"seq": "7"}), frame({"op": 1}, {"seq": True}), frame({}, [1])):
+        assert peek_seq(data) is None
