@@ -8,6 +8,7 @@ that is alive but not progressing, without stopping it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 
@@ -18,8 +19,20 @@ log = logging.getLogger(__name__)
 
 
 def stacks_text() -> str:
-    """Every greenlet's and thread's stack, as gevent formats them."""
-    return "\n".join(gevent.util.format_run_info(thread_stacks=True, greenlet_stacks=True, limit=40))
+    """Every greenlet's and thread's stack, as gevent formats them.
+
+    gevent finds greenlets through ``gc.get_objects()``, which skips objects frozen by
+    ``gc.freeze()`` (the relay freezes its start-up objects, greenlets included): they are
+    unfrozen for the dump and frozen again after it.
+    """
+    frozen = gc.get_freeze_count() > 0
+    if frozen:
+        gc.unfreeze()
+    try:
+        return "\n".join(gevent.util.format_run_info(thread_stacks=True, greenlet_stacks=True, limit=40))
+    finally:
+        if frozen:
+            gc.freeze()
 
 
 def dump_stacks() -> None:

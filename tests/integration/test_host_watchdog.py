@@ -3,11 +3,13 @@
 A real frame host, a real relay, a PLC stand-in that holds every request: the subscriber is
 stuck resolving a new account's identity. The watchdog logs the stall with the reader's stack,
 counts it, restarts the subscriber; once the PLC answers again, the frame is read again and
-delivered (nothing skipped).
+delivered (nothing skipped). And ``kill -USR1`` logs every greenlet's stack.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,3 +61,19 @@ def test_a_host_stuck_on_one_frame_is_reported_restarted_and_the_frame_read_agai
     bodies = [b for _, b in collect(relay.ws_url, cursor=0, count=3, timeout=3)]
     assert [(b["repo"], b["seq"]) for b in bodies] == [(alice.did, 1), (bob.did, 2)]
     assert [s["cursor"] for s in subscriptions(host)] == [None, 1]  # resumed before the stuck frame
+
+
+def test_sigusr1_logs_every_greenlet_stack(relay_and_host: tuple[RelayProcess, FrameHost]) -> None:
+    relay, host = relay_and_host
+    relay.request_crawl(host.hostname)
+    wait_until(lambda: host.status()["subscribers"] == 1, 20, "a subscription")
+    assert relay.proc is not None
+    os.kill(relay.proc.pid, signal.SIGUSR1)
+
+    def dump() -> str:
+        return relay.log_path.read_text(errors="replace").partition("stack dump requested")[2]
+
+    wait_until(lambda: "Greenlets" in dump(), 10, "the stacks")
+    assert "host_supervisor.py" in dump()  # the watchdog's timer, started before the relay froze its objects
+    assert "in _ping_loop" in dump(), dump()  # a subscriber's pinger, started after
+    assert relay.proc.poll() is None  # still running
