@@ -13,6 +13,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 
 import gevent  # noqa: E402
@@ -41,21 +42,26 @@ def main() -> int:
             db.execute_sql("SELECT 1").fetchone()
         threads[0] += 1
 
+    stopping = [False]
+
     def offload() -> None:
         pool = gevent.get_hub().threadpool
-        while True:
+        while not stopping[0]:
             pool.apply(in_thread)
 
-    workers = [gevent.spawn(green, i) for i in range(GREENLETS)] + [gevent.spawn(offload) for _ in range(THREADS)]
+    workers = [gevent.spawn(green, i) for i in range(GREENLETS)]
+    offloaders = [gevent.spawn(offload) for _ in range(THREADS)]
     history = []
     thread_history: list[int] = []
     for _ in range(seconds):
         gevent.sleep(1)
         history.append(list(rounds))
         thread_history.append(threads[0])
+    stopping[0] = True
+    gevent.joinall(offloaders, timeout=10)  # no thread is left inside the driver
     gevent.killall(workers, timeout=5)
     print(json.dumps({"greenlet_rounds": history, "thread_rounds": thread_history}), flush=True)
-    return 0
+    os._exit(0)  # the pool's idle threads need no interpreter finalization
 
 
 if __name__ == "__main__":
