@@ -20,6 +20,7 @@ from typing import Any
 import gevent
 import pykka
 
+from actors.host_progress import HostProgress
 from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, PersistEvent, SubscriberCrashed
 from actors.messages_control import SetSubscriberLimits, unknown_message
 from actors.metrics import (
@@ -31,11 +32,12 @@ from actors.metrics import (
     VERIFY_WARNINGS,
 )
 from actors.outbound import OutboundClient
+from actors.token_bucket import TokenBucket
 from actors.verify import Accepted, HostContext, Verifier
 from actors.wsclient import WebSocketClient, WebSocketError
 from config.settings import Settings
 from protocol.errors import ProtocolError
-from protocol.frames import ErrorFrame, InfoEvent, decode_frame, encode_frame, event_type
+from protocol.frames import ErrorFrame, InfoEvent, decode_frame, encode_frame, event_type, peek_seq
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class SubscriberConfig:
     max_failures: int = 8  # consecutive failed connections before the host is marked offline
     insecure: bool = False
     outbound: OutboundClient | None = None  # None: the default policy of ``insecure``
+    stall_seconds: float = 60.0  # the supervisor reconnects a host whose reader is stuck on one frame this long
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SubscriberConfig:
@@ -66,35 +69,12 @@ class SubscriberConfig:
             max_failures=settings.upstream_max_failures,
             insecure=settings.allow_insecure_hosts,
             outbound=OutboundClient.from_settings(settings),
+            stall_seconds=settings.host_stall_seconds,
         )
 
 
-class TokenBucket:
-    """Rate limiter: ``rate`` events/s with bursts up to ``burst``; ``wait()`` sleeps as needed."""
-
-    def __init__(self, rate: float | None, burst: float | None = None) -> None:
-        self.rate = rate
-        self.burst = burst or (max(rate * 2, 10.0) if rate else 0.0)
-        self.tokens = self.burst
-        self.stamp = time.monotonic()
-
-    def wait(self) -> float:
-        if not self.rate:
-            return 0.0
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        delay = (1 - self.tokens) / self.rate
-        gevent.sleep(delay)
-        self.tokens = 0.0
-        self.stamp = time.monotonic()
-        return delay
-
-
 YIELD_EVERY_SECONDS = 0.002  # longest a subscriber runs before letting other greenlets in
+BUG_LOG_INTERVAL_SECONDS = 300.0  # a traceback per host and reason at most this often
 
 
 @functools.lru_cache(maxsize=16)
@@ -125,6 +105,7 @@ class HostSubscriber(pykka.ThreadingActor):
         sequencer: Any,
         parent: Any,
         config: SubscriberConfig,
+        progress: HostProgress | None = None,
     ) -> None:
         super().__init__()
         self.host = host
@@ -141,11 +122,14 @@ class HostSubscriber(pykka.ThreadingActor):
         self._advanced = cursor  # the last cursor told to the sequencer
         self._last_yield = time.monotonic()
         self.connected = False
+        self.progress = progress if progress is not None else HostProgress()
+        self._bug_logged: dict[str, float] = {}  # reason -> monotonic time of its last traceback
         self.stats = {"received": 0, "accepted": 0, "dropped": 0, "reconnects": 0}
 
     # -- actor life cycle ------------------------------------------------------------------------
     def on_start(self) -> None:
         self._reader = gevent.spawn(self._run)
+        self.progress.reader = self._reader
 
     def on_stop(self) -> None:
         self._stopping = True
@@ -212,12 +196,22 @@ class HostSubscriber(pykka.ThreadingActor):
         pinger: gevent.Greenlet | None = None
         try:
             client.connect()
+            if self.cursor < 0:
+                # read live: from now on everything after seq 0 is ours, so a restart before the
+                # host's first event resumes from 0 instead of live again (no event is lost)
+                self.cursor = start_cursor = 0
+                self._advance(force=True)
             self.connected = True
             UPSTREAM_CONNECTED.inc()
             log.info("upstream connected host=%s cursor=%d", self.host.hostname, self.cursor)
             pinger = gevent.spawn(self._ping_loop, client)
             while not self._stopping:
-                self._handle(client.recv())
+                data = client.recv()
+                self.progress.begin()
+                try:
+                    self._handle(data)
+                finally:
+                    self.progress.done()
         except WebSocketError as exc:
             UPSTREAM_RECONNECTS.labels(exc.reason).inc()
             log.info("upstream disconnected host=%s reason=%s detail=%s", self.host.hostname, exc.reason, exc)
@@ -252,6 +246,15 @@ class HostSubscriber(pykka.ThreadingActor):
         EVENTS_DROPPED.labels(self.host.hostname, reason).inc()
         log.info("event dropped host=%s reason=%s seq=%s did=%s %s", self.host.hostname, reason, seq, did, detail)
 
+    def _bug(self, reason: str, seq: int | None, did: str | None, exc: Exception) -> None:
+        """A frame that raised where only typed drops are expected: dropped, traceback logged now and then."""
+        now = time.monotonic()
+        if now - self._bug_logged.get(reason, float("-inf")) >= BUG_LOG_INTERVAL_SECONDS:
+            self._bug_logged[reason] = now
+            log.error("upstream frame raised host=%s reason=%s seq=%s did=%s", self.host.hostname, reason, seq, did,
+                      exc_info=exc)  # fmt: skip
+        self._drop(reason, seq, did, f"{type(exc).__name__}: {str(exc)[:160]}")
+
     def _handle(self, data: bytes) -> None:
         received_at = time.time()
         self.stats["received"] += 1
@@ -260,6 +263,13 @@ class HostSubscriber(pykka.ThreadingActor):
         except ProtocolError as exc:
             EVENTS_RECEIVED.labels("invalid").inc()
             self._drop(exc.reason, None, None, str(exc)[:200])
+            self._skip_past(peek_seq(data))
+            return
+        except Exception as exc:  # a parser bug: this frame is dropped, the host goes on
+            EVENTS_RECEIVED.labels("invalid").inc()
+            seq = peek_seq(data)
+            self._bug("parse_error", seq, None, exc)
+            self._skip_past(seq)
             return
         if isinstance(event, ErrorFrame):
             if event.error == "FutureCursor":
@@ -279,33 +289,51 @@ class HostSubscriber(pykka.ThreadingActor):
         if event.seq <= self.cursor:
             self._drop("seq_not_increasing", event.seq, did)
             return
-        self.cursor = event.seq
+        self.progress.enter("rate_limit")
         self.bucket.wait()
-        verdict = self.verifier.check(event, self.host)
+        self.progress.enter("verify")
+        try:
+            verdict = self.verifier.check(event, self.host)
+        except Exception as exc:  # a verifier bug on this event: dropped, the host goes on
+            self._bug("verify_error", event.seq, did, exc)
+            self._skip_past(event.seq)
+            return
         if not isinstance(verdict, Accepted):
             self._drop(verdict.reason, event.seq, did, verdict.detail[:200])
-            self._advance()
+            self._skip_past(event.seq)
             return
         if verdict.new_account:
             limit = self.host.account_limit
             if limit is not None and self.account_count >= limit:
                 self._drop("host_account_limit", event.seq, did)
-                self._advance()
+                self._skip_past(event.seq)
                 return
             self.account_count += 1
         for warning in verdict.warnings:
             VERIFY_WARNINGS.labels(self.host.hostname, warning).inc()
         if verdict.gap:
             ACCOUNTS_RESYNC.inc()
+        self.progress.enter("backpressure")
+        self._wait_for_room()
+        # from here to the tell nothing yields: a reader killed while it waited for room has
+        # changed nothing, and reads the event again after a restart
         self.verifier.accounts.put(verdict.account)
         self.stats["accepted"] += 1
-        self._wait_for_room()
         frame = encode_frame(event, 0)
         self.sequencer.tell(PersistEvent(self.host.host_id, event.seq, kind, frame, verdict.account, received_at))
+        # only now is the event processed: a reader stopped before this point (shutdown, a stall
+        # restart) leaves the cursor before it, so the event is read again, never skipped
+        self.cursor = event.seq
         now = time.monotonic()
         if now - self._last_yield >= YIELD_EVERY_SECONDS:  # let the sequencer and other hosts run
             self._last_yield = now
             gevent.sleep(0)
+
+    def _skip_past(self, seq: int | None) -> None:
+        """A dropped event is processed too: move the cursor past it (told in order, rate-limited)."""
+        if seq is not None and seq > self.cursor:
+            self.cursor = seq
+            self._advance()
 
     def _wait_for_room(self) -> None:
         inbox = self.sequencer.actor_inbox

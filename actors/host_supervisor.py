@@ -6,11 +6,15 @@ on the slow ``offline_retry_seconds`` schedule, never forgotten. Banned hosts ar
 A database error while starting or parking a host is retried with backoff (``actors.backoff``)
 and escalates (this actor fails, the relay stops) only once it has lasted the retry policy's
 limit; a supervisor that fails stops its subscribers first.
+A watchdog reads each subscriber's ``HostProgress``: a reader stuck on one frame for
+``stall_seconds`` is logged with its stack, counted, and restarted (the frame is read again);
+one stuck waiting for the sequencer is logged and counted only (a reconnect cannot help).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -21,8 +25,9 @@ import pykka
 
 from actors.backoff import Backoff, RetryPolicy, retry
 from actors.blocking import off_loop
+from actors.host_progress import HOST_STALLS, HostProgress
 from actors.host_subscriber import HostSubscriber, SubscriberConfig
-from actors.messages import ChildFailed, GetTree, HostGaveUp, RestartChild, StartHost, StopHost
+from actors.messages import CheckProgress, ChildFailed, GetTree, HostGaveUp, RestartChild, StartHost, StopHost
 from actors.messages_control import (
     ApplyHostLimits,
     ForgetAccount,
@@ -54,6 +59,8 @@ class _Child:
     generation: int = 0
     state: str = "running"  # running, restarting, offline, stopped
     last_error: str | None = None
+    progress: HostProgress | None = None  # the running subscriber's, read by the watchdog
+    stall_reported: float | None = None  # busy_since of the stall last reported (report each once)
 
 
 class HostSupervisor(pykka.ThreadingActor):
@@ -83,6 +90,19 @@ class HostSupervisor(pykka.ThreadingActor):
         self.is_banned = is_banned
         self.retry_policy = retry_policy or RetryPolicy()
         self.children: dict[str, _Child] = {}
+        self._watchdog: gevent.Greenlet | None = None
+
+    def on_start(self) -> None:
+        self._watchdog = gevent.spawn(self._watch)
+
+    def _watch(self) -> None:
+        interval = max(0.2, min(5.0, self.config.stall_seconds / 4))
+        while True:
+            gevent.sleep(interval)
+            try:
+                self.actor_ref.tell(CheckProgress())
+            except pykka.ActorDeadError:
+                return
 
     def on_receive(self, message: Any) -> Any:
         match message:
@@ -109,6 +129,8 @@ class HostSupervisor(pykka.ThreadingActor):
                     child.ref.tell(SetSubscriberLimits(limit, rate))
             case ForgetAccount():
                 self.verifier.accounts.forget(message.did)
+            case CheckProgress():
+                self._check_progress()
             case GetTree():
                 return self.tree()
             case _:
@@ -116,6 +138,8 @@ class HostSupervisor(pykka.ThreadingActor):
         return None
 
     def on_stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.kill(block=False)
         for hostname in list(self.children):
             self._stop_child(hostname, "shutdown")
 
@@ -146,6 +170,8 @@ class HostSupervisor(pykka.ThreadingActor):
                 "restarts": child.generation,
                 "last_error": child.last_error,
             }
+            if child.progress is not None and child.state == "running":
+                info["progress"] = child.progress.summary()
             kids.append(info)
         return {"name": "hosts", "kind": "HostSupervisor", "state": "running", "children": kids}
 
@@ -178,6 +204,8 @@ class HostSupervisor(pykka.ThreadingActor):
             return count
 
         account_count = self._db("host_start", recount)
+        child.progress = HostProgress()
+        child.stall_reported = None
         child.ref = HostSubscriber.start(
             host=ctx,
             cursor=row.last_seq,
@@ -187,10 +215,31 @@ class HostSupervisor(pykka.ThreadingActor):
             sequencer=self.sequencer,
             parent=self.actor_ref,
             config=self.config,
+            progress=child.progress,
         )
         child.state = "running"
         child.backoff.started()
         log.info("host subscriber started host=%s cursor=%d", hostname, row.last_seq)
+
+    def _check_progress(self) -> None:
+        now = time.monotonic()
+        for hostname, child in list(self.children.items()):
+            progress = child.progress
+            if child.state != "running" or progress is None or progress.busy_since is None:
+                continue
+            stuck = progress.stuck_for(now)
+            if stuck < self.config.stall_seconds or child.stall_reported == progress.busy_since:
+                continue
+            child.stall_reported = progress.busy_since
+            phase = progress.phase
+            HOST_STALLS.labels(phase).inc()
+            log.warning(
+                "host stalled host=%s phase=%s stuck_seconds=%.1f read=%d processed=%d%s\n%s",
+                hostname, phase, stuck, progress.read, progress.processed,
+                "" if phase != "backpressure" else " (waiting for the sequencer: not restarted)", progress.where(),
+            )  # fmt: skip
+            if phase != "backpressure":
+                self._failed(hostname, f"stalled for {stuck:.0f}s in {phase}", offline=False)
 
     def _failed(self, hostname: str, error: str, *, offline: bool) -> None:
         child = self.children.get(hostname)
@@ -200,6 +249,7 @@ class HostSupervisor(pykka.ThreadingActor):
         if child.ref is not None and child.ref.is_alive():
             child.ref.stop(block=False)
         child.ref = None
+        child.progress = None
         child.generation += 1
         if offline:
             child.state = "offline"

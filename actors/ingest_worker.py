@@ -40,6 +40,7 @@ from actors.ingest_link import (  # noqa: E402
 from actors.messages import AdvanceCursor, GetTree, PersistEvent, StartHost, StopHost  # noqa: E402
 from actors.messages_control import ApplyHostLimits, ForgetAccount, RestartHost, unknown_message  # noqa: E402
 from actors.outbound import OutboundClient  # noqa: E402
+from actors.stack_dump import install_stack_dump  # noqa: E402
 from actors.verify import Verifier, VerifyLimits  # noqa: E402
 from config.logs import configure_logging  # noqa: E402
 from config.settings import Settings, settings_from_json  # noqa: E402
@@ -100,6 +101,7 @@ class RemoteSequencer:
 
 def run(settings: Settings, sock: socket.socket, index: int) -> int:
     configure_logging(settings.log_level, settings.log_format)
+    install_stack_dump()
     db = open_database(settings.effective_database_url())
     retry_policy = RetryPolicy(give_up_after_seconds=settings.infra_retry_seconds)
     directory = IdentityDirectory(

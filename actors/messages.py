@@ -103,3 +103,8 @@ class SubscriberCrashed:
 @dataclass(frozen=True, slots=True)
 class GetTree:
     """Query: the supervision tree as nested dicts (for the admin interface)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckProgress:
+    """HostSupervisor to itself, on a timer: reconnect hosts whose reader is stuck on one frame."""

@@ -9,6 +9,9 @@ EVENTS_ACCEPTED = Counter("skyrelay_events_accepted_total", "Upstream events ver
 EVENTS_DROPPED = Counter(
     "skyrelay_events_dropped_total", "Upstream events dropped, by host and reason", ["host", "reason"]
 )
+SEQUENCER_DROPPED = Counter(
+    "skyrelay_sequencer_dropped_total", "Verified events the sequencer refused (cross-host rev order)", ["reason"]
+)
 VERIFY_WARNINGS = Counter(
     "skyrelay_verify_warnings_total", "Events accepted in lenient mode despite a failed check", ["host", "reason"]
 )

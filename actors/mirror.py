@@ -263,7 +263,9 @@ class RepoMirror(pykka.ThreadingActor):
         BACKFILL_QUEUE.set(len(self._queue))
 
     def _fetch(self, did: str, ident: Any) -> None:
+        """Fetch and verify ``did``'s repo; always answers ``BackfillDone``, which gives the slot back."""
         started = time.monotonic()
+        done = BackfillDone(did, None, "interrupted")
         try:
             if not ident.pds_endpoint:
                 raise ValueError("no PDS endpoint in the DID document")
@@ -275,11 +277,14 @@ class RepoMirror(pykka.ThreadingActor):
                 raise ValueError("no signing key in the DID document")
             repo = off_loop(lambda: verify_repo(data, did, key, max_bytes=self.config.max_repo_bytes))
             BACKFILL_SECONDS.observe(time.monotonic() - started)
-            self.actor_ref.tell(BackfillDone(did, repo, None))
+            done = BackfillDone(did, repo, None)
         except (OutboundError, OSError, ValueError, ProtocolError) as exc:
-            self.actor_ref.tell(BackfillDone(did, None, f"{type(exc).__name__}: {exc}"))
-        except pykka.ActorDeadError:
-            pass
+            done = BackfillDone(did, None, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a bug or an unforeseen failure: still a failed backfill, never a lost slot
+            log.exception("mirror backfill raised did=%s", did)
+            done = BackfillDone(did, None, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._tell_quietly(done)
 
     def _backfilled(self, done: BackfillDone) -> None:
         self._active.pop(done.did, None)

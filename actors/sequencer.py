@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,6 +42,7 @@ from actors.metrics import (
     INGEST_TO_DURABLE,
     LAST_SEQ,
     SEQUENCED_BATCH,
+    SEQUENCER_DROPPED,
 )
 from protocol.car import read_car
 from protocol.commit import decode_commit
@@ -49,12 +51,15 @@ from protocol.frames import AccountEvent, CommitEvent, SyncEvent, decode_frame, 
 from store.accounts import ACTIVE, TAKENDOWN, load_account, takendown_dids, upsert_accounts
 from store.db import TRANSIENT_DB_ERRORS
 from store.eventlog import EventLog, EventLogWriteError, LogRecord
-from store.hosts import get_state, reset_cursors, save_cursors, set_state
+from store.hosts import get_state, list_hosts, refresh_account_counts, reset_cursors, save_cursors, set_state
+from store.log_recovery import tail_cursors
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "sequencer_checkpoint_seq"
 MIRROR_MAX_BACKLOG = 1000  # MirrorBatch messages waiting for the repo mirror
 RELAY_HOST_ID = 0  # the host_id of events the relay itself originates (admin #account announcements)
+MAX_REMEMBERED_REVS = 500_000  # accounts whose last sequenced rev the sequencer keeps (LRU)
+ACCOUNT_COUNT_SECONDS = 5.0  # hosts whose accounts changed get their account_count recounted this often
 
 
 class Sequencer(pykka.ThreadingActor):
@@ -87,6 +92,9 @@ class Sequencer(pykka.ThreadingActor):
         self._cursor_resets: set[int] = set()  # hosts whose saved cursor must be allowed to go down
         self._last_seq = event_log.last_seq
         self._takendown: set[str] = set()  # accounts whose events are dropped here (admin takedowns)
+        self._revs: OrderedDict[str, str] = OrderedDict()  # did -> rev of its last sequenced commit/sync
+        self._count_hosts: set[int] = set()  # hosts with account changes since their last recount
+        self._last_count = 0.0
 
     def on_start(self) -> None:
         self._takendown = off_loop(lambda: self._load_takedowns())
@@ -139,6 +147,8 @@ class Sequencer(pykka.ThreadingActor):
                 return
             if account.status == TAKENDOWN:  # the sender's cache predates a reversal
                 message = dataclasses.replace(message, account=account.updated(status=ACTIVE))
+        if not self._rev_in_order(message):
+            return
         self._pending.append(message)
         if not self._flush_queued:
             self._flush_queued = True
@@ -174,6 +184,31 @@ class Sequencer(pykka.ThreadingActor):
     def _load_account(self, did: str) -> Any:
         with self.db.connection_context():
             return load_account(self.db, did)
+
+    def _rev_in_order(self, item: PersistEvent) -> bool:
+        """An account's rev goes up across hosts too; False (dropped, counted, cursor moved) if not.
+
+        One host's events are verified in order against the worker's own account state, but an
+        account that migrates to a host of another ingest worker is verified there against SQL,
+        which trails the log by up to a write-behind. This check against the last rev sequenced
+        closes that window: a rollback racing a migration is dropped here.
+        """
+        account = item.account
+        if account is None or account.rev is None or item.kind not in ("#commit", "#sync"):
+            return True
+        last = self._revs.get(account.did)
+        if last is not None and (account.rev < last or (account.rev == last and item.kind == "#commit")):
+            SEQUENCER_DROPPED.labels("rev_not_newer").inc()
+            log.info("event dropped by the sequencer reason=rev_not_newer host_id=%d seq=%d did=%s rev=%s last_rev=%s",
+                     item.host_id, item.upstream_seq, account.did, account.rev, last)  # fmt: skip
+            if item.upstream_seq > self._cursors.get(item.host_id, -1):  # processed: written behind after a flush
+                self._cursors[item.host_id] = item.upstream_seq
+            return False
+        self._revs[account.did] = account.rev
+        self._revs.move_to_end(account.did)
+        if len(self._revs) > MAX_REMEMBERED_REVS:
+            self._revs.popitem(last=False)
+        return True
 
     def on_stop(self) -> None:
         self._flush()
@@ -258,9 +293,15 @@ class Sequencer(pykka.ThreadingActor):
             if not wait:
                 return
             self._writer.join()
-        if not self._accounts and not self._cursor_resets and self._cursors == self._written_cursors:
+        count_due = bool(self._count_hosts) and time.monotonic() - self._last_count >= ACCOUNT_COUNT_SECONDS
+        if not self._accounts and not self._cursor_resets and self._cursors == self._written_cursors and not count_due:
             return
         accounts, self._accounts = self._accounts, {}
+        self._count_hosts.update(a.host_id for a in accounts.values() if a.host_id)
+        recount: set[int] = set()
+        if self._count_hosts and time.monotonic() - self._last_count >= ACCOUNT_COUNT_SECONDS:
+            recount, self._count_hosts = self._count_hosts, set()
+            self._last_count = time.monotonic()
         cursors = dict(self._cursors)
         resets, self._cursor_resets = self._cursor_resets, set()
         checkpoint = self._last_seq
@@ -270,6 +311,7 @@ class Sequencer(pykka.ThreadingActor):
                 upsert_accounts(self.db, (a.to_row() for a in accounts.values()))
                 reset_cursors(self.db, resets)
                 save_cursors(self.db, cursors.items())
+                refresh_account_counts(self.db, recount)  # listHosts' accountCount, kept current
                 set_state(self.db, CHECKPOINT_KEY, str(checkpoint))
 
         def run() -> None:
@@ -280,6 +322,7 @@ class Sequencer(pykka.ThreadingActor):
                 INFRA_RETRIES.labels("write_behind").inc()
                 log.warning("write-behind failed error=%s: retrying at the next tick", str(exc).strip()[:300])
                 self._cursor_resets |= resets
+                self._count_hosts |= recount
                 for did, state in accounts.items():
                     self._accounts.setdefault(did, state)
             finally:
@@ -325,9 +368,14 @@ def recover(db: peewee.Database, event_log: EventLog) -> int:
     with db.connection_context():
         for record in info.tail:
             _reapply(db, record, states)
+        saved = {h.id: h.last_seq for h in list_hosts(db, limit=1_000_000)} if info.tail else {}
+        cursors, resets = tail_cursors(info.tail, saved)
+        if resets:
+            log.warning("recovered cursors of hosts whose history restarted hosts=%s", sorted(resets))
         with db.atomic():
             upsert_accounts(db, (s.to_row() for s in states.values()))
-            save_cursors(db, info.host_cursors.items())
+            reset_cursors(db, resets)
+            save_cursors(db, cursors.items())
             set_state(db, CHECKPOINT_KEY, str(info.last_seq))
     if info.tail:
         log.info("recovered log tail events=%d last_seq=%d", len(info.tail), info.last_seq)

@@ -33,6 +33,7 @@ from actors.metrics import CHILD_RESTARTS
 from actors.mirror import MirrorConfig, RepoMirror
 from actors.outbound import OutboundClient
 from actors.sequencer import Sequencer, recover
+from actors.stack_dump import install_stack_dump
 from actors.verify import Verifier, VerifyLimits
 from config.settings import Settings
 from store.carstore import CarStore
@@ -125,6 +126,7 @@ class RelaySupervisor:
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        install_stack_dump()  # kill -USR1: every greenlet's stack in the log
         last_seq = recover(self.db, self.event_log)
         log.info("event log open last_seq=%d first_seq=%d", last_seq, self.event_log.first_seq)
         self.broadcaster = Broadcaster.start(self.registry)

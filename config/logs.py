@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 
 
@@ -28,6 +29,10 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if "gevent.monkey" in sys.modules:  # a greenlet lock here can hang greenlets that log (gevent issue 2013)
+        from gevent import monkey
+
+        handler.lock = monkey.get_original("_thread", "RLock")()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

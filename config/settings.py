@@ -133,6 +133,9 @@ class Settings:
     shutdown_timeout_seconds: float = 60.0
     # seconds an actor retries a failing database or disk (with backoff) before the relay stops
     infra_retry_seconds: float = 300.0
+    # -- hostile and stalled upstreams (issue 7) --
+    # a connected host whose reader spends this long on one frame is logged, counted and reconnected
+    host_stall_seconds: float = 60.0
 
     def admin_passwords(self) -> tuple[str, ...]:
         """Every accepted admin password (empty: the admin API is off)."""

@@ -148,7 +148,7 @@ def _ops(raw: Any, max_ops: int) -> tuple[RepoOp, ...]:
         if not isinstance(op, dict):
             raise FrameError("op must be a map", reason="bad_field")
         action = op.get("action")
-        if action not in ACTIONS:
+        if not isinstance(action, str) or action not in ACTIONS:  # a list or map is unhashable
             raise FrameError(f"unknown op action {action!r}", reason="bad_field")
         path = _str(op, "path", 1024)
         cid = _opt_cid(op.get("cid"), "ops.cid")
@@ -237,6 +237,17 @@ def decode_frame(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES, max_ops: int 
     if not isinstance(kind, str):
         raise FrameError("frame header has no type", reason="bad_header")
     return parse_body(kind, body, max_ops=max_ops)
+
+
+def peek_seq(data: bytes) -> int | None:
+    """The ``seq`` of a frame that failed typed parsing, when its body still has a plain one."""
+    try:
+        parts = libipld.decode_dag_cbor_multi(data)
+    except Exception:  # not DAG-CBOR at all: best effort, whatever the decoder raised
+        return None
+    body = parts[1] if len(parts) == 2 and isinstance(parts[1], dict) else None
+    seq = body.get("seq") if body is not None else None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 < seq < 2**63 else None
 
 
 def event_type(event: Event) -> str:

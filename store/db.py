@@ -78,6 +78,36 @@ def _gevent_active() -> bool:
     return bool(monkey.is_module_patched("socket"))
 
 
+def _native_rlock() -> object:
+    """A real OS-thread RLock even after gevent's monkey-patching (which makes ``threading.RLock`` a greenlet lock)."""
+    if "gevent.monkey" in sys.modules:
+        from gevent import monkey
+
+        return monkey.get_original("_thread", "RLock")()
+    import _thread
+
+    return _thread.RLock()
+
+
+def _shareable_with_threads(db: peewee.Database) -> peewee.Database:
+    """Make ``db`` safe to use from greenlets and from gevent's thread pool at once.
+
+    peewee guards connect/close (and a pool's free list) with ``threading.Lock``; under gevent
+    that is a greenlet lock, and a greenlet waiting for it is never woken when a thread-pool
+    thread releases it (gevent issue 2013): the greenlet, and the host it reads, stalls forever.
+    A native lock is held only across non-blocking work here, so greenlets may wait on it.
+    """
+    db._lock = _native_rlock()  # type: ignore[attr-defined]
+    if isinstance(db, PooledPostgresqlDatabase):  # the pool's free list has a lock of its own
+        import threading
+
+        pool_lock = _native_rlock()
+        db._pool_lock = pool_lock
+        # waiting for a free connection (the pool is full) wakes at least every second anyway
+        db._pool_available = threading.Condition(pool_lock)  # type: ignore[arg-type]
+    return db
+
+
 def _make_psycopg_green() -> None:
     from psycogreen.gevent import patch_psycopg
 
@@ -93,21 +123,23 @@ def open_database(url: str) -> peewee.Database:
             raise StoreError("sqlite URL must be sqlite:///PATH (use sqlite:///:memory: for memory)")
         if raw != ":memory:":
             Path(raw).parent.mkdir(parents=True, exist_ok=True)
-        return peewee.SqliteDatabase(raw, pragmas=SQLITE_PRAGMAS, check_same_thread=False)
+        return _shareable_with_threads(peewee.SqliteDatabase(raw, pragmas=SQLITE_PRAGMAS, check_same_thread=False))
     if parts.scheme in ("postgresql", "postgres"):
         if _gevent_active():
             _make_psycopg_green()
         options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        return _PooledPostgres(
-            (parts.path or "/").lstrip("/") or "postgres",
-            user=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            host=parts.hostname or None,
-            port=parts.port or None,
-            max_connections=int(options.pop("max_connections", "32")),
-            stale_timeout=300,
-            timeout=30,
-            **options,
+        return _shareable_with_threads(
+            _PooledPostgres(
+                (parts.path or "/").lstrip("/") or "postgres",
+                user=unquote(parts.username) if parts.username else None,
+                password=unquote(parts.password) if parts.password else None,
+                host=parts.hostname or None,
+                port=parts.port or None,
+                max_connections=int(options.pop("max_connections", "32")),
+                stale_timeout=300,
+                timeout=30,
+                **options,
+            )
         )
     raise StoreError(f"unsupported database URL scheme {parts.scheme!r}")
 

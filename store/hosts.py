@@ -93,6 +93,19 @@ def count_host_accounts(db: peewee.Database, host_id: int) -> int:
     return int(row[0]) if row else 0
 
 
+def refresh_account_counts(db: peewee.Database, host_ids: Iterable[int]) -> None:
+    """Recount ``account_count`` of these hosts from the accounts table (an index range count each)."""
+    ids = sorted(set(host_ids))
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        db.execute_sql(
+            "UPDATE host SET account_count = (SELECT COUNT(*) FROM account WHERE account.host_id = host.id)"
+            f" WHERE id IN ({marks})",
+            chunk,
+        )
+
+
 def set_host_status(db: peewee.Database, host_id: int, status: str, error: str | None = None) -> None:
     execute(db, "UPDATE host SET status = ?, last_error = ?, updated_at = ? WHERE id = ?",
             (status, error, time.time(), host_id))  # fmt: skip

@@ -4,7 +4,8 @@ The files are the truth. The newest segment is always scanned (crc, framing, inc
 and cut after its last good record; an older one is trusted without reading it when its
 ``log_segment`` row is sealed and has the file's exact size, else it is scanned the same way.
 A file left with no good record is removed. Trusted segments get their sparse index (and a
-crc check) from ``ensure_index`` the first time they are read.
+crc check) from ``ensure_index`` the first time they are read. ``tail_cursors`` turns the log
+tail into each host's upstream cursor.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from store.segment_table import SegmentRow
-from store.segments import EventLogError, Segment, parse_segment_name, scan_segment
+from store.segments import EventLogError, LogRecord, Segment, parse_segment_name, scan_segment
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +139,24 @@ def ensure_index(seg: Segment) -> None:
         seg.last_seq, seg.last_time = res.last_seq, res.last_time
     seg.count = res.count
     seg.index_seqs, seg.index_offsets = res.index_seqs, res.index_offsets
+
+
+def tail_cursors(tail: Iterable[LogRecord], saved: Mapping[int, int]) -> tuple[dict[int, int], set[int]]:
+    """Each host's upstream cursor after the log ``tail``, and the hosts whose history restarted in it.
+
+    ``saved`` is the cursor SQL holds (as of the tail's checkpoint). A host's upstream seqs only
+    go up in the log, except after a ``FutureCursor`` reset (the host restarted its history): a
+    record at or below the cursor before it means a reset, and from then on the last record
+    counts, not the highest. So the caller must reset those hosts' saved cursors, not keep the
+    old, higher one (which would skip the host's new events after a restart).
+    """
+    cursors: dict[int, int] = {}
+    resets: set[int] = set()
+    for rec in tail:
+        if not rec.host_id or rec.upstream_seq < 0:
+            continue
+        before = cursors.get(rec.host_id, saved.get(rec.host_id, -1))
+        if rec.upstream_seq <= before:
+            resets.add(rec.host_id)
+        cursors[rec.host_id] = rec.upstream_seq
+    return cursors, resets

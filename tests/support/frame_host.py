@@ -11,6 +11,8 @@ answers ``describeServer`` like a PDS. Frames reach it through a control API on 
   accounts (with their genesis commits first), appends them, answers with the number of frames.
   With ``"hold": true`` the frames are kept aside, unseen by subscribers, until released; the
   accounts' repos carry on from one call to the next (a later call may repeat the accounts).
+  With ``"creation": true`` each new account arrives as the reference PDS creates one:
+  ``#identity``, ``#account`` (active), the empty genesis ``#commit``, then ``#sync`` of that rev.
 - ``POST /control/release``: JSON ``{"count": n, "rate": r, "record_sends": bool}`` (all
   optional): hands the first ``n`` held frames (default all) to subscribers, at once or paced at
   ``r`` frames/s; with ``record_sends`` the time each frame is handed to a subscriber's socket is
@@ -21,6 +23,8 @@ answers ``describeServer`` like a PDS. Frames reach it through a control API on 
 - ``GET /control/status``: ``{"frames": n, "last_seq": s, "subscribers": k, "held": h,
   "releasing": bool}``.
 - ``POST /control/close``: drops every subscriber connection (to test reconnects).
+- ``POST /control/broken_getrepo?did=D``: from now on ``getRepo`` of ``D`` answers a malformed
+  HTTP status line and closes the connection (a broken PDS).
 - ``GET /control/subscriptions``: ``{"subscriptions": [{"cursor": c, "answer": a}, ...]}``, every
   subscribeRepos request so far in arrival order: its ``cursor`` query (``null`` without one)
   and ``"FutureCursor"`` or ``null`` (served).
@@ -57,8 +61,8 @@ from gevent.pywsgi import WSGIServer  # noqa: E402
 from geventwebsocket.handler import WebSocketHandler  # noqa: E402
 
 from protocol.crypto import PrivateKey  # noqa: E402
-from protocol.frames import decode_frame, encode_frame, error_frame  # noqa: E402
-from protocol.repo_writer import RepoWriter, Write  # noqa: E402
+from protocol.frames import AccountEvent, IdentityEvent, decode_frame, encode_frame, error_frame  # noqa: E402
+from protocol.repo_writer import RepoWriter, Write, now_iso  # noqa: E402
 from tests.support.framing import split_frames  # noqa: E402
 
 
@@ -78,6 +82,7 @@ class FrameStore:
         self.subscriptions: list[dict[str, Any]] = []  # {"cursor": int | None, "answer": str | None}
         self.max_seq = 0  # highest seq of any frame added (pushed frames may come out of order)
         self.initial_held: list[tuple[int, bytes]] = []  # --held frames, held again by a rewind
+        self.broken_getrepo: set[str] = set()  # DIDs whose getRepo answers a malformed status line
 
     def add(self, items: list[tuple[int, bytes]]) -> None:
         self.frames.extend(items)
@@ -116,9 +121,11 @@ def generate(spec: dict[str, Any], store: FrameStore | None = None) -> list[tupl
     def add(event: Any) -> None:
         nonlocal seq
         out.append((seq, encode_frame(event)))
-        if store is not None:
+        if store is not None and hasattr(event, "repo"):
             store.meta[seq] = (event.repo, event.rev)
         seq += 1
+
+    creation = bool(spec.get("creation"))
 
     for acct in spec["accounts"]:
         writer = known.get(acct["did"])
@@ -127,7 +134,12 @@ def generate(spec: dict[str, Any], store: FrameStore | None = None) -> list[tupl
             writer = RepoWriter(acct["did"], key)
             if store is not None:
                 store.writers[writer.did] = writer
+            if creation:
+                add(IdentityEvent(seq, writer.did, now_iso()))
+                add(AccountEvent(seq, writer.did, now_iso(), active=True))
             add(writer.commit([], seq))
+            if creation:
+                add(writer.sync_event(seq))
         writers.append(writer)
     for i in range(int(spec["commits"])):
         writer = writers[i % len(writers)]
@@ -212,6 +224,13 @@ def make_app(store: FrameStore, did: str) -> Any:
         if path == "/xrpc/com.atproto.sync.getRepo":
             query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
             repo_did = query.get("did", [""])[0]
+            if repo_did in store.broken_getrepo:
+                store.repo_fetches.append(repo_did)
+                sock = environ["frame_host.socket"]
+                sock.sendall(b"HTTP/1.1 2OO Fine\r\nContent-Length: 0\r\n\r\n")
+                sock.shutdown(socket.SHUT_RDWR)
+                start_response("200 OK", [("Content-Length", "0")])
+                return []
             car = store.repos.get(repo_did)
             if car is None and repo_did in store.writers:
                 car = store.writers[repo_did].repo_car()
@@ -223,6 +242,9 @@ def make_app(store: FrameStore, did: str) -> Any:
         if path == "/control/repo" and method == "POST":  # a test uploads the repo getRepo serves for a DID
             query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
             store.repos[query["did"][0]] = environ["wsgi.input"].read()
+            return reply("200 OK", {"ok": True})
+        if path == "/control/broken_getrepo" and method == "POST":
+            store.broken_getrepo.add(urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))["did"][0])
             return reply("200 OK", {"ok": True})
         if path == "/control/repo_fetches":
             return reply("200 OK", {"fetches": store.repo_fetches})
@@ -306,6 +328,15 @@ def serve_ws(store: FrameStore, ws: Any, cursor: int) -> None:
         store.subscribers.discard(ws)
 
 
+class Handler(WebSocketHandler):
+    """Gives the app the raw socket (``frame_host.socket``), to answer as a broken server would."""
+
+    def get_environ(self) -> dict[str, Any]:
+        env: dict[str, Any] = super().get_environ()
+        env["frame_host.socket"] = self.socket
+        return env
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1")
@@ -322,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         with args.held:
             store.initial_held = with_seqs(store, split_frames(args.held.read()))
         store.held.extend(store.initial_held)
-    server = WSGIServer((args.host, args.port), make_app(store, args.did), handler_class=WebSocketHandler, log=None)
+    server = WSGIServer((args.host, args.port), make_app(store, args.did), handler_class=Handler, log=None)
     server.start()
     print(json.dumps({"port": server.server_port}), flush=True)
     try:

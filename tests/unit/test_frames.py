@@ -126,3 +126,49 @@ def test_random_bytes_never_crash(data: bytes) -> None:
         decode_frame(data)
     except ProtocolError:
         pass
+
+
+def _commit_frame_with_ops(ops: list[object]) -> bytes:
+    from protocol.crypto import PrivateKey
+    from protocol.repo_writer import RepoWriter, Write
+
+    writer = RepoWriter("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", PrivateKey.generate("k256"))
+    writer.commit([], 1)
+    event = writer.commit([Write("create", "app.bsky.feed.post/3k00000000001", {"text": "x"})], 2)
+    header, body = libipld.decode_dag_cbor_multi(encode_frame(event))
+    return frame(header, {**body, "ops": ops})
+
+
+@pytest.mark.parametrize("action", [["create"], {"a": "create"}, 1, None, b"create", True])
+def test_an_op_action_of_any_other_type_is_a_typed_error(action: object) -> None:
+    # a list or a map used to raise TypeError (unhashable) out of the parser (issue 7, item 7)
+    op = {"action": action, "path": "app.bsky.feed.post/3k00000000001", "cid": None}
+    with pytest.raises(FrameError) as info:
+        decode_frame(_commit_frame_with_ops([op]))
+    assert info.value.reason == "bad_field"
+
+
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8) | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(["action", "path", "cid", "prev"]), _VALUES), max_size=3) | _VALUES)
+def test_any_ops_value_is_parsed_or_a_typed_error(ops: object) -> None:
+    try:
+        decode_frame(_commit_frame_with_ops(ops))  # type: ignore[arg-type]
+    except ProtocolError:
+        pass
+
+
+def test_peek_seq_finds_the_seq_of_a_frame_that_failed_typed_parsing() -> None:
+    from protocol.frames import peek_seq
+
+    bad_op = _commit_frame_with_ops([{"action": ["create"], "path": "a/b", "cid": None}])
+    assert peek_seq(bad_op) == 2
+    assert peek_seq(frame({"op": 1, "t": "#identity"}, {"seq": 7, "did": 5})) == 7
+    for data in (b"garbage", frame({"op": 1}, {"seq": "7"}), frame({"op": 1}, {"seq": True}), frame({}, [1])):
+        assert peek_seq(data) is None
