@@ -109,7 +109,7 @@ def cbor_fast(data: bytes) -> None:
 
 def dagcbor_strict(data: bytes) -> None:
     """``protocol.dagcbor.decode``: what it accepts is canonical (re-encodes to the same bytes)
-    and, when it keeps the data-model rules, survives the JSON form."""
+    and, when it keeps the data-model rules and has a JSON form, comes back from that form."""
     try:
         value = dagcbor.decode(data)
     except ProtocolError:
@@ -118,9 +118,9 @@ def dagcbor_strict(data: bytes) -> None:
     if isinstance(value, dict):
         try:
             dagcbor.check_data_model(value)
+            text = json.dumps(dagcbor.to_json(value))
         except ProtocolError:
             return
-        text = json.dumps(dagcbor.to_json(value))
         assert dagcbor.from_json(json.loads(text)) == value
 
 

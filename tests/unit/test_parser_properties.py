@@ -68,6 +68,18 @@ def test_every_seed_passes(name: str) -> None:
         target(name).run(seed)
 
 
+# Inputs the fuzzers found, each fixed in the code it names (a regression test each).
+FOUND = [
+    # protocol/dagcbor.py to_json: a map with a "$bytes"/"$link" key came back from JSON as bytes/a link
+    ("dagcbor", bytes.fromhex("a1662462797465736441414141")),
+]
+
+
+@pytest.mark.parametrize(("name", "data"), FOUND, ids=[f"{name}-{i}" for i, (name, _) in enumerate(FOUND)])
+def test_found_by_fuzzing(name: str, data: bytes) -> None:
+    target(name).run(data)
+
+
 @pytest.mark.parametrize("name", NAMES)
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(data=st.binary(max_size=2048))
