@@ -25,7 +25,7 @@ from protocol import cbor, dagcbor
 from protocol.car import iter_car_blocks, read_car, write_car
 from protocol.cid import cid_for_dag_cbor, cid_for_raw, encode_varint
 from protocol.commit import decode_commit, encode_commit
-from protocol.crypto import PublicKey, parse_verification_method
+from protocol.crypto import P256, PrivateKey, PublicKey, parse_did_key, parse_multikey, parse_verification_method
 from protocol.diddoc import decode_did_document, did_document_url, normalize_endpoint
 from protocol.errors import ProtocolError
 from protocol.frames import decode_frame, encode_frame, split_frame
@@ -154,13 +154,18 @@ def mst_node(data: bytes) -> None:
 
 
 def commit(data: bytes) -> None:
-    """``decode_commit``: an accepted commit's unsigned bytes decode as a commit map without sig."""
+    """``decode_commit``: an accepted commit's unsigned bytes decode as a commit map without sig,
+    and its signature (any bytes) checks to a bool under every recorded key, P-256 ones too."""
+    for _, key in _repo_keys():
+        assert key.verify(data[:64], data[64:]) in (True, False)
     try:
         parsed = decode_commit(data)
     except ProtocolError:
         return
     unsigned = libipld.decode_dag_cbor(parsed.unsigned)
     assert "sig" not in unsigned and unsigned["did"] == parsed.did and unsigned["rev"] == parsed.rev
+    for _, key in _repo_keys():
+        assert parsed.verify(key) in (True, False)
 
 
 @functools.cache
@@ -184,6 +189,11 @@ def did_document(data: bytes) -> None:
         except ProtocolError:
             pass
     normalize_endpoint(text)
+    for parse in (parse_did_key, parse_multikey):
+        try:
+            parse(text)
+        except ProtocolError:
+            pass
 
 
 @functools.cache
@@ -193,6 +203,7 @@ def _repo_keys() -> tuple[tuple[str, PublicKey], ...]:
     for did, doc in docs.items():
         method = next(m for m in doc["verificationMethod"] if m["id"].endswith("#atproto"))
         out.append((did, parse_verification_method(method)))
+    out.append(("did:plc:p256p256p256p256p256p256", PrivateKey.from_bytes(P256, bytes(range(1, 33))).public_key()))
     return tuple(out)
 
 
