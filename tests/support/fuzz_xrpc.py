@@ -1,6 +1,7 @@
 """Fuzz target for XRPC parameters: raw query strings (and requestCrawl bodies) sent to the app's routes.
 
-``XrpcApp`` is the Flask app of the sync endpoints (``web.xrpc_sync`` and ``web.xrpc_repo``)
+``XrpcApp`` is the Flask app of the sync endpoints (``web.xrpc_sync``, ``web.xrpc_repo`` and the
+plain-HTTP side of ``web.firehose``, whose pre-upgrade hook also sees every query string)
 over SQLite in a temporary folder, with one host and one account whose repo is in the mirror;
 ``XrpcApp.run`` sends one request through Flask's test client. The first input byte picks the
 route, the rest is the raw query string (as a WSGI server hands it over: any bytes) or, for
@@ -14,6 +15,7 @@ from __future__ import annotations
 import socket
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 from urllib.parse import parse_qsl
@@ -28,6 +30,7 @@ from store.hosts import ensure_host
 from store.migrations import apply_migrations
 from tests.support.fakes import BlueprintServices, Recorder
 from web.app import create_app
+from web.firehose import firehose_blueprint, pre_upgrade_hook
 from web.xrpc_repo import repo_blueprint
 from web.xrpc_sync import sync_blueprint
 
@@ -36,7 +39,7 @@ HOSTNAME = "pds.example.com"
 GET_ROUTES = tuple(
     "/xrpc/com.atproto.sync." + name
     for name in ("listHosts", "getHostStatus", "getRepo", "getRecord", "getBlocks", "getLatestCommit",
-                 "listRepos", "getRepoStatus")
+                 "listRepos", "getRepoStatus", "subscribeRepos")
 )  # fmt: skip
 CRAWL = "/xrpc/com.atproto.sync.requestCrawl"
 MAX_DIGITS = 4300  # Python's default limit on int() of a decimal string
@@ -85,6 +88,7 @@ class XrpcApp:
         blueprints = (
             sync_blueprint(db=self.db, host_supervisor=self.supervisor, insecure=False),
             repo_blueprint(db=self.db, carstore=self.store),
+            firehose_blueprint(None, None, buffer_frames=1),  # type: ignore[arg-type]  # no upgrade: no log read
         )
         self.client = create_app(BlueprintServices(*blueprints)).test_client()
 
@@ -97,7 +101,10 @@ class XrpcApp:
             if route == CRAWL:
                 response = self.client.post(route, data=rest, content_type="application/json")
             else:
-                response = self.client.get(route, environ_overrides={"QUERY_STRING": rest.decode("latin-1")})
+                query = rest.decode("latin-1")
+                response = self.client.get(route, environ_overrides={"QUERY_STRING": query})
+                handler = SimpleNamespace(environ={"PATH_INFO": route, "QUERY_STRING": query})
+                assert pre_upgrade_hook(handler) in (True, False)  # gevent-websocket's hook, before any upgrade
         return route, response
 
     def run(self, data: bytes) -> None:
@@ -131,6 +138,7 @@ def seeds() -> list[bytes]:
         b"did=" + DID.encode(),
         b"limit=10&cursor=did:plc:a",
         b"did=" + DID.encode(),
+        b"cursor=0",
     ]
     out = [bytes([i]) + query for i, query in enumerate(queries)]
     out.append(bytes([len(GET_ROUTES)]) + b'{"hostname": "pds.example.com"}')
