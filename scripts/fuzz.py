@@ -6,7 +6,8 @@
     python scripts/fuzz.py --target car --reproduce .fuzz/car/crash-...   # rerun one input, show the error
     python scripts/fuzz.py --list
 
-Targets (``tests/support/fuzz_targets.py``, ``tests/support/fuzz_xrpc.py``): frames, cbor (the
+Targets (``tests/support/fuzz_targets.py``, ``tests/support/fuzz_xrpc.py``): frames, frame_fields
+(recorded frames with fields of the wrong type), cbor (the
 libipld wrappers), dagcbor (the strict codec), car, mst_node, commit, did_document, repo (getRepo
 and getRecord CARs), mst_tree (linked block sets: repo verification and MST inversion) and xrpc
 (query strings and requestCrawl bodies through the Flask app). A finding is any exception
@@ -34,7 +35,19 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a script: make the repo's packages importable
 
-TARGET_NAMES = ("frames", "cbor", "dagcbor", "car", "mst_node", "commit", "did_document", "repo", "mst_tree", "xrpc")
+TARGET_NAMES = (
+    "frames",
+    "frame_fields",
+    "cbor",
+    "dagcbor",
+    "car",
+    "mst_node",
+    "commit",
+    "did_document",
+    "repo",
+    "mst_tree",
+    "xrpc",
+)
 INSTRUMENTED = ["protocol", "actors", "store", "web", "tests.support"]
 CHILD_GRACE_S = 120.0  # beyond --seconds: start-up, seeding and the final stats
 RSS_LIMIT_MB = 2048

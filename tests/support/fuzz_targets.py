@@ -4,10 +4,12 @@ A target takes bytes and returns when the parser accepted them or refused them t
 way (a ``ProtocolError``: every ``protocol`` error type derives from it); anything else it
 raises is a finding. Where a parser accepts, the target also checks a property of the result
 (a round trip, agreement between two readers). ``scripts/fuzz.py`` runs these under atheris
-(coverage-guided); ``tests/unit/test_fuzz_targets.py`` runs them on their seeds and on
+(coverage-guided); ``tests/unit/test_parser_properties.py`` runs them on their seeds and on
 hypothesis bytes. No I/O but reading the repository's vectors and recorded fixtures.
 
-``mst_tree`` is structured: it reads its input as a recipe for a set of blocks whose links
+``frame_fields`` and ``mst_tree`` are structured. ``frame_fields`` reads its input as edits of a
+recorded frame's fields (values of any type), which libipld's uninstrumented decoder would hide
+from coverage guidance. ``mst_tree`` reads its input as a recipe for a set of blocks whose links
 point at each other by real CIDs (byte mutation alone would never get past the hash checks),
 then verifies that set as a repo and inverts operations on it.
 """
@@ -96,6 +98,59 @@ def frames(data: bytes) -> None:
             return
         raise
     assert decode_frame(encode_frame(event)) == event
+
+
+def _value(draw: Draw, depth: int = 0) -> object:
+    """A data-model value of any type, small, drawn from the input."""
+    kind = draw.below(8 if depth < 2 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return draw.below(2) == 1
+    if kind == 2:
+        return int.from_bytes(draw.chunk(9), "big", signed=True)
+    if kind == 3:
+        return draw.chunk(16).decode("utf-8", "replace")
+    if kind == 4:
+        return draw.chunk(40)
+    if kind == 5:
+        return ("create", "update", "delete", "#commit", "#sync", "#identity", "#account", "#info")[draw.below(8)]
+    if kind == 6:
+        return [_value(draw, depth + 1) for _ in range(draw.below(4))]
+    return {draw.chunk(6).decode("utf-8", "replace"): _value(draw, depth + 1) for _ in range(draw.below(4))}
+
+
+@functools.cache
+def _frame_parts() -> tuple[tuple[dict[str, object], dict[str, object]], ...]:
+    return tuple(tuple(libipld.decode_dag_cbor_multi(raw)) for _, raw in refpds_frames())  # type: ignore[misc]
+
+
+def frame_fields(data: bytes) -> None:
+    """A recorded frame with header, body or op fields replaced by values of any type, or removed
+    (the first byte picks the frame): the ``frames`` checks on valid encodings of wrong values."""
+    draw = Draw(data)
+    parts = _frame_parts()
+    header, body = (dict(part) for part in parts[draw.below(len(parts))])
+    for _ in range(1 + draw.below(4)):
+        where = draw.below(3)
+        ops = body.get("ops")
+        if where == 2 and isinstance(ops, list) and ops and isinstance(ops[0], dict):
+            fields = dict(ops[0])
+            body["ops"] = [fields, *ops[1:]]
+        else:
+            fields = header if where == 0 else body
+        keys = sorted(fields)
+        pick = draw.below(len(keys) + 1)
+        key = keys[pick] if pick < len(keys) else draw.chunk(6).decode("utf-8", "replace")
+        if draw.below(5) == 0:
+            fields.pop(key, None)
+        else:
+            fields[key] = _value(draw)
+    try:
+        frame = bytes(libipld.encode_dag_cbor(header)) + bytes(libipld.encode_dag_cbor(body))
+    except (ValueError, TypeError, OverflowError):
+        return  # not encodable (an integer beyond 64 bits): no upstream can send it either
+    frames(frame)
 
 
 def cbor_fast(data: bytes) -> None:
@@ -329,6 +384,7 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         Target("frames", frames, _frame_seeds),
+        Target("frame_fields", frame_fields, lambda: [bytes([i]) for i in range(len(_frame_parts()))]),
         Target("cbor", cbor_fast, _cbor_seeds),
         Target("dagcbor", dagcbor_strict, _cbor_seeds),
         Target("car", car, _car_seeds),
