@@ -373,7 +373,10 @@ def _commit_seeds() -> list[bytes]:
 
 def _did_document_seeds() -> list[bytes]:
     docs = load_json(REFPDS_DID_DOCS)
-    return [bytes([i]) + json.dumps(doc).encode() for i, doc in enumerate(docs.values())]
+    texts = [b"did:web:localhost%3A2583", b"did:web:127.0.0.1%3A80", b"did:web:pds.example.com", *docs]
+    return [bytes([i]) + json.dumps(doc).encode() for i, doc in enumerate(docs.values())] + [
+        b"\x00" + (text.encode() if isinstance(text, str) else text) for text in texts
+    ]
 
 
 def _mst_tree_seeds() -> list[bytes]:

@@ -191,6 +191,14 @@ def test_document_urls() -> None:
         ("did:web:localhost%3A0", True),
         ("did:web:bad_host", True),
         ("not a did", True),
+        # test_parser_properties.py::test_did_web_authority_is_ascii_or_refused finds these: a
+        # superscript "port" raised ValueError; other scripts' digits, as a port or an IPv4
+        # literal, were accepted ("١٢" became port 12)
+        ("did:web:localhost%3A%C2%B2", True),
+        ("did:web:localhost%3A%D9%A1%D9%A2", True),
+        ("did:web:localhost%3A%EF%BC%98%EF%BC%90", True),
+        ("did:web:%D9%A1%D9%A2%D9%A3.1.1.1", True),
+        ("did:web:localhost%3A000000000080", True),  # a port has at most 5 digits
     ],
 )
 def test_unresolvable_dids(did: str, insecure: bool) -> None:

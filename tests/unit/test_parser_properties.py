@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import libipld
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.diddoc import parse_did_document
-from protocol.identity_errors import IdentityError
+from protocol.diddoc import did_document_url, parse_did_document
+from protocol.identity_errors import IdentityError, UnsupportedDid
 from tests.support import fuzz_xrpc
 from tests.support.fuzz_targets import TARGETS, Target
 from tests.support.testdata import REFPDS_DID_DOCS, load_json, refpds_frames
@@ -166,6 +166,29 @@ def test_did_documents_with_hostile_field_values(data: st.DataObject) -> None:
         return
     assert identity.did == did
     target("did_document").run(b"\x00" + json.dumps(doc).encode())
+
+
+digits = st.characters(categories=["Nd", "No"])  # every script's digits, superscripts too
+
+
+@settings(max_examples=EXAMPLES * 2, deadline=None)
+@given(
+    host=st.sampled_from(["localhost", "example.com"]) | st.text(digits | st.just("."), min_size=1, max_size=15),
+    port=st.none() | st.text(digits | st.sampled_from("0123456789:a"), max_size=7),
+    insecure=st.booleans(),
+)
+def test_did_web_authority_is_ascii_or_refused(host: str, port: str | None, insecure: bool) -> None:
+    """A did:web (host and port percent-encoded) gives an http(s) URL with an ASCII authority and
+    port, or UnsupportedDid; the DID's own text never reaches a URL in another script."""
+    did = "did:web:" + quote(host if port is None else f"{host}:{port}", safe=".")
+    try:
+        url = did_document_url(did, plc_url="https://plc.example.com", allow_insecure=insecure)
+    except UnsupportedDid:
+        return
+    parts = urlsplit(url)
+    assert parts.netloc.isascii() and parts.hostname
+    assert parts.port is None or 0 < parts.port < 65536
+    assert port is None or parts.netloc.endswith(f":{port}")
 
 
 # -- XRPC parameters through the app's routes ----------------------------------------------------
