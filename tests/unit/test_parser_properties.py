@@ -68,7 +68,7 @@ def test_every_seed_passes(name: str) -> None:
         target(name).run(seed)
 
 
-# Inputs the fuzzers found, each fixed in the code it names (a regression test each).
+# Inputs on which a target failed, each fixed in the code it names (a regression test each).
 FOUND = [
     # protocol/dagcbor.py to_json: a map with a "$bytes"/"$link" key came back from JSON as bytes/a link
     ("dagcbor", bytes.fromhex("a1662462797465736441414141")),
