@@ -31,8 +31,9 @@ from protocol.crypto import P256, PrivateKey, PublicKey, parse_did_key, parse_mu
 from protocol.diddoc import decode_did_document, did_document_url, normalize_endpoint
 from protocol.errors import ProtocolError
 from protocol.frames import decode_frame, encode_frame, split_frame
+from protocol.mst import build as mst_build
 from protocol.mst_invert import Op, invert_ops
-from protocol.mst_node import decode_node, encode_node, parse_node
+from protocol.mst_node import common_prefix_len, decode_node, encode_node, key_height, parse_node
 from protocol.repo_verify import verify_record_proof, verify_repo
 from tests.support.testdata import REFPDS_DID_DOCS, VECTORS, load_json, refpds_frames, refpds_repo_cars
 
@@ -280,50 +281,89 @@ _KEY_BYTES = b"abc/._~:-19z"
 _ACTIONS = ("create", "update", "delete", "")
 _FUZZ_DID = "did:plc:fuzzfuzzfuzzfuzzfuzzfuzz"
 _FUZZ_REV = "3kaaaaaaaaaaa"
+_RECORDS = tuple(bytes(libipld.encode_dag_cbor({"$type": "app.bsky.feed.post", "n": n})) for n in range(4))
+_RECORD_CIDS = tuple(cid_for_dag_cbor(block) for block in _RECORDS)
+
+
+@functools.cache
+def _key_pool() -> tuple[tuple[bytes, ...], ...]:
+    """Valid repo paths by MST height (0, 1, 2), 24 of each, sorted: trees the input builds from
+    them are often valid, so the checks past the first one get exercised too."""
+    by_height: tuple[list[bytes], ...] = ([], [], [])
+    n = 0
+    while min(len(keys) for keys in by_height) < 24:
+        key = f"app.bsky.feed.post/3k{n:011d}".encode()
+        height = key_height(key)
+        if height < 3 and len(by_height[height]) < 24:
+            by_height[height].append(key)
+        n += 1
+    return tuple(tuple(sorted(keys)) for keys in by_height)
 
 
 def _key(draw: Draw) -> bytes:
-    return bytes(_KEY_BYTES[b % len(_KEY_BYTES)] for b in draw.chunk(12))
-
-
-def _link(draw: Draw, cids: list[bytes]) -> bytes | None:
-    pick = draw.below(len(cids) + 3)
-    if pick == 0:
-        return None
-    if pick == 1:
-        return cid_for_dag_cbor(bytes([draw.byte()]))  # a block that is not in the set
-    if pick == 2:
-        return cid_for_raw(bytes([draw.byte()]))  # a record link (raw codec)
-    return cids[pick - 3]
-
-
-def _node(draw: Draw, cids: list[bytes]) -> bytes:
     if draw.below(8) == 0:
-        return draw.chunk(64)  # any bytes at all
+        return bytes(_KEY_BYTES[b % len(_KEY_BYTES)] for b in draw.chunk(12))  # any key, valid or not
+    pool = _key_pool()[draw.below(3)]
+    return pool[draw.below(len(pool))]
+
+
+def _record_link(draw: Draw) -> bytes:
+    pick = draw.below(len(_RECORD_CIDS) + 1)
+    return _RECORD_CIDS[pick] if pick < len(_RECORD_CIDS) else cid_for_raw(bytes([draw.byte()]))  # absent
+
+
+def _subtree(draw: Draw, built: list[tuple[bytes, int]], height: int) -> bytes | None:
+    """Mostly null or a node one level down; sometimes any node, or a link to no block."""
+    pick = draw.below(5)
+    lower = [cid for cid, h in built if h == height - 1]
+    if pick in (1, 2) and lower:
+        return lower[draw.below(len(lower))]
+    if pick == 3 and built:
+        return built[draw.below(len(built))][0]
+    if pick == 4:
+        return cid_for_dag_cbor(bytes([draw.byte()]))
+    return None
+
+
+def _node(draw: Draw, built: list[tuple[bytes, int]]) -> tuple[bytes, int]:
+    """(block, height): a node of keys of one height, correctly compressed unless the input
+    asks for a flaw (unsorted keys, a wrong prefix length, any bytes at all)."""
+    flaw = draw.below(16)
+    height = draw.below(3)
+    if flaw == 0:
+        return draw.chunk(64), height
+    pool = _key_pool()[height]
+    keys = sorted({pool[draw.below(len(pool))] for _ in range(draw.below(5))})
+    if flaw == 1:
+        keys.reverse()
+    if flaw == 2 and keys:
+        keys[draw.below(len(keys))] = _key(draw)
     entries = []
-    for _ in range(draw.below(6)):
-        value = _link(draw, cids) or cid_for_raw(b"record")
-        entries.append({"k": _key(draw), "p": draw.below(16), "t": _link(draw, cids), "v": value})
-    return bytes(libipld.encode_dag_cbor({"e": entries, "l": _link(draw, cids)}))
+    prev = b""
+    for key in keys:
+        p = draw.below(len(key) + 2) if flaw == 3 else common_prefix_len(prev, key)
+        entries.append({"k": key[p:], "p": p, "t": _subtree(draw, built, height), "v": _record_link(draw)})
+        prev = key
+    return bytes(libipld.encode_dag_cbor({"e": entries, "l": _subtree(draw, built, height)})), height
 
 
 def mst_tree(data: bytes) -> None:
     """Blocks built from the input that link to each other by real CIDs (the last is the root):
     ``verify_repo`` under a commit to them, and ``invert_ops`` of drawn operations on them."""
     draw = Draw(data)
-    cids: list[bytes] = []
-    blocks: dict[bytes, bytes] = {}
+    built: list[tuple[bytes, int]] = []
+    blocks: dict[bytes, bytes] = dict(zip(_RECORD_CIDS, _RECORDS, strict=True))
     for _ in range(1 + draw.below(12)):
-        block = _node(draw, cids)
+        block, height = _node(draw, built)
         cid = cid_for_dag_cbor(block)
         blocks[cid] = block
-        cids.append(cid)
-    root = cids[-1]
+        built.append((cid, height))
+    root = built[-1][0]
     ops = []
     for _ in range(draw.below(5)):
-        path = _key(draw).decode()
         action = _ACTIONS[draw.below(4)]  # "" too: an action no upstream op may carry
-        ops.append(Op(action, path, _link(draw, cids), _link(draw, cids)))  # type: ignore[arg-type]
+        cid, prev = (_record_link(draw) if draw.below(4) else None for _ in range(2))
+        ops.append(Op(action, _key(draw).decode(), cid, prev))  # type: ignore[arg-type]
     for strict in (False, True):
         try:
             invert_ops(root, ops, blocks, strict=strict)
@@ -332,11 +372,15 @@ def mst_tree(data: bytes) -> None:
     commit_block = encode_commit(_FUZZ_DID, root, _FUZZ_REV, None, lambda _: bytes(64))
     commit_cid = cid_for_dag_cbor(commit_block)
     car_bytes = write_car([commit_cid], [(commit_cid, commit_block), *blocks.items()])
+    require_records = draw.below(2) == 0
     try:
-        verified = verify_repo(car_bytes, _FUZZ_DID, None, require_records=draw.below(2) == 0)
+        verified = verify_repo(car_bytes, _FUZZ_DID, None, require_records=require_records)
     except ProtocolError:
         return
     assert set(verified.blocks) <= set(blocks) | {commit_cid}
+    assert list(verified.records) == sorted(verified.records)
+    assert not require_records or all(cid in verified.blocks for cid in verified.records.values())
+    assert mst_build(list(verified.records.items()))[0] == root  # a verified tree is the canonical one
 
 
 # -- seeds -------------------------------------------------------------------------------------
