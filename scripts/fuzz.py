@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -55,12 +56,16 @@ INPUT_TIMEOUT_S = 20  # one input taking longer is a finding (a hang)
 MAX_INPUT_BYTES = 64 * 1024
 
 
-def load_target(name: str) -> tuple[Callable[[bytes], None], Callable[[], list[bytes]]]:
-    """(run, seeds) of target ``name``; imports the code under test (instrumented when atheris is)."""
+def load_target(name: str, workdir: Path | None = None) -> tuple[Callable[[bytes], None], Callable[[], list[bytes]]]:
+    """(run, seeds) of target ``name``; imports the code under test (instrumented when atheris is).
+
+    ``workdir`` holds the xrpc target's databases (libFuzzer exits without Python's clean-up, so
+    a temporary folder would be left behind); default: a temporary folder.
+    """
     if name == "xrpc":
         from tests.support import fuzz_xrpc
 
-        app = fuzz_xrpc.XrpcApp()
+        app = fuzz_xrpc.XrpcApp(workdir)
         return app.run, fuzz_xrpc.seeds
     from tests.support.fuzz_targets import TARGETS
 
@@ -71,8 +76,11 @@ def child(name: str, seconds: int, out: Path) -> None:
     """Fuzz one target in this process (libFuzzer exits the process when done or on a failure)."""
     import atheris
 
+    workdir = out / name / "app"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
     with atheris.instrument_imports(include=INSTRUMENTED):
-        run, seeds = load_target(name)
+        run, seeds = load_target(name, workdir)
     corpus = out / name / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
     for seed in seeds():
