@@ -123,7 +123,7 @@ def _value(draw: Draw, depth: int = 0) -> object:
 
 @functools.cache
 def _frame_parts() -> tuple[tuple[dict[str, object], dict[str, object]], ...]:
-    return tuple(tuple(libipld.decode_dag_cbor_multi(raw)) for _, raw in refpds_frames())  # type: ignore[misc]
+    return tuple(tuple(libipld.decode_dag_cbor_multi(raw)) for _, raw in refpds_frames())
 
 
 def frame_fields(data: bytes) -> None:
@@ -362,8 +362,8 @@ def mst_tree(data: bytes) -> None:
     ops = []
     for _ in range(draw.below(5)):
         action = _ACTIONS[draw.below(4)]  # "" too: an action no upstream op may carry
-        cid, prev = (_record_link(draw) if draw.below(4) else None for _ in range(2))
-        ops.append(Op(action, _key(draw).decode(), cid, prev))  # type: ignore[arg-type]
+        value, prev = (_record_link(draw) if draw.below(4) else None for _ in range(2))
+        ops.append(Op(action, _key(draw).decode(), value, prev))  # type: ignore[arg-type]
     for strict in (False, True):
         try:
             invert_ops(root, ops, blocks, strict=strict)
