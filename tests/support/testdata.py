@@ -36,6 +36,12 @@ def refpds_frames() -> list[tuple[dict[str, Any], bytes]]:
     return [(row, base64.b64decode(row["frame_b64"])) for row in rows]
 
 
+def refpds_replayed_frames() -> list[tuple[dict[str, Any], bytes]]:
+    """The same firehose read again from cursor 0 at the end of the recording (a late subscriber)."""
+    rows = [json.loads(line) for line in (REFPDS / "pds-firehose-replay.jsonl").read_text().splitlines() if line]
+    return [(row, base64.b64decode(row["frame_b64"])) for row in rows]
+
+
 def refpds_frame_seqs() -> list[int]:
     """The seqs the manifest's steps say the scenario caused, in order (from the manifest, not the frames)."""
     return sorted(seq for step in refpds_manifest()["steps"] for seq in step["seqs"])

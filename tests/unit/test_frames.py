@@ -20,7 +20,7 @@ from protocol.frames import (
     error_frame,
     info_frame,
 )
-from tests.support.testdata import refpds_frame_seqs, refpds_frames
+from tests.support.testdata import refpds_frame_seqs, refpds_frames, refpds_manifest, refpds_replayed_frames
 
 
 def test_reference_frames_decode_and_reencode_identically() -> None:
@@ -33,6 +33,18 @@ def test_reference_frames_decode_and_reencode_identically() -> None:
         assert isinstance(event, kinds[str(row["t"])])
         assert event.seq == row["seq"]
         assert encode_frame(event) == raw
+
+
+def test_replay_is_the_live_firehose_without_the_deleted_accounts_earlier_frames() -> None:
+    """What a late subscriber of the reference PDS gets: the same bytes, minus a purged account."""
+    live = {int(str(row["seq"])): raw for row, raw in refpds_frames()}
+    replayed = refpds_replayed_frames()
+    (deletion,) = [step for step in refpds_manifest()["steps"] if step["step"] == "delete account"]
+    purged = {seq for seq, raw in live.items() if decode_frame(raw).did == deletion["did"]} - set(deletion["seqs"])
+    assert purged  # the deleted account had frames before its deletion
+    assert [row["seq"] for row, _ in replayed] == sorted(set(live) - purged)
+    for row, raw in replayed:
+        assert raw == live[int(str(row["seq"]))]
 
 
 def test_resequencing_changes_only_seq() -> None:
