@@ -30,7 +30,7 @@ _FIELD_TYPES = typing.get_type_hints(Settings)
 # numeric settings where 0 is meaningful (all others must be positive)
 _ZERO_ALLOWED = frozenset({"ingest_workers", "sequencer_batch_window_seconds", "new_hosts_per_day"})
 # SKYRELAY_* variables read by tools and tests, not settings
-_TOOL_ENV = {"SKYRELAY_CONFIG", "SKYRELAY_SHARED_DIR", "SKYRELAY_REFPDS_DIR", "SKYRELAY_ADMIN_URL"}
+_TOOL_ENV = {"SKYRELAY_CONFIG", "SKYRELAY_REFPDS_DIR", "SKYRELAY_ADMIN_URL"}
 MIN_ADMIN_PASSWORD_CHARS = 12
 
 

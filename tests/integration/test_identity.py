@@ -23,6 +23,7 @@ from store.db import open_database
 from store.identities import IdentityRow, delete_identities, load_identity, save_identities
 from store.migrations import apply_migrations
 from tests.support.fake_plc import FakePlc, make_did_doc, new_plc_did
+from tests.support.testdata import REFPDS_DID_DOCS, refpds_endpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PDS = "https://pds.example.com"
@@ -372,8 +373,8 @@ def test_resolver_actor_refreshes_and_flushes(db: peewee.Database, plc: FakePlc,
         actor.stop(timeout=10)
 
 
-def test_fake_plc_as_a_process_serves_real_plc_documents(shared: Path, clock: FakeClock) -> None:
-    docs_path = shared / "fixtures" / "reference-pds" / "did-docs.json"
+def test_fake_plc_as_a_process_serves_real_plc_documents(clock: FakeClock) -> None:
+    docs_path = REFPDS_DID_DOCS
     docs = json.loads(docs_path.read_text())
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.support.fake_plc", "--port", "0", "--docs", str(docs_path)],
@@ -390,7 +391,7 @@ def test_fake_plc_as_a_process_serves_real_plc_documents(shared: Path, clock: Fa
         )  # the reference PDS of these documents serves http
         for did in docs:
             identity = directory.resolve(did)
-            assert identity.signing_key is not None and identity.pds_endpoint == "http://localhost:2583"
+            assert identity.signing_key is not None and identity.pds_endpoint == refpds_endpoint()
         with pytest.raises(IdentityNotFound):
             directory.resolve(new_plc_did())
     finally:

@@ -308,6 +308,14 @@ class ReferenceNetwork:
         out: dict[str, Any] = self._as(did, "com.atproto.repo.putRecord", body)
         return out
 
+    def create_records(self, did: str, collection: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Create several records in one commit (``applyWrites``); return the PDS's answer."""
+        writes = [
+            {"$type": "com.atproto.repo.applyWrites#create", "collection": collection, "value": r} for r in records
+        ]
+        out: dict[str, Any] = self._as(did, "com.atproto.repo.applyWrites", {"repo": did, "writes": writes})
+        return out
+
     def delete_record(self, did: str, collection: str, rkey: str) -> dict[str, Any] | None:
         """Delete the record at ``collection/rkey``; return the PDS's answer (its ``commit``)."""
         body = {"repo": did, "collection": collection, "rkey": rkey}

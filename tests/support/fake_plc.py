@@ -10,7 +10,7 @@ released, and it counts requests. In-process::
         directory = IdentityDirectory(db, plc_url=plc.url)
 
 or as a process: ``python -m tests.support.fake_plc --port P --docs docs.json`` (a JSON object
-of DID -> document, like ``reference-pds/did-docs.json``).
+of DID -> document, like ``tests/fixtures/refpds/did-docs.json``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from protocol.car import CarFile, iter_car_blocks, read_car, write_car
 from protocol.cid import cid_for_dag_cbor, cid_for_raw, encode_varint, verify_block
 from protocol.dagcbor import CID, decode, encode
 from protocol.errors import BlockHashMismatch, CarError
+from tests.support.testdata import refpds_did_of, refpds_repo_cars
 
 BLOCKS = [encode({"n": i, "pad": b"x" * (i * 50)}) for i in range(5)]
 CIDS = [cid_for_dag_cbor(block) for block in BLOCKS]
@@ -185,9 +186,9 @@ def test_read_car_accepts_memoryview() -> None:
     assert read_car(memoryview(data)).blocks == read_car(data).blocks
 
 
-@pytest.mark.parametrize("name", ["jemy7635dj3u6657h4wbgvvr", "m477wqzl7apqzdvgiq3vr254"])
-def test_reference_pds_repo_exports(shared: Path, name: str) -> None:
-    data = (shared / "fixtures" / "reference-pds" / f"repo-did_plc_{name}.car").read_bytes()
+@pytest.mark.parametrize("path", refpds_repo_cars(), ids=lambda path: path.stem)
+def test_reference_pds_repo_exports(path: Path) -> None:
+    data = path.read_bytes()
     car = read_car(data)
     assert len(car.roots) == 1
     assert all(root in car.blocks for root in car.roots)
@@ -197,5 +198,5 @@ def test_reference_pds_repo_exports(shared: Path, name: str) -> None:
     assert len(car.blocks) >= 5
     commit = decode(car.blocks[car.roots[0]])
     assert commit["version"] == 3
-    assert commit["did"] == f"did:plc:{name}"
+    assert commit["did"] == refpds_did_of(path)
     assert write_car(car.roots, car.blocks.items()) == data

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
-from pathlib import Path
 from typing import Any
 
 import coincurve
@@ -17,6 +15,7 @@ from hypothesis import strategies as st
 from protocol import crypto
 from protocol.crypto import K256, P256, Curve, PrivateKey, PublicKey
 from protocol.errors import InvalidKey
+from tests.support.testdata import REFPDS_AUDIT_LOGS, REFPDS_DID_DOCS, VECTORS, load_json
 
 CURVES: list[Curve] = [K256, P256]
 ORDERS = {K256: crypto._N_K256, P256: crypto._N_P256}
@@ -28,13 +27,9 @@ def b64(text: str) -> bytes:
     return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
 
 
-def load_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 @pytest.fixture(scope="module")
-def signature_cases(shared: Path) -> list[dict[str, Any]]:
-    cases = load_json(shared / "interop" / "crypto" / "signature-fixtures.json")
+def signature_cases() -> list[dict[str, Any]]:
+    cases = load_json(VECTORS / "crypto" / "signature-fixtures.json")
     assert len(cases) == 6
     return cases
 
@@ -76,8 +71,8 @@ def test_der_fixtures_are_rejected_not_raised(signature_cases: list[dict[str, An
         assert crypto.parse_did_key(case["publicKeyDid"]).verify(b64(case["messageBase64"]), sig) is False
 
 
-def test_w3c_did_key_k256(shared: Path) -> None:
-    cases = load_json(shared / "interop" / "crypto" / "w3c_didkey_K256.json")
+def test_w3c_did_key_k256() -> None:
+    cases = load_json(VECTORS / "crypto" / "w3c_didkey_K256.json")
     assert len(cases) == 5
     for case in cases:
         priv = PrivateKey.from_bytes(K256, bytes.fromhex(case["privateKeyBytesHex"]))
@@ -85,8 +80,8 @@ def test_w3c_did_key_k256(shared: Path) -> None:
         assert crypto.parse_did_key(case["publicDidKey"]) == priv.public_key()
 
 
-def test_w3c_did_key_p256(shared: Path) -> None:
-    cases = load_json(shared / "interop" / "crypto" / "w3c_didkey_P256.json")
+def test_w3c_did_key_p256() -> None:
+    cases = load_json(VECTORS / "crypto" / "w3c_didkey_P256.json")
     assert len(cases) == 1
     for case in cases:
         raw = crypto.b58decode(case["privateKeyBytesBase58"])
@@ -96,9 +91,9 @@ def test_w3c_did_key_p256(shared: Path) -> None:
         assert crypto.parse_did_key(case["publicDidKey"]) == priv.public_key()
 
 
-def test_reference_pds_did_docs_parse(shared: Path) -> None:
-    docs = load_json(shared / "fixtures" / "reference-pds" / "did-docs.json")
-    logs = load_json(shared / "fixtures" / "reference-pds" / "plc-audit-logs.json")
+def test_reference_pds_did_docs_parse() -> None:
+    docs = load_json(REFPDS_DID_DOCS)
+    logs = load_json(REFPDS_AUDIT_LOGS)
     assert docs
     for did, doc in docs.items():
         (method,) = [vm for vm in doc["verificationMethod"] if vm["id"].endswith("#atproto")]
@@ -109,9 +104,9 @@ def test_reference_pds_did_docs_parse(shared: Path) -> None:
             assert key.did_key() == logs[did][-1]["operation"]["verificationMethods"]["atproto"]
 
 
-def test_reference_plc_operation_signatures(shared: Path) -> None:
+def test_reference_plc_operation_signatures() -> None:
     """Real signatures: every PLC operation verifies under a rotation key of its predecessor."""
-    logs = load_json(shared / "fixtures" / "reference-pds" / "plc-audit-logs.json")
+    logs = load_json(REFPDS_AUDIT_LOGS)
     checked = 0
     for entries in logs.values():
         previous: dict[str, Any] | None = None

@@ -285,6 +285,16 @@ def test_to_json_refuses_non_data_model_values() -> None:
             to_json(value)
 
 
+@pytest.mark.parametrize("key", ["$link", "$bytes"])
+def test_to_json_refuses_maps_with_a_key_the_json_form_reserves(key: str) -> None:
+    """Found by fuzzing: {"$bytes": "AAAA"} is valid DAG-CBOR, but its JSON form read back was bytes."""
+    for value in ({key: "AAAA"}, {"a": [{key: str(LINK), "b": 1}]}):
+        decoded = decode(encode(value))
+        assert decoded == value
+        with pytest.raises(CborError, match="no JSON form"):
+            to_json(decoded)
+
+
 def test_check_data_model_on_decoded_values() -> None:
     blob = {"$type": "blob", "ref": LINK, "mimeType": "image/png", "size": 3}
     check_data_model(decode(encode({"a": [blob], "$type": "x.y.z"})))

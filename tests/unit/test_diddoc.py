@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,16 +12,12 @@ from protocol.crypto import K256, P256, PrivateKey
 from protocol.diddoc import Identity, decode_did_document, did_document_url, normalize_endpoint, parse_did_document
 from protocol.identity_errors import DidDocumentInvalid, DidDocumentMismatch, IdentityError, UnsupportedDid
 from tests.support.fake_plc import make_did_doc, new_plc_did
+from tests.support.testdata import REFPDS_AUDIT_LOGS, REFPDS_DID_DOCS, load_json
 
 
-def _fixture(shared: Path, name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((shared / "fixtures" / "reference-pds" / name).read_text())
-    return data
-
-
-def test_real_plc_documents_match_their_latest_plc_operation(shared: Path) -> None:
-    docs = _fixture(shared, "did-docs.json")
-    logs = _fixture(shared, "plc-audit-logs.json")
+def test_real_plc_documents_match_their_latest_plc_operation() -> None:
+    docs: dict[str, Any] = load_json(REFPDS_DID_DOCS)
+    logs: dict[str, Any] = load_json(REFPDS_AUDIT_LOGS)
     assert docs
     for did, doc in docs.items():
         identity = parse_did_document(doc, did)
@@ -196,6 +191,14 @@ def test_document_urls() -> None:
         ("did:web:localhost%3A0", True),
         ("did:web:bad_host", True),
         ("not a did", True),
+        # test_parser_properties.py::test_did_web_authority_is_ascii_or_refused finds these: a
+        # superscript "port" raised ValueError; other scripts' digits, as a port or an IPv4
+        # literal, were accepted ("١٢" became port 12)
+        ("did:web:localhost%3A%C2%B2", True),
+        ("did:web:localhost%3A%D9%A1%D9%A2", True),
+        ("did:web:localhost%3A%EF%BC%98%EF%BC%90", True),
+        ("did:web:%D9%A1%D9%A2%D9%A3.1.1.1", True),
+        ("did:web:localhost%3A000000000080", True),  # a port has at most 5 digits
     ],
 )
 def test_unresolvable_dids(did: str, insecure: bool) -> None:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
-from pathlib import Path
-
 import libipld
 import pytest
 from hypothesis import given, settings
@@ -24,18 +20,14 @@ from protocol.frames import (
     error_frame,
     info_frame,
 )
+from tests.support.testdata import refpds_frame_seqs, refpds_frames, refpds_manifest, refpds_replayed_frames
 
 
-def reference_frames(shared: Path) -> list[tuple[dict[str, object], bytes]]:
-    path = shared / "fixtures" / "reference-pds" / "pds-firehose-frames.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(row, base64.b64decode(row["frame_b64"])) for row in rows]
-
-
-def test_reference_frames_decode_and_reencode_identically(shared: Path) -> None:
+def test_reference_frames_decode_and_reencode_identically() -> None:
     kinds = {"#commit": CommitEvent, "#sync": SyncEvent, "#identity": IdentityEvent, "#account": AccountEvent}
-    frames = reference_frames(shared)
-    assert len(frames) == 26
+    frames = refpds_frames()
+    assert [row["seq"] for row, _ in frames] == refpds_frame_seqs()  # every frame the scenario caused
+    assert {str(row["t"]) for row, _ in frames} == set(kinds)
     for row, raw in frames:
         event = decode_frame(raw)
         assert isinstance(event, kinds[str(row["t"])])
@@ -43,8 +35,20 @@ def test_reference_frames_decode_and_reencode_identically(shared: Path) -> None:
         assert encode_frame(event) == raw
 
 
-def test_resequencing_changes_only_seq(shared: Path) -> None:
-    for _, raw in reference_frames(shared):
+def test_replay_is_the_live_firehose_without_the_deleted_accounts_earlier_frames() -> None:
+    """What a late subscriber of the reference PDS gets: the same bytes, minus a purged account."""
+    live = {int(str(row["seq"])): raw for row, raw in refpds_frames()}
+    replayed = refpds_replayed_frames()
+    (deletion,) = [step for step in refpds_manifest()["steps"] if step["step"] == "delete account"]
+    purged = {seq for seq, raw in live.items() if decode_frame(raw).did == deletion["did"]} - set(deletion["seqs"])
+    assert purged  # the deleted account had frames before its deletion
+    assert [row["seq"] for row, _ in replayed] == sorted(set(live) - purged)
+    for row, raw in replayed:
+        assert raw == live[int(str(row["seq"]))]
+
+
+def test_resequencing_changes_only_seq() -> None:
+    for _, raw in refpds_frames():
         event = decode_frame(raw)
         header, body = libipld.decode_dag_cbor_multi(raw)
         new_header, new_body = libipld.decode_dag_cbor_multi(encode_frame(event, 987654))
@@ -88,8 +92,8 @@ def test_malformed_bodies_raise_typed_errors(header: object, body: object, reaso
     assert info.value.reason == reason
 
 
-def test_too_many_ops_and_oversized_frames(shared: Path) -> None:
-    commit = next(raw for row, raw in reference_frames(shared) if row["t"] == "#commit")
+def test_too_many_ops_and_oversized_frames() -> None:
+    commit = next(raw for row, raw in refpds_frames() if row["t"] == "#commit")
     header, body = libipld.decode_dag_cbor_multi(commit)
     op = {"action": "delete", "path": "app.bsky.feed.post/x", "cid": None}
     with pytest.raises(FrameTooLarge):
@@ -98,8 +102,8 @@ def test_too_many_ops_and_oversized_frames(shared: Path) -> None:
         decode_frame(commit, max_bytes=len(commit) - 1)
 
 
-def test_truncated_frames_at_every_offset(shared: Path) -> None:
-    for _, raw in reference_frames(shared)[:6]:
+def test_truncated_frames_at_every_offset() -> None:
+    for _, raw in refpds_frames()[:6]:
         for cut in range(len(raw)):
             with pytest.raises(ProtocolError):
                 decode_frame(raw[:cut])

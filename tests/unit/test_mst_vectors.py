@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 from pathlib import Path
@@ -14,6 +13,7 @@ from protocol import mst
 from protocol.cid import cid_for_dag_cbor, cid_from_str, cid_to_str, read_varint, verify_block
 from protocol.errors import MissingBlock, MstError
 from protocol.mst import Op
+from tests.support.testdata import VECTORS, refpds_frames, refpds_repo_cars
 
 
 def _split_car(data: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
@@ -31,30 +31,30 @@ def _split_car(data: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
     return header["roots"], blocks
 
 
-def _fixtures(shared: Path) -> list[dict]:
-    cases = json.loads((shared / "interop/firehose/commit-proof-fixtures.json").read_text())
+def _fixtures() -> list[dict]:
+    cases = json.loads((VECTORS / "firehose/commit-proof-fixtures.json").read_text())
     assert len(cases) >= 6
     return cases
 
 
-def test_key_heights(shared: Path) -> None:
-    cases = json.loads((shared / "interop/mst/key_heights.json").read_text())
+def test_key_heights() -> None:
+    cases = json.loads((VECTORS / "mst/key_heights.json").read_text())
     assert cases
     for case in cases:
         assert mst.key_height(case["key"]) == case["height"], case
         assert mst.key_height(case["key"].encode()) == case["height"]
 
 
-def test_common_prefix(shared: Path) -> None:
-    cases = json.loads((shared / "interop/mst/common_prefix.json").read_text())
+def test_common_prefix() -> None:
+    cases = json.loads((VECTORS / "mst/common_prefix.json").read_text())
     assert cases
     for case in cases:
         assert mst.common_prefix_len(case["left"].encode(), case["right"].encode()) == case["len"], case
 
 
-def test_example_keys_heights(shared: Path) -> None:
+def test_example_keys_heights() -> None:
     # each key names its height: "C2/014073" has height 2
-    lines = (shared / "interop/mst/example_keys.txt").read_text().splitlines()
+    lines = (VECTORS / "mst/example_keys.txt").read_text().splitlines()
     keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     assert len(keys) >= 100
     for key in keys:
@@ -63,8 +63,8 @@ def test_example_keys_heights(shared: Path) -> None:
 
 
 @pytest.mark.parametrize("index", range(6))
-def test_commit_proof_fixture(shared: Path, index: int) -> None:
-    case = _fixtures(shared)[index]
+def test_commit_proof_fixture(index: int) -> None:
+    case = _fixtures()[index]
     leaf = cid_from_str(case["leafValue"])
     before, blocks = mst.build([(k, leaf) for k in case["keys"]])
     assert cid_to_str(before) == case["rootBeforeCommit"], case["comment"]
@@ -95,9 +95,13 @@ def test_commit_proof_fixture(shared: Path, index: int) -> None:
     assert after in needed
 
 
-@pytest.mark.parametrize("name", ["did_plc_jemy7635dj3u6657h4wbgvvr", "did_plc_m477wqzl7apqzdvgiq3vr254"])
-def test_reference_pds_repo(shared: Path, name: str) -> None:
-    roots, blocks = _split_car((shared / f"fixtures/reference-pds/repo-{name}.car").read_bytes())
+def test_reference_pds_repos_are_recorded() -> None:
+    assert len(refpds_repo_cars()) == 2
+
+
+@pytest.mark.parametrize("car", refpds_repo_cars(), ids=lambda path: path.stem)
+def test_reference_pds_repo(car: Path) -> None:
+    roots, blocks = _split_car(car.read_bytes())
     data = libipld.decode_dag_cbor(blocks[roots[0]])["data"]
     entries = list(mst.walk(blocks, data))
     assert entries and [k for k, _ in entries] == sorted(k for k, _ in entries)
@@ -111,21 +115,21 @@ def test_reference_pds_repo(shared: Path, name: str) -> None:
         assert mst.encode_node(mst.decode_node(block)) == block
 
 
-def _commits(shared: Path) -> list[tuple[int, dict]]:
+def _commits() -> list[tuple[int, dict]]:
     out = []
-    for line in (shared / "fixtures/reference-pds/pds-firehose-frames.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row, raw in refpds_frames():
         if row["t"] == "#commit":
-            _, body = libipld.decode_dag_cbor_multi(base64.b64decode(row["frame_b64"]))
+            _, body = libipld.decode_dag_cbor_multi(raw)
             if body["ops"]:
                 out.append((row["seq"], body))
     assert len(out) >= 10
     return out
 
 
-def test_reference_pds_commits_invert_to_prev_data(shared: Path) -> None:
+def test_reference_pds_commits_invert_to_prev_data() -> None:
     actions = set()
-    for seq, body in _commits(shared):
+    multi_op = 0
+    for seq, body in _commits():
         roots, blocks = _split_car(body["blocks"])
         data = libipld.decode_dag_cbor(blocks[roots[0]])["data"]
         ops = [Op(o["action"], o["path"], o["cid"], o.get("prev")) for o in body["ops"]]
@@ -137,20 +141,35 @@ def test_reference_pds_commits_invert_to_prev_data(shared: Path) -> None:
         # the same ops with one of them dropped no longer reproduce prevData
         if len(ops) > 1:
             assert mst.invert_ops(data, ops[1:], blocks) != body["prevData"]
+            multi_op += 1
     assert actions == {"create", "update", "delete"}
+    assert multi_op >= 1  # the recording has a commit of several ops (applyWrites)
 
 
-def test_reference_pds_commit_ops_inconsistent(shared: Path) -> None:
-    _, body = next((s, b) for s, b in _commits(shared) if b["ops"][0]["action"] == "update")
+def _absent_key_within_proof(blocks: dict[bytes, bytes], data: bytes, path: str) -> str:
+    """A key beside ``path`` that the commit's proof shows absent (not one whose subtree it lacks)."""
+    collection, rkey = path.split("/")
+    for key in (f"{collection}/{rkey}a", f"{collection}/{rkey[:-1]}", f"{collection}/a", "a/a"):
+        try:
+            if mst.get(blocks, data, key) is None:
+                return key
+        except MissingBlock:
+            continue
+    raise AssertionError(f"no key beside {path} is provably absent in this proof")
+
+
+def test_reference_pds_commit_ops_inconsistent() -> None:
+    _, body = next((s, b) for s, b in _commits() if b["ops"][0]["action"] == "update")
     roots, blocks = _split_car(body["blocks"])
     data = libipld.decode_dag_cbor(blocks[roots[0]])["data"]
     raw = body["ops"][0]
     other = cid_for_dag_cbor(b"\xa0")
+    absent = _absent_key_within_proof(blocks, data, raw["path"])
     bad = [
         [Op("update", raw["path"], other, raw["prev"])],  # current value is not cid
         [Op("create", raw["path"], other)],  # created value differs
         [Op("delete", raw["path"], None, raw["prev"])],  # deleted key still present
-        [Op("create", "app.bsky.feed.post/3zzzzzzzzzzzz", raw["cid"])],  # created key absent
+        [Op("create", absent, raw["cid"])],  # created key absent
         [Op("update", raw["path"], raw["cid"], None)],  # update without prev
         [Op("update", "no-slash", raw["cid"], raw["prev"])],  # invalid path
     ]

@@ -6,7 +6,6 @@ import json
 import random
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import libipld
 import pytest
@@ -25,6 +24,7 @@ from protocol.mst_node import encode_parts
 from protocol.repo_verify import record_proof_blocks, verify_record_proof, verify_repo
 from protocol.repo_writer import RepoWriter, Write
 from protocol.syntax import make_tid
+from tests.support.testdata import REFPDS_DID_DOCS, load_json, refpds_did_of, refpds_repo_cars
 
 DID = "did:plc:repoverifytest000000001"
 OTHER_DID = "did:plc:repoverifytest000000002"
@@ -33,7 +33,6 @@ PUB = KEY.public_key()
 WRONG = PrivateKey.from_bytes(K256, bytes(range(2, 34))).public_key()
 REV = make_tid(1_700_000_000_000_000, 0)
 COLLECTIONS = ["app.bsky.feed.post", "app.bsky.feed.like", "app.bsky.graph.follow", "com.example.thing"]
-REFERENCE = Path("fixtures") / "reference-pds"
 
 
 # -- building repos ---------------------------------------------------------------------
@@ -173,19 +172,19 @@ def repo() -> Repo:
 # -- valid repos ------------------------------------------------------------------------
 
 
-def _reference_repos(shared: Path) -> list[tuple[str, PublicKey, bytes]]:
-    docs = json.loads((shared / REFERENCE / "did-docs.json").read_text())
+def _reference_repos() -> list[tuple[str, PublicKey, bytes]]:
+    docs = load_json(REFPDS_DID_DOCS)
     out = []
-    for car_path in sorted((shared / REFERENCE).glob("repo-*.car")):
-        did = car_path.stem.removeprefix("repo-").replace("_", ":")
+    for car_path in refpds_repo_cars():
+        did = refpds_did_of(car_path)
         vm = next(v for v in docs[did]["verificationMethod"] if v["id"].endswith("#atproto"))
         out.append((did, parse_verification_method(vm), car_path.read_bytes()))
     assert len(out) == 2, "expected the two reference-PDS repo exports"
     return out
 
 
-def test_reference_pds_repos_verify(shared: Path) -> None:
-    for did, key, car in _reference_repos(shared):
+def test_reference_pds_repos_verify() -> None:
+    for did, key, car in _reference_repos():
         verified = verify_repo(car, did, key)
         parsed = read_car(car)
         assert verified.commit.did == did
@@ -196,8 +195,8 @@ def test_reference_pds_repos_verify(shared: Path) -> None:
         assert reason_of(car, did, WRONG) == "bad_signature"
 
 
-def test_reference_pds_record_proofs(shared: Path) -> None:
-    for did, key, car in _reference_repos(shared):
+def test_reference_pds_record_proofs() -> None:
+    for did, key, car in _reference_repos():
         verified = verify_repo(car, did, key)
         for path, cid in verified.records.items():
             proof = record_proof_blocks(verified.blocks, verified.commit_cid, path)
@@ -427,8 +426,8 @@ def test_garbage_is_bad_car(data: bytes) -> None:
     assert reason_of(data) == "bad_car"
 
 
-def test_truncated_reference_cars_fail_at_every_offset(shared: Path) -> None:
-    for did, key, car in _reference_repos(shared):
+def test_truncated_reference_cars_fail_at_every_offset() -> None:
+    for did, key, car in _reference_repos():
         for cut in range(len(car)):
             assert reason_of(car[:cut], did, key) in ("bad_car", "missing_block"), cut
 

@@ -10,6 +10,7 @@ import pytest
 
 from protocol import syntax
 from protocol.errors import SyntaxInvalid
+from tests.support.testdata import VECTORS
 
 # Vector file stem (before _syntax_ / _parse_) -> (validator, ensure function).
 VALIDATORS: dict[str, tuple[Callable[[str], bool], Callable[[str], str]]] = {
@@ -39,17 +40,17 @@ def read_cases(path: Path) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def test_every_vector_file_is_covered(shared: Path) -> None:
-    present = sorted(p.name for p in (shared / "interop" / "syntax").iterdir())
+def test_every_vector_file_is_covered() -> None:
+    present = sorted(p.name for p in (VECTORS / "syntax").iterdir())
     assert present == sorted(VECTOR_FILES)
 
 
 @pytest.mark.parametrize("name", VECTOR_FILES)
-def test_vector_file(shared: Path, name: str) -> None:
+def test_vector_file(name: str) -> None:
     kind, _group, outcome = name.removesuffix(".txt").split("_")
     is_valid, ensure = VALIDATORS[kind]
-    cases = read_cases(shared / "interop" / "syntax" / name)
-    catalog = json.loads((shared / "interop" / "catalog.json").read_text())
+    cases = read_cases(VECTORS / "syntax" / name)
+    catalog = json.loads((VECTORS / "catalog.json").read_text())
     expected_count = {f["path"]: f.get("cases") for f in catalog["files"]}[f"syntax/{name}"]
     assert len(cases) == expected_count, "vector file parsed into a different number of cases"
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from protocol.repo_writer import RepoWriter, Write
 from store.db import open_database
 from store.migrations import apply_migrations
 from tests.support import forge
+from tests.support.testdata import REFPDS_DID_DOCS, load_json, refpds_frame_seqs, refpds_frames, refpds_hostname
 
 HOST = HostContext(host_id=1, hostname="pds.example.com")
 DID = "did:plc:verifytestaccount0000001"
@@ -66,22 +65,21 @@ def dropped(verifier: Verifier, event: object, host: HostContext = HOST) -> str:
     return verdict.reason
 
 
-def test_reference_pds_frames_all_verify(shared: Path, cache: AccountCache) -> None:
-    fixtures = shared / "fixtures" / "reference-pds"
-    docs = json.loads((fixtures / "did-docs.json").read_text())
+def test_reference_pds_frames_all_verify(cache: AccountCache) -> None:
+    docs = load_json(REFPDS_DID_DOCS)
     identities = Identities()
     for did, doc in docs.items():
         vm = next(v for v in doc["verificationMethod"] if v["id"].endswith("#atproto"))
         endpoint = next(s for s in doc["service"] if s["id"].endswith("#atproto_pds"))["serviceEndpoint"]
         identities.docs[did] = Ident(parse_verification_method(vm).did_key(), endpoint)
     verifier = Verifier(identities, cache, VerifyLimits())
-    host = HostContext(1, "localhost:2583")
-    n = 0
-    for line in (fixtures / "pds-firehose-frames.jsonl").read_text().splitlines():
-        event = decode_frame(base64.b64decode(json.loads(line)["frame_b64"]))
+    host = HostContext(1, refpds_hostname())
+    seqs = []
+    for _, raw in refpds_frames():
+        event = decode_frame(raw)
         accept(verifier, event, host)
-        n += 1
-    assert n == 26
+        seqs.append(event.seq)
+    assert seqs == refpds_frame_seqs()
     assert identities.refreshes >= 4  # every #identity event refreshes the document
 
 
