@@ -19,6 +19,9 @@ from typing import Any
 import gevent
 import pykka
 
+from actors import tracing
+from actors.host_activity import HostActivity, HostLink
+from actors.host_events import host_changed
 from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, PersistEvent, SubscriberCrashed
 from actors.metrics import (
     ACCOUNTS_RESYNC,
@@ -51,9 +54,10 @@ class SubscriberConfig:
     max_failures: int = 8  # consecutive failed connections before the host is marked offline
     insecure: bool = False
     outbound: OutboundClient | None = None  # None: the default policy of ``insecure``
+    activity: HostActivity | None = None  # where connection state and last frames are shown (idle status)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> SubscriberConfig:
+    def from_settings(cls, settings: Settings, activity: HostActivity | None = None) -> SubscriberConfig:
         return cls(
             max_frame_bytes=settings.max_frame_bytes,
             max_ops=settings.max_commit_ops,
@@ -64,6 +68,7 @@ class SubscriberConfig:
             max_failures=settings.upstream_max_failures,
             insecure=settings.allow_insecure_hosts,
             outbound=OutboundClient.from_settings(settings),
+            activity=activity,
         )
 
 
@@ -139,6 +144,8 @@ class HostSubscriber(pykka.ThreadingActor):
         self._advanced = cursor  # the last cursor told to the sequencer
         self._last_yield = time.monotonic()
         self.connected = False
+        self._link = HostLink()  # replaced by the shared one on connection (config.activity)
+        self._failures = 0  # consecutive failed connections (restarts at 0 with the actor)
         self.stats = {"received": 0, "accepted": 0, "dropped": 0, "reconnects": 0}
 
     # -- actor life cycle ------------------------------------------------------------------------
@@ -173,12 +180,11 @@ class HostSubscriber(pykka.ThreadingActor):
             self.actor_ref.tell(SubscriberCrashed(repr(exc)))
 
     def _loop(self) -> None:
-        failures = 0
         while not self._stopping:
             good = self._session()
             if self._stopping:
                 return
-            failures = 0 if good else failures + 1
+            failures = self._failures = 0 if good else self._failures + 1
             self.stats["reconnects"] += 1
             if failures >= self.config.max_failures:
                 self.parent.tell(HostGaveUp(self.host.hostname, f"{failures} failed connections"))
@@ -204,14 +210,18 @@ class HostSubscriber(pykka.ThreadingActor):
         try:
             client.connect()
             self.connected = True
+            if self.config.activity is not None:
+                self._link = self.config.activity.connected(self.host.host_id)
             UPSTREAM_CONNECTED.inc()
             log.info("upstream connected host=%s cursor=%d", self.host.hostname, self.cursor)
+            if self._failures:
+                host_changed("reconnected", self.host.hostname, limited=False, failures=self._failures)
             pinger = gevent.spawn(self._ping_loop, client)
             while not self._stopping:
                 self._handle(client.recv())
         except WebSocketError as exc:
             UPSTREAM_RECONNECTS.labels(exc.reason).inc()
-            log.info("upstream disconnected host=%s reason=%s detail=%s", self.host.hostname, exc.reason, exc)
+            host_changed("disconnected", self.host.hostname, reason=exc.reason, detail=repr(str(exc)))
         except Reconnect as exc:
             UPSTREAM_RECONNECTS.labels("requested").inc()
             log.info("upstream reconnecting host=%s detail=%s", self.host.hostname, exc)
@@ -219,6 +229,8 @@ class HostSubscriber(pykka.ThreadingActor):
             if pinger is not None:
                 pinger.kill(block=False)
             if self.connected:
+                if self.config.activity is not None:
+                    self.config.activity.disconnected(self.host.host_id)
                 UPSTREAM_CONNECTED.dec()
                 self.connected = False
             client.close()
@@ -244,8 +256,9 @@ class HostSubscriber(pykka.ThreadingActor):
         log.info("event dropped host=%s reason=%s seq=%s did=%s %s", self.host.hostname, reason, seq, did, detail)
 
     def _handle(self, data: bytes) -> None:
-        received_at = time.time()
+        received_at = self._link.last_frame = time.time()
         self.stats["received"] += 1
+        trace = tracing.start_event() if tracing.ENABLED else None
         try:
             event = decode_frame(data, max_bytes=self.config.max_frame_bytes, max_ops=self.config.max_ops)
         except ProtocolError as exc:
@@ -272,7 +285,11 @@ class HostSubscriber(pykka.ThreadingActor):
             return
         self.cursor = event.seq
         self.bucket.wait()
+        if trace:
+            trace.mark()  # decoded (and rate-limited)
         verdict = self.verifier.check(event, self.host)
+        if trace:
+            trace.mark()  # verified
         if not isinstance(verdict, Accepted):
             self._drop(verdict.reason, event.seq, did, verdict.detail[:200])
             self._advance()
@@ -292,6 +309,8 @@ class HostSubscriber(pykka.ThreadingActor):
         self.stats["accepted"] += 1
         self._wait_for_room()
         frame = encode_frame(event, 0)
+        if trace:
+            tracing.event_handed_over(trace, self.host.host_id, self.host.hostname, event.seq, kind, did)
         self.sequencer.tell(PersistEvent(self.host.host_id, event.seq, kind, frame, verdict.account, received_at))
         now = time.monotonic()
         if now - self._last_yield >= YIELD_EVERY_SECONDS:  # let the sequencer and other hosts run

@@ -17,6 +17,7 @@ import peewee
 import pykka
 
 from actors.backoff import Backoff
+from actors.host_events import host_changed
 from actors.host_subscriber import HostSubscriber, SubscriberConfig
 from actors.messages import ChildFailed, GetTree, HostGaveUp, RestartChild, StartHost, StopHost
 from actors.metrics import CHILD_RESTARTS
@@ -27,6 +28,7 @@ from store.hosts import (
     HOST_OFFLINE,
     count_host_accounts,
     ensure_host,
+    get_host,
     save_account_counts,
     set_host_status,
 )
@@ -105,11 +107,15 @@ class HostSupervisor(pykka.ThreadingActor):
 
     def _start(self, hostname: str, *, reset: bool) -> None:
         if self.is_banned(hostname):
-            log.info("host not started: banned host=%s", hostname)
+            host_changed("blocked", hostname, reason="banned_domain")
             return
         with self.db.connection_context():
+            added = get_host(self.db, hostname) is None
             row = ensure_host(self.db, hostname, account_limit=self.default_account_limit)
+        if added:
+            host_changed("added", hostname, limited=False)
         if row.status == HOST_BANNED:
+            host_changed("blocked", hostname, reason="banned")
             return
         child = self.children.get(hostname)
         if child is not None and child.ref is not None and child.ref.is_alive():
@@ -159,7 +165,7 @@ class HostSupervisor(pykka.ThreadingActor):
             with self.db.connection_context():
                 row = ensure_host(self.db, hostname)
                 set_host_status(self.db, row.id, HOST_OFFLINE, error[:500])
-            log.warning("host offline host=%s error=%s retry_in=%.0fs", hostname, error, delay)
+            host_changed("offline", hostname, reason="failures", error=repr(error), retry_in_s=round(delay))
             CHILD_RESTARTS.labels("host_offline").inc()
         else:
             child.state = "restarting"

@@ -24,6 +24,7 @@ import gevent
 import pykka
 from prometheus_client import Counter, Gauge, Histogram
 
+from actors import tracing
 from actors.blocking import off_loop
 from actors.messages_mirror import (
     BackfillDone,
@@ -238,22 +239,31 @@ class RepoMirror(pykka.ThreadingActor):
 
     def _fetch(self, did: str, ident: Any) -> None:
         started = time.monotonic()
-        try:
-            if not ident.pds_endpoint:
-                raise ValueError("no PDS endpoint in the DID document")
-            cfg = self.config
-            limits = Limits(cfg.fetch_total_seconds, cfg.fetch_timeout_seconds, cfg.max_repo_bytes)
-            data = fetch_repo(self.outbound, ident.pds_endpoint, did, limits, self.carstore.directory)
-            key = load_did_key(ident.signing_key) if ident.signing_key else None
-            if key is None:
-                raise ValueError("no signing key in the DID document")
-            repo = off_loop(lambda: verify_repo(data, did, key, max_bytes=self.config.max_repo_bytes))
-            BACKFILL_SECONDS.observe(time.monotonic() - started)
-            self.actor_ref.tell(BackfillDone(did, repo, None))
-        except (OutboundError, OSError, ValueError, ProtocolError) as exc:
-            self.actor_ref.tell(BackfillDone(did, None, f"{type(exc).__name__}: {exc}"))
-        except pykka.ActorDeadError:
-            pass
+        with tracing.span("mirror.backfill", did=did, pds=ident.pds_endpoint) as backfill:
+            try:
+                if not ident.pds_endpoint:
+                    raise ValueError("no PDS endpoint in the DID document")
+                cfg = self.config
+                limits = Limits(cfg.fetch_total_seconds, cfg.fetch_timeout_seconds, cfg.max_repo_bytes)
+                with tracing.span("mirror.fetch", did=did) as fetch:
+                    data = fetch_repo(self.outbound, ident.pds_endpoint, did, limits, self.carstore.directory)
+                    if fetch is not None:
+                        fetch.set_attribute("bytes", len(data))
+                key = load_did_key(ident.signing_key) if ident.signing_key else None
+                if key is None:
+                    raise ValueError("no signing key in the DID document")
+                with tracing.span("mirror.verify", did=did) as verify:
+                    repo = off_loop(lambda: verify_repo(data, did, key, max_bytes=self.config.max_repo_bytes))
+                    if verify is not None:
+                        verify.set_attribute("rev", repo.commit.rev)
+                BACKFILL_SECONDS.observe(time.monotonic() - started)
+                self.actor_ref.tell(BackfillDone(did, repo, None))
+            except (OutboundError, OSError, ValueError, ProtocolError) as exc:
+                if backfill is not None:
+                    backfill.set_attribute("error", type(exc).__name__)
+                self.actor_ref.tell(BackfillDone(did, None, f"{type(exc).__name__}: {exc}"))
+            except pykka.ActorDeadError:
+                pass
 
     def _backfilled(self, done: BackfillDone) -> None:
         self._active.pop(done.did, None)
@@ -317,6 +327,7 @@ class RepoMirror(pykka.ThreadingActor):
             pass
 
     # -- compaction ---------------------------------------------------------------------------
+    @tracing.traced("mirror.compact")
     def _compact(self, limit: int) -> None:
         self._flush()
         dids = off_loop(lambda: self.carstore.accounts_needing_compaction(self.config.compaction_min_slices, limit))

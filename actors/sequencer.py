@@ -18,6 +18,7 @@ import libipld
 import peewee
 import pykka
 
+from actors import tracing
 from actors.accounts import AccountState
 from actors.blocking import off_loop
 from actors.messages import AdvanceCursor, FlushBatch, PersistEvent, Tick, WriteBehind
@@ -120,6 +121,8 @@ class Sequencer(pykka.ThreadingActor):
             out.append((seq, frame))
         self.log.append(records)
         off_loop(self.log.sync)
+        if tracing.ENABLED:
+            tracing.events_durable(batch, self._last_seq + 1, now)
         self._last_seq = seq
         # an account status change is written through before it is announced, so the read API
         # (which checks SQL) never serves a repo the firehose has already said is taken down

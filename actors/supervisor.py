@@ -22,6 +22,7 @@ from actors.accounts import AccountCache
 from actors.backoff import Backoff
 from actors.broadcaster import Broadcaster, ConsumerRegistry
 from actors.crawl import is_banned
+from actors.host_activity import HostActivity
 from actors.host_subscriber import SubscriberConfig
 from actors.host_supervisor import HostSupervisor
 from actors.identity import IdentityDirectory, IdentityResolver
@@ -93,6 +94,7 @@ class RelaySupervisor:
             outbound=self.outbound,
         )
         self.accounts = AccountCache(db)
+        self.activity = HostActivity()  # connected hosts and their last frames (the idle host status)
         self.verifier = Verifier(
             self.directory,
             self.accounts,
@@ -144,7 +146,7 @@ class RelaySupervisor:
                 db=self.db,
                 verifier=self.verifier,
                 sequencer=self.sequencer,
-                config=SubscriberConfig.from_settings(self.settings),
+                config=SubscriberConfig.from_settings(self.settings, self.activity),
                 offline_retry_seconds=self.settings.offline_retry_seconds,
                 default_account_limit=self.settings.default_host_account_limit,
                 default_events_per_second=self.settings.default_host_events_per_second,

@@ -119,6 +119,13 @@ class Settings:
     outbound_dns_server: str = ""
     # longest one whole-repo backfill download (getRepo) may take, in seconds
     backfill_fetch_total_seconds: float = 900.0
+    # -- observability (issue 10: traces, metrics listener, host status) --
+    # HOST:PORT of a separate listener for /metrics only; empty: /metrics on the main listener
+    metrics_bind: str = ""
+    # share of upstream events given a trace when tracing is on (OTEL_TRACES_EXPORTER=otlp), above 0, at most 1
+    trace_events_ratio: float = 0.001
+    # seconds without an upstream event before a connected host shows as "idle" in getHostStatus/listHosts
+    host_idle_status_seconds: float = 600.0
 
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'relay.sqlite'}"
@@ -128,6 +135,13 @@ class Settings:
 
     def bind_host_port(self) -> tuple[str, int]:
         host, _, port = self.bind.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+    def metrics_host_port(self) -> tuple[str, int] | None:
+        """Where the separate metrics listener binds, or None (``/metrics`` on the main listener)."""
+        if not self.metrics_bind:
+            return None
+        host, _, port = self.metrics_bind.rpartition(":")
         return host.strip("[]") or "0.0.0.0", int(port)
 
     def public_dict(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
+from actors import tracing
 from actors.messages_mirror import RequestResync
 from protocol.syntax import is_valid_did
 from web.xrpc_errors import XrpcError
@@ -33,6 +34,7 @@ def admin_blueprint(*, password: str, mirror: Any, tree: Callable[[], Any] | Non
             raise XrpcError("AuthRequired", "admin credentials required", 401)
 
     @bp.post("/admin/repo/resync")
+    @tracing.traced("admin.repo_resync")
     def resync() -> Any:
         body = request.get_json(silent=True)
         did = body.get("did") if isinstance(body, dict) else None
@@ -45,6 +47,7 @@ def admin_blueprint(*, password: str, mirror: Any, tree: Callable[[], Any] | Non
         return jsonify({"did": did, "queued": True})
 
     @bp.get("/admin/tree")
+    @tracing.traced("admin.tree")
     def actor_tree() -> Any:
         if tree is None:
             raise XrpcError("MethodNotImplemented", "no actor tree available", 501)

@@ -5,23 +5,23 @@ from __future__ import annotations
 import gc
 import logging
 import signal
-from typing import Any
 
 import gevent
 import gevent.event
-from flask import Blueprint, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from flask import Blueprint
 
+from actors import tracing
 from actors.supervisor import RelaySupervisor
 from config.logs import configure_logging
 from config.settings import Settings
+from config.tracing import TracingConfig
 from store.db import open_database, ping
 from store.migrations import apply_migrations
 from web.admin_api import admin_blueprint
 from web.app import create_app
 from web.firehose import firehose_blueprint, pre_upgrade_hook
 from web.httpserver import HttpLimits, RelayWSGIServer
+from web.metrics import metrics_blueprint, start_metrics_server
 from web.xrpc_repo import repo_blueprint
 from web.xrpc_sync import sync_blueprint
 
@@ -41,18 +41,8 @@ class Services:
             return ping(self.db)
 
     def blueprints(self) -> list[Blueprint]:
-        metrics = Blueprint("metrics", __name__)
-
         multiprocess = self.settings.ingest_workers > 0
-
-        @metrics.get("/metrics")
-        def prometheus() -> Any:
-            if multiprocess:  # sum what the relay and its ingest workers recorded
-                registry = CollectorRegistry()
-                MultiProcessCollector(registry)
-                return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
-            return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
-
+        metrics = [] if self.settings.metrics_bind else [metrics_blueprint(multiprocess)]
         return [
             firehose_blueprint(
                 self.relay.event_log,
@@ -69,6 +59,7 @@ class Services:
                 crawl_requests_per_minute=self.settings.crawl_requests_per_minute,
                 max_hosts=self.settings.max_hosts,
                 outbound=self.relay.outbound,
+                is_idle=lambda host_id: self.relay.activity.is_idle(host_id, self.settings.host_idle_status_seconds),
             ),
             repo_blueprint(db=self.db, carstore=self.relay.carstore),
             admin_blueprint(
@@ -76,13 +67,22 @@ class Services:
                 mirror=self.relay.mirror if self.relay.carstore is not None else None,
                 tree=self.relay.tree,
             ),
-            metrics,
+            *metrics,
         ]
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, tracing_config: TracingConfig | None = None) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until an essential actor dies (exit 1)."""
     configure_logging(settings.log_level, settings.log_format)
+    if tracing_config is not None and tracing_config.enabled:
+        tracing.setup(tracing_config)
+        log.info(
+            "tracing on endpoint=%s service=%s sampler=%s events_ratio=%g",
+            tracing_config.endpoint,
+            tracing_config.service_name,
+            tracing_config.sampler,
+            tracing_config.events_ratio,
+        )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = open_database(settings.effective_database_url())
     apply_migrations(db)
@@ -96,6 +96,8 @@ def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(sig, stop.set)
     server.start()
+    metrics_at = settings.metrics_host_port()
+    metrics_server = start_metrics_server(*metrics_at, multiprocess=settings.ingest_workers > 0) if metrics_at else None
     gc.freeze()  # long-lived start-up objects out of the cyclic GC's way (see HACKING.md)
     log.info("relay listening bind=%s:%d", host, server.server_port)
     status = relay.wait(stop)
@@ -104,5 +106,8 @@ def serve(settings: Settings) -> int:
     else:
         log.info("relay stopping")
     server.stop(timeout=5)
+    if metrics_server is not None:
+        metrics_server.stop(timeout=1)
     relay.stop()
+    tracing.shutdown()  # exports the spans still pending
     return status
