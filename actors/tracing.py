@@ -31,6 +31,7 @@ from config.tracing import TracingConfig
 
 ENABLED = False  # read on hot paths: keep it a plain module global
 MAX_IN_FLIGHT = 1000
+EXPORT_TIMEOUT_SECONDS = 10.0  # one OTLP export request (spans are dropped, never retried forever)
 STAGES = ("decode", "verify", "sequence", "durable", "broadcast")
 
 _tracer: Any = None
@@ -70,11 +71,31 @@ def setup(config: TracingConfig, *, exporter: Any = None) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}), sampler=_sampler(config))
+    # every option is passed explicitly: the SDK reads the environment only for what it is not given
+    provider = TracerProvider(resource=Resource({"service.name": config.service_name}), sampler=_sampler(config))
     if exporter is None:
+        import requests
+        from opentelemetry.exporter.otlp.proto.http import Compression
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.endpoint)))
+        session = requests.Session()
+        session.trust_env = False  # no proxy from the environment, as for every other outbound call
+        otlp = OTLPSpanExporter(
+            endpoint=config.endpoint,
+            headers={},
+            timeout=EXPORT_TIMEOUT_SECONDS,
+            compression=Compression.NoCompression,
+            session=session,
+        )
+        provider.add_span_processor(
+            BatchSpanProcessor(
+                otlp,
+                max_queue_size=2048,
+                schedule_delay_millis=5000,
+                max_export_batch_size=512,
+                export_timeout_millis=int(EXPORT_TIMEOUT_SECONDS * 1000),
+            )
+        )
     else:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     _provider, _tracer = provider, provider.get_tracer("skyrelay")

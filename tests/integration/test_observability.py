@@ -127,3 +127,21 @@ def test_a_connected_silent_host_is_idle_until_it_sends_again(tmp_path: Path, pl
         wait_until(send_and_check, 30, "the host to be active again while it sends", interval=0.1)
     finally:
         assert relay.stop() == 0, relay.log()
+
+
+def test_bench_tracing_runs_and_prints_every_row() -> None:
+    import subprocess
+    import sys
+
+    from tests.support.procs import REPO_ROOT
+
+    out = subprocess.run(
+        [sys.executable, "scripts/bench_tracing.py", "--events", "2000", "--repeat", "1"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    for row in ("baseline (no hooks)", "off (default)", "on, ratio 0.001", "on, ratio 0.01", "on, ratio 1"):
+        assert row in out
