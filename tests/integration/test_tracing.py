@@ -276,3 +276,25 @@ def test_backfill_fetch_and_verification_are_spans(
     assert (verify.attributes or {})["rev"] == writer.rev
     assert (failed.attributes or {})["error"] == "BadStatus"
     assert not [s for s in named(spans, "mirror.verify") if parent_id(s) == failed.context.span_id]
+
+
+class _CompactingStore(_Store):
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.compacted: list[str] = []
+
+    def accounts_needing_compaction(self, min_slices: int, limit: int) -> list[str]:
+        return ["did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb"]
+
+    def compact(self, did: str) -> None:
+        with tracing.span("carstore.compact_one", did=did):  # stands for work done inside the run
+            self.compacted.append(did)
+
+
+def test_a_compaction_run_is_one_span(spans: InMemorySpanExporter, tmp_path: Path) -> None:
+    store = _CompactingStore(tmp_path)
+    RepoMirror(store, None, MirrorConfig(), outbound=OutboundClient.for_settings(True))._compact(10)  # type: ignore[arg-type]
+    assert len(store.compacted) == 2
+    (run,) = named(spans, "mirror.compact")
+    inner = named(spans, "carstore.compact_one")
+    assert len(inner) == 2 and all(parent_id(s) == run.context.span_id for s in inner)
