@@ -2,7 +2,8 @@
 
 Over a local socket pair, each message is a 4-byte big-endian length and a DAG-CBOR list
 ``[kind, payload]``. Worker -> relay: ``events`` (batches of verified events with their
-account state), ``cursors`` (upstream progress), ``tree`` (a reply). Relay -> worker:
+account state), ``traces`` (timings of a coming batch's sampled events, see ``actors.tracing``),
+``cursors`` (upstream progress), ``tree`` (a reply). Relay -> worker:
 ``start_host``, ``stop_host``, ``get_tree``. Socket backpressure is the flow control: the
 relay stops reading a worker while its sequencer is full, the worker's sends then block,
 and its subscribers stop reading their hosts.

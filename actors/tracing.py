@@ -11,8 +11,9 @@ crosses the actors (subscriber: decode, verify; sequencer: sequence, durable; br
 broadcast), keyed by (host id, upstream seq) and then by relay seq; the broadcaster's hook
 emits the whole span tree at once with those start and end times (``upstream.event`` with a
 child span per stage). In-flight samples are bounded (``MAX_IN_FLIGHT``; oldest forgotten).
-Events verified in ingest worker processes are not traced (the samples would have to cross
-the process link).
+With ingest workers, a worker samples and times its events (``setup_sampling_only``) and
+sends the samples of each batch over the link just before the batch (``take_samples``); the
+relay process ``adopt``s them and goes on as for its own.
 
 Other spans (``span`` / ``traced``) are ordinary current-context spans: XRPC requests
 (``web.tracing``), admin operations, mirror backfills with their fetch and verification, and
@@ -104,6 +105,44 @@ def setup(config: TracingConfig, *, exporter: Any = None) -> None:
     _by_upstream.clear()
     _by_seq.clear()
     ENABLED = True
+
+
+def setup_sampling_only(config: TracingConfig) -> None:
+    """An ingest worker: sample and time events like ``setup``, but export nothing itself.
+
+    Its samples are taken with ``take_samples`` and sent to the relay process, which ``adopt``s them.
+    """
+    global ENABLED, _every, _countdown
+    if not config.enabled:
+        return
+    _every = round(1 / config.events_ratio) if config.events_ratio > 0 else 0
+    _countdown = _every
+    ENABLED = True
+
+
+def take_samples(batch: Sequence[Any]) -> list[list[Any]]:
+    """The samples of ``batch``'s events (``PersistEvent``s), removed, as plain values for the link."""
+    if not _by_upstream:
+        return []
+    out = []
+    for item in batch:
+        trace = _by_upstream.pop((item.host_id, item.upstream_seq), None)
+        if trace is not None:
+            out.append([item.host_id, item.upstream_seq, trace.marks, trace.attrs])
+    return out
+
+
+def adopt(samples: Sequence[Sequence[Any]]) -> None:
+    """Samples from an ingest worker (``take_samples``), before their events reach the sequencer."""
+    if not ENABLED:
+        return
+    for host_id, upstream_seq, marks, attrs in samples:
+        trace = EventTrace(int(marks[0]))
+        trace.marks = [int(m) for m in marks]
+        trace.attrs = dict(attrs)
+        if len(_by_upstream) >= MAX_IN_FLIGHT:
+            _by_upstream.pop(next(iter(_by_upstream)))
+        _by_upstream[(int(host_id), int(upstream_seq))] = trace
 
 
 def shutdown() -> None:

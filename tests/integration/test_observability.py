@@ -8,6 +8,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from protocol.crypto import PrivateKey
 from protocol.frames import encode_frame
 from protocol.repo_writer import RepoWriter, Write
@@ -37,8 +39,9 @@ def post(i: int) -> Write:
     return Write("create", f"app.bsky.feed.post/3k{i:011d}", {"$type": "app.bsky.feed.post", "text": f"post {i}"})
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-workers"])
 def test_traces_reach_an_otlp_receiver_and_metrics_have_their_own_listener(
-    tmp_path: Path, plc: FakePlc, host: FrameHost
+    tmp_path: Path, plc: FakePlc, host: FrameHost, workers: int
 ) -> None:
     metrics_port = free_port()
     with OtlpReceiver() as receiver:
@@ -53,6 +56,7 @@ def test_traces_reach_an_otlp_receiver_and_metrics_have_their_own_listener(
                 "SKYRELAY_TRACE_EVENTS_RATIO": "1",
                 "SKYRELAY_LOG_FORMAT": "json",
                 "SKYRELAY_METRICS_BIND": f"127.0.0.1:{metrics_port}",
+                "SKYRELAY_INGEST_WORKERS": str(workers),  # samples then cross the worker link
             },
         ).start()
         try:
