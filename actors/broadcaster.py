@@ -26,6 +26,7 @@ from typing import Any
 import pykka
 from prometheus_client import Counter, Gauge
 
+from actors import tracing
 from actors.messages_broadcast import Broadcast
 
 log = logging.getLogger(__name__)
@@ -273,6 +274,8 @@ class Broadcaster(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Broadcast):
             fan_out(self.registry, message.events)
+            if tracing.ENABLED:
+                tracing.events_broadcast(message.events)
             # Let the consumer writers run: gevent.sleep(0) once monkey-patched, a GIL yield otherwise.
             time.sleep(0)
             return None

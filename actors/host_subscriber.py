@@ -20,6 +20,9 @@ from typing import Any
 import gevent
 import pykka
 
+from actors import tracing
+from actors.host_activity import HostActivity, HostLink
+from actors.host_events import host_changed
 from actors.host_progress import HostProgress
 from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, PersistEvent, SubscriberCrashed
 from actors.messages_control import SetSubscriberLimits, unknown_message
@@ -38,6 +41,7 @@ from actors.wsclient import WebSocketClient, WebSocketError
 from config.settings import Settings
 from protocol.errors import ProtocolError
 from protocol.frames import ErrorFrame, InfoEvent, decode_frame, encode_frame, event_type, peek_seq
+from store.db import TRANSIENT_DB_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +60,10 @@ class SubscriberConfig:
     insecure: bool = False
     outbound: OutboundClient | None = None  # None: the default policy of ``insecure``
     stall_seconds: float = 60.0  # the supervisor reconnects a host whose reader is stuck on one frame this long
+    activity: HostActivity | None = None  # where connection state and last frames are shown (idle status)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> SubscriberConfig:
+    def from_settings(cls, settings: Settings, activity: HostActivity | None = None) -> SubscriberConfig:
         return cls(
             max_frame_bytes=settings.max_frame_bytes,
             max_ops=settings.max_commit_ops,
@@ -70,6 +75,7 @@ class SubscriberConfig:
             insecure=settings.allow_insecure_hosts,
             outbound=OutboundClient.from_settings(settings),
             stall_seconds=settings.host_stall_seconds,
+            activity=activity,
         )
 
 
@@ -124,6 +130,8 @@ class HostSubscriber(pykka.ThreadingActor):
         self.connected = False
         self.progress = progress if progress is not None else HostProgress()
         self._bug_logged: dict[str, float] = {}  # reason -> monotonic time of its last traceback
+        self._link = HostLink()  # replaced by the shared one on connection (config.activity)
+        self._failures = 0  # consecutive failed connections (restarts at 0 with the actor)
         self.stats = {"received": 0, "accepted": 0, "dropped": 0, "reconnects": 0}
 
     # -- actor life cycle ------------------------------------------------------------------------
@@ -166,12 +174,11 @@ class HostSubscriber(pykka.ThreadingActor):
             self.actor_ref.tell(SubscriberCrashed(repr(exc)))
 
     def _loop(self) -> None:
-        failures = 0
         while not self._stopping:
             good = self._session()
             if self._stopping:
                 return
-            failures = 0 if good else failures + 1
+            failures = self._failures = 0 if good else self._failures + 1
             self.stats["reconnects"] += 1
             if failures >= self.config.max_failures:
                 self.parent.tell(HostGaveUp(self.host.hostname, f"{failures} failed connections"))
@@ -202,8 +209,12 @@ class HostSubscriber(pykka.ThreadingActor):
                 self.cursor = start_cursor = 0
                 self._advance(force=True)
             self.connected = True
+            if self.config.activity is not None:
+                self._link = self.config.activity.connected(self.host.host_id)
             UPSTREAM_CONNECTED.inc()
             log.info("upstream connected host=%s cursor=%d", self.host.hostname, self.cursor)
+            if self._failures:
+                host_changed("reconnected", self.host.hostname, limited=False, failures=self._failures)
             pinger = gevent.spawn(self._ping_loop, client)
             while not self._stopping:
                 data = client.recv()
@@ -214,7 +225,7 @@ class HostSubscriber(pykka.ThreadingActor):
                     self.progress.done()
         except WebSocketError as exc:
             UPSTREAM_RECONNECTS.labels(exc.reason).inc()
-            log.info("upstream disconnected host=%s reason=%s detail=%s", self.host.hostname, exc.reason, exc)
+            host_changed("disconnected", self.host.hostname, reason=exc.reason, detail=repr(str(exc)))
         except Reconnect as exc:
             UPSTREAM_RECONNECTS.labels("requested").inc()
             log.info("upstream reconnecting host=%s detail=%s", self.host.hostname, exc)
@@ -222,6 +233,8 @@ class HostSubscriber(pykka.ThreadingActor):
             if pinger is not None:
                 pinger.kill(block=False)
             if self.connected:
+                if self.config.activity is not None:
+                    self.config.activity.disconnected(self.host.host_id)
                 UPSTREAM_CONNECTED.dec()
                 self.connected = False
             client.close()
@@ -256,8 +269,9 @@ class HostSubscriber(pykka.ThreadingActor):
         self._drop(reason, seq, did, f"{type(exc).__name__}: {str(exc)[:160]}")
 
     def _handle(self, data: bytes) -> None:
-        received_at = time.time()
+        received_at = self._link.last_frame = time.time()
         self.stats["received"] += 1
+        trace = tracing.start_event() if tracing.ENABLED else None
         try:
             event = decode_frame(data, max_bytes=self.config.max_frame_bytes, max_ops=self.config.max_ops)
         except ProtocolError as exc:
@@ -291,13 +305,19 @@ class HostSubscriber(pykka.ThreadingActor):
             return
         self.progress.enter("rate_limit")
         self.bucket.wait()
+        if trace:
+            trace.mark()  # decoded (and rate-limited)
         self.progress.enter("verify")
         try:
             verdict = self.verifier.check(event, self.host)
+        except TRANSIENT_DB_ERRORS:
+            raise  # the database is down past the retry policy: crash, restart, read this frame again
         except Exception as exc:  # a verifier bug on this event: dropped, the host goes on
             self._bug("verify_error", event.seq, did, exc)
             self._skip_past(event.seq)
             return
+        if trace:
+            trace.mark()  # verified
         if not isinstance(verdict, Accepted):
             self._drop(verdict.reason, event.seq, did, verdict.detail[:200])
             self._skip_past(event.seq)
@@ -320,6 +340,8 @@ class HostSubscriber(pykka.ThreadingActor):
         self.verifier.accounts.put(verdict.account)
         self.stats["accepted"] += 1
         frame = encode_frame(event, 0)
+        if trace:
+            tracing.event_handed_over(trace, self.host.host_id, self.host.hostname, event.seq, kind, did)
         self.sequencer.tell(PersistEvent(self.host.host_id, event.seq, kind, frame, verdict.account, received_at))
         # only now is the event processed: a reader stopped before this point (shutdown, a stall
         # restart) leaves the cursor before it, so the event is read again, never skipped

@@ -25,6 +25,7 @@ import pykka
 
 from actors.backoff import Backoff, RetryPolicy, retry
 from actors.blocking import off_loop
+from actors.host_events import host_changed
 from actors.host_progress import HOST_STALLS, HostProgress
 from actors.host_subscriber import HostSubscriber, SubscriberConfig
 from actors.messages import CheckProgress, ChildFailed, GetTree, HostGaveUp, RestartChild, StartHost, StopHost
@@ -44,6 +45,7 @@ from store.hosts import (
     HOST_OFFLINE,
     count_host_accounts,
     ensure_host,
+    get_host,
     save_account_counts,
     set_host_status,
 )
@@ -177,10 +179,19 @@ class HostSupervisor(pykka.ThreadingActor):
 
     def _start(self, hostname: str, *, reset: bool) -> None:
         if self._db("host_start", lambda: self.is_banned(hostname)):
-            log.info("host not started: banned host=%s", hostname)
+            host_changed("blocked", hostname, reason="banned_domain")
             return
-        row = self._db("host_start", lambda: ensure_host(self.db, hostname, account_limit=self.default_account_limit))
+
+        def ensure() -> tuple[bool, Any]:
+            with self.db.connection_context():
+                added = get_host(self.db, hostname) is None
+                return added, ensure_host(self.db, hostname, account_limit=self.default_account_limit)
+
+        added, row = self._db("host_start", ensure)
+        if added:
+            host_changed("added", hostname, limited=False)
         if row.status == HOST_BANNED:
+            host_changed("blocked", hostname, reason="banned")
             return
         child = self.children.get(hostname)
         if child is not None and child.ref is not None and child.ref.is_alive():
@@ -260,7 +271,7 @@ class HostSupervisor(pykka.ThreadingActor):
                 set_host_status(self.db, row.id, HOST_OFFLINE, error[:500])
 
             self._db("host_offline", park)
-            log.warning("host offline host=%s error=%s retry_in=%.0fs", hostname, error, delay)
+            host_changed("offline", hostname, reason="failures", error=repr(error), retry_in_s=round(delay))
             CHILD_RESTARTS.labels("host_offline").inc()
         else:
             child.state = "restarting"

@@ -24,6 +24,7 @@ import gevent.event
 import gevent.lock
 from prometheus_client.multiprocess import mark_process_dead
 
+from actors import tracing
 from actors.backoff import Backoff
 from actors.ingest_link import LinkClosed, decode_cursors, decode_events, recv_message, send_message
 from actors.messages import GetTree, StartHost, StopHost, WriteBehind
@@ -174,6 +175,8 @@ class IngestPool:
                         gevent.sleep(0.002)
                     for event in decode_events(payload):
                         self.sequencer.tell(event)
+                elif kind == "traces":
+                    tracing.adopt(payload)
                 elif kind == "cursors":
                     for cursor in decode_cursors(payload):
                         self.sequencer.tell(cursor)

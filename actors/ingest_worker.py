@@ -24,6 +24,7 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 import pykka  # noqa: E402
 
+from actors import tracing  # noqa: E402
 from actors.accounts import AccountCache  # noqa: E402
 from actors.backoff import RetryPolicy  # noqa: E402
 from actors.crawl import is_banned  # noqa: E402
@@ -44,6 +45,7 @@ from actors.stack_dump import install_stack_dump  # noqa: E402
 from actors.verify import Verifier, VerifyLimits  # noqa: E402
 from config.logs import configure_logging  # noqa: E402
 from config.settings import Settings, settings_from_json  # noqa: E402
+from config.tracing import load_tracing_config  # noqa: E402
 from store.db import open_database  # noqa: E402
 from store.hosts import banned_domains  # noqa: E402
 
@@ -93,6 +95,8 @@ class RemoteSequencer:
         # events first, then cursors: a cursor never overtakes the events before it
         while self.pending:
             batch, self.pending = self.pending[:BATCH_EVENTS], self.pending[BATCH_EVENTS:]
+            if tracing.ENABLED and (samples := tracing.take_samples(batch)):
+                send_message(self.sock, "traces", samples)  # before their events: the relay adopts them first
             send_message(self.sock, "events", encode_events(batch))
         if self.cursors:
             cursors, self.cursors = self.cursors, []
@@ -102,6 +106,7 @@ class RemoteSequencer:
 def run(settings: Settings, sock: socket.socket, index: int) -> int:
     configure_logging(settings.log_level, settings.log_format)
     install_stack_dump()
+    tracing.setup_sampling_only(load_tracing_config(settings))  # the relay checked the same variables
     db = open_database(settings.effective_database_url())
     retry_policy = RetryPolicy(give_up_after_seconds=settings.infra_retry_seconds)
     directory = IdentityDirectory(

@@ -24,6 +24,7 @@ import gevent
 import pykka
 from prometheus_client import Counter, Gauge, Histogram
 
+from actors import tracing
 from actors.backoff import RetryPolicy, retry
 from actors.blocking import off_loop
 from actors.messages_control import unknown_message
@@ -266,25 +267,34 @@ class RepoMirror(pykka.ThreadingActor):
         """Fetch and verify ``did``'s repo; always answers ``BackfillDone``, which gives the slot back."""
         started = time.monotonic()
         done = BackfillDone(did, None, "interrupted")
-        try:
-            if not ident.pds_endpoint:
-                raise ValueError("no PDS endpoint in the DID document")
-            cfg = self.config
-            limits = Limits(cfg.fetch_total_seconds, cfg.fetch_timeout_seconds, cfg.max_repo_bytes)
-            data = fetch_repo(self.outbound, ident.pds_endpoint, did, limits, self.carstore.directory)
-            key = load_did_key(ident.signing_key) if ident.signing_key else None
-            if key is None:
-                raise ValueError("no signing key in the DID document")
-            repo = off_loop(lambda: verify_repo(data, did, key, max_bytes=self.config.max_repo_bytes))
-            BACKFILL_SECONDS.observe(time.monotonic() - started)
-            done = BackfillDone(did, repo, None)
-        except (OutboundError, OSError, ValueError, ProtocolError) as exc:
-            done = BackfillDone(did, None, f"{type(exc).__name__}: {exc}")
-        except Exception as exc:  # a bug or an unforeseen failure: still a failed backfill, never a lost slot
-            log.exception("mirror backfill raised did=%s", did)
-            done = BackfillDone(did, None, f"{type(exc).__name__}: {exc}")
-        finally:
-            self._tell_quietly(done)
+        with tracing.span("mirror.backfill", did=did, pds=ident.pds_endpoint) as backfill:
+            try:
+                if not ident.pds_endpoint:
+                    raise ValueError("no PDS endpoint in the DID document")
+                cfg = self.config
+                limits = Limits(cfg.fetch_total_seconds, cfg.fetch_timeout_seconds, cfg.max_repo_bytes)
+                with tracing.span("mirror.fetch", did=did) as fetch:
+                    data = fetch_repo(self.outbound, ident.pds_endpoint, did, limits, self.carstore.directory)
+                    if fetch is not None:
+                        fetch.set_attribute("bytes", len(data))
+                key = load_did_key(ident.signing_key) if ident.signing_key else None
+                if key is None:
+                    raise ValueError("no signing key in the DID document")
+                with tracing.span("mirror.verify", did=did) as verify:
+                    repo = off_loop(lambda: verify_repo(data, did, key, max_bytes=self.config.max_repo_bytes))
+                    if verify is not None:
+                        verify.set_attribute("rev", repo.commit.rev)
+                BACKFILL_SECONDS.observe(time.monotonic() - started)
+                done = BackfillDone(did, repo, None)
+            except (OutboundError, OSError, ValueError, ProtocolError) as exc:
+                if backfill is not None:
+                    backfill.set_attribute("error", type(exc).__name__)
+                done = BackfillDone(did, None, f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # a bug or an unforeseen failure: still a failed backfill, never a lost slot
+                log.exception("mirror backfill raised did=%s", did)
+                done = BackfillDone(did, None, f"{type(exc).__name__}: {exc}")
+            finally:
+                self._tell_quietly(done)
 
     def _backfilled(self, done: BackfillDone) -> None:
         self._active.pop(done.did, None)
@@ -348,6 +358,7 @@ class RepoMirror(pykka.ThreadingActor):
             pass
 
     # -- compaction ---------------------------------------------------------------------------
+    @tracing.traced("mirror.compact")
     def _compact(self, limit: int) -> None:
         self._flush()
         dids = off_loop(lambda: self.carstore.accounts_needing_compaction(self.config.compaction_min_slices, limit))

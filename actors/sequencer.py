@@ -28,6 +28,7 @@ import libipld
 import peewee
 import pykka
 
+from actors import tracing
 from actors.accounts import AccountState
 from actors.backoff import RetryPolicy, retry
 from actors.blocking import off_loop
@@ -229,6 +230,8 @@ class Sequencer(pykka.ThreadingActor):
             records.append(LogRecord(seq, now, item.host_id, item.upstream_seq, frame))
             out.append((seq, frame))
         self._append_durably(records)
+        if tracing.ENABLED:
+            tracing.events_durable(batch, self._last_seq + 1, now)
         self._last_seq = seq
         # an account status change is written through before it is announced, so the read API
         # (which checks SQL) never serves a repo the firehose has already said is taken down

@@ -24,6 +24,7 @@ from actors.accounts import AccountCache
 from actors.backoff import Backoff, RetryPolicy
 from actors.broadcaster import Broadcaster, ConsumerRegistry
 from actors.crawl import is_banned
+from actors.host_activity import HostActivity
 from actors.host_subscriber import SubscriberConfig
 from actors.host_supervisor import HostSupervisor
 from actors.identity import IdentityDirectory, IdentityResolver
@@ -97,6 +98,7 @@ class RelaySupervisor:
             outbound=self.outbound,
         )
         self.accounts = AccountCache(db, retry_policy=self.retry_policy)
+        self.activity = HostActivity()  # connected hosts and their last frames (the idle host status)
         self.verifier = Verifier(
             self.directory,
             self.accounts,
@@ -150,7 +152,7 @@ class RelaySupervisor:
                 db=self.db,
                 verifier=self.verifier,
                 sequencer=self.sequencer,
-                config=SubscriberConfig.from_settings(self.settings),
+                config=SubscriberConfig.from_settings(self.settings, self.activity),
                 offline_retry_seconds=self.settings.offline_retry_seconds,
                 default_account_limit=self.settings.default_host_account_limit,
                 default_events_per_second=self.settings.default_host_events_per_second,

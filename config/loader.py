@@ -133,6 +133,9 @@ def _validate(s: Settings, problems: list[str]) -> None:
     _host, sep, port = s.bind.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         problems.append(f"bind = {s.bind!r} must be HOST:PORT with a port from 0 to 65535")
+    _host, sep, port = s.metrics_bind.rpartition(":")
+    if s.metrics_bind and (not sep or not port.isdigit() or not 0 <= int(port) <= 65535):
+        problems.append(f"metrics_bind = {s.metrics_bind!r} must be empty or HOST:PORT with a port from 0 to 65535")
     for name in ("database_url", "carstore_database_url"):
         url = getattr(s, name)
         if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):

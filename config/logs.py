@@ -7,9 +7,12 @@ import logging
 import sys
 import time
 
+from opentelemetry import trace
+
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, logger, message (and exc when there is one)."""
+    """One JSON object a line: time, level, logger, message; exc when there is one; trace_id and
+    span_id (hex, as OTLP back ends show them) when the line is logged inside a recording span."""
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -20,6 +23,10 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            out["trace_id"] = format(context.trace_id, "032x")
+            out["span_id"] = format(context.span_id, "016x")
         return json.dumps(out, ensure_ascii=False)
 
 

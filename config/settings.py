@@ -136,6 +136,13 @@ class Settings:
     # -- hostile and stalled upstreams (issue 7) --
     # a connected host whose reader spends this long on one frame is logged, counted and reconnected
     host_stall_seconds: float = 60.0
+    # -- observability (issue 10: traces, metrics listener, host status) --
+    # HOST:PORT of a separate listener for /metrics only; empty: /metrics on the main listener
+    metrics_bind: str = ""
+    # share of upstream events given a trace when tracing is on (OTEL_TRACES_EXPORTER=otlp), above 0, at most 1
+    trace_events_ratio: float = 0.001
+    # seconds without an upstream event before a connected host shows as "idle" in getHostStatus/listHosts
+    host_idle_status_seconds: float = 600.0
 
     def admin_passwords(self) -> tuple[str, ...]:
         """Every accepted admin password (empty: the admin API is off)."""
@@ -150,6 +157,13 @@ class Settings:
 
     def bind_host_port(self) -> tuple[str, int]:
         host, _, port = self.bind.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+    def metrics_host_port(self) -> tuple[str, int] | None:
+        """Where the separate metrics listener binds, or None (``/metrics`` on the main listener)."""
+        if not self.metrics_bind:
+            return None
+        host, _, port = self.metrics_bind.rpartition(":")
         return host.strip("[]") or "0.0.0.0", int(port)
 
     def public_dict(self) -> dict[str, Any]:

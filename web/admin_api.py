@@ -15,6 +15,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
+from actors import tracing
 from actors.control_errors import ControlError
 from web.admin_auth import AdminAuthError, AdminGuard
 from web.xrpc_errors import XrpcError, xrpc_error_response
@@ -197,6 +198,7 @@ def admin_blueprint(*, relay: Any, guard: AdminGuard) -> Blueprint:
         return jsonify({**result, "success": "true" if result["success"] else "false"})
 
     @bp.post("/admin/repo/resync")
+    @tracing.traced("admin.repo_resync")
     def resync() -> Any:
         did = _param("did")
         relay.resync(did)
@@ -236,6 +238,7 @@ def admin_blueprint(*, relay: Any, guard: AdminGuard) -> Blueprint:
         return jsonify(relay.consumers())
 
     @bp.get("/admin/tree")
+    @tracing.traced("admin.tree")
     def tree() -> Any:
         return jsonify(relay.tree())
 

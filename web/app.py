@@ -7,6 +7,7 @@ from typing import Any
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
+from web.tracing import install_request_tracing
 from web.xrpc_errors import XrpcError, xrpc_error_response
 
 _HTTP_ERROR_NAMES = {
@@ -23,6 +24,7 @@ def create_app(services: Any) -> Flask:
     """Build the app around ``services`` (the running relay's handles: db, actors, settings)."""
     app = Flask("skyrelay")
     app.config["services"] = services
+    install_request_tracing(app)
 
     @app.errorhandler(XrpcError)
     def _xrpc_error(exc: XrpcError) -> Any:
@@ -43,6 +45,7 @@ def create_app(services: Any) -> Flask:
         return xrpc_error_response(500, "InternalServerError", "internal server error")
 
     @app.get("/xrpc/_health")
+    @app.get("/_health")
     def health() -> Any:
         ok = services.health()
         body = {"version": "skyrelay 0.1.0", "database": "ok" if ok else "unreachable"}

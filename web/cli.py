@@ -41,6 +41,7 @@ def _add_setting_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crawl", dest="crawl_hosts", help="comma-separated hostnames to subscribe to at start")
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--log-format", help="text or json")
+    p.add_argument("--metrics-bind", help="HOST:PORT of a separate /metrics listener (default: the main one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +77,21 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def _tracing_from_env(settings: Any) -> Any:
+    from config import ConfigError
+    from config.tracing import load_tracing_config, unknown_otel_warnings
+
+    for warning in unknown_otel_warnings():
+        print(f"skyrelay: warning: {warning}", file=sys.stderr)
+    try:
+        return load_tracing_config(settings)
+    except ConfigError as exc:
+        print("skyrelay: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -87,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         from config.process_env import prepare_process_environment
 
         prepare_process_environment(settings)
+        tracing_config = _tracing_from_env(settings)
         from web.server import serve
 
-        return serve(settings)
+        return serve(settings, tracing_config)
     if args.command == "admin":
         from web.admin_cli import run_admin
 

@@ -6,19 +6,18 @@ import gc
 import logging
 import signal
 import sys
-from typing import Any
 
 import gevent
 import gevent.event
 import peewee
-from flask import Blueprint, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from flask import Blueprint
 
+from actors import tracing
 from actors.relay_api import Relay
 from actors.supervisor import RelaySupervisor
 from config.logs import configure_logging
 from config.settings import Settings, mask_url_password
+from config.tracing import TracingConfig
 from store.carstore import CarStoreError
 from store.data_dir import claim_database, lock_data_dir
 from store.db import StoreError, open_database, ping
@@ -29,6 +28,7 @@ from web.app import create_app
 from web.exit_guard import ExitGuard, still_alive
 from web.firehose import firehose_blueprint, pre_upgrade_hook
 from web.httpserver import HttpLimits, RelayWSGIServer
+from web.metrics import metrics_blueprint, start_metrics_server
 from web.xrpc_repo import repo_blueprint
 from web.xrpc_sync import sync_blueprint
 
@@ -49,18 +49,8 @@ class Services:
             return ping(self.db)
 
     def blueprints(self) -> list[Blueprint]:
-        metrics = Blueprint("metrics", __name__)
-
         multiprocess = self.settings.ingest_workers > 0
-
-        @metrics.get("/metrics")
-        def prometheus() -> Any:
-            if multiprocess:  # sum what the relay and its ingest workers recorded
-                registry = CollectorRegistry()
-                MultiProcessCollector(registry)
-                return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
-            return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
-
+        metrics = [] if self.settings.metrics_bind else [metrics_blueprint(multiprocess)]
         return [
             firehose_blueprint(
                 self.relay.event_log,
@@ -78,6 +68,7 @@ class Services:
                 max_hosts=self.settings.max_hosts,
                 outbound=self.relay.outbound,
                 crawl_gate=self.control.public_crawl_gate,
+                is_idle=lambda host_id: self.relay.activity.is_idle(host_id, self.settings.host_idle_status_seconds),
             ),
             repo_blueprint(db=self.db, carstore=self.relay.carstore),
             admin_blueprint(
@@ -88,7 +79,7 @@ class Services:
                     window_seconds=self.settings.admin_auth_window_seconds,
                 ),
             ),
-            metrics,
+            *metrics,
         ]
 
 
@@ -128,12 +119,21 @@ def _start_relay(settings: Settings) -> RelaySupervisor:
     return relay
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, tracing_config: TracingConfig | None = None) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until an essential actor dies (exit 1); 2 if refused at start.
 
     However it stops, the process is gone within ``shutdown_timeout_seconds`` (``web.exit_guard``).
     """
     configure_logging(settings.log_level, settings.log_format)
+    if tracing_config is not None and tracing_config.enabled:
+        tracing.setup(tracing_config)
+        log.info(
+            "tracing on endpoint=%s service=%s sampler=%s events_ratio=%g",
+            tracing_config.endpoint,
+            tracing_config.service_name,
+            tracing_config.sampler,
+            tracing_config.events_ratio,
+        )
     try:
         lock_data_dir(settings.data_dir)  # before any database is opened; held until the process exits
         relay = _start_relay(settings)
@@ -158,6 +158,8 @@ def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(sig, on_signal)
     server.start()
+    metrics_at = settings.metrics_host_port()
+    metrics_server = start_metrics_server(*metrics_at, multiprocess=settings.ingest_workers > 0) if metrics_at else None
     gc.freeze()  # long-lived start-up objects out of the cyclic GC's way (see HACKING.md)
     log.info("relay listening bind=%s:%d", host, server.server_port)
     status = relay.wait(stop)
@@ -167,7 +169,10 @@ def serve(settings: Settings) -> int:
     else:
         log.info("relay stopping")
     server.stop(timeout=5)
+    if metrics_server is not None:
+        metrics_server.stop(timeout=1)
     relay.stop()
+    tracing.shutdown()  # exports the spans still pending
     alive = still_alive()
     if alive != "nothing known":
         log.warning("still running after the relay stopped still_alive=%s", alive)

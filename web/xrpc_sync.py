@@ -26,9 +26,9 @@ CRAWL_REFUSED = Counter(
 MAX_HOSTNAME_CHARS = 512  # a DNS name has at most 253; room for a scheme, port and slash
 
 
-def _host_json(row: HostRow, connected: bool | None = None) -> dict[str, Any]:
+def _host_json(row: HostRow, is_idle: Callable[[int], bool]) -> dict[str, Any]:
     status = row.status
-    if status == "active" and connected is False:
+    if status == "active" and is_idle(row.id):
         status = "idle"
     return {"hostname": row.hostname, "seq": max(row.last_seq, 0), "accountCount": row.account_count,
             "status": status}  # fmt: skip
@@ -45,8 +45,12 @@ def sync_blueprint(
     crawl_requests_per_minute: int = 30,
     max_hosts: int = 10_000,
     crawl_gate: Callable[[str], None] | None = None,  # the control plane's on/off switch and daily limit
+    is_idle: Callable[[int], bool] = lambda host_id: False,
 ) -> Blueprint:
-    """The sync endpoints; requestCrawl is rate-limited per client address and refuses new hosts past ``max_hosts``."""
+    """The sync endpoints; requestCrawl is rate-limited per client address and refuses new hosts past ``max_hosts``.
+
+    ``is_idle(host_id)``: the host is connected but silent (reported with status ``idle``).
+    """
     bp = Blueprint("xrpc_sync", __name__)
     crawl_limiter = KeyedRateLimiter(crawl_requests_per_minute)
     client = outbound or OutboundClient.for_settings(insecure)
@@ -95,7 +99,7 @@ def sync_blueprint(
         cursor = int_arg("cursor", default=0, low=0, high=MAX_CURSOR)
         with db.connection_context():
             rows = list_hosts(db, after_id=cursor, limit=limit)
-        out: dict[str, Any] = {"hosts": [_host_json(r) for r in rows]}
+        out: dict[str, Any] = {"hosts": [_host_json(r, is_idle) for r in rows]}
         if len(rows) == limit:
             out["cursor"] = str(rows[-1].id)
         return jsonify(out)
@@ -107,6 +111,6 @@ def sync_blueprint(
             row = get_host(db, hostname.strip().lower())
         if row is None:
             raise XrpcError("HostNotFound", "host not known to this relay")
-        return jsonify(_host_json(row))
+        return jsonify(_host_json(row, is_idle))
 
     return bp
