@@ -5,7 +5,8 @@ supervisor (or, with ingest workers, ``IngestPool``, which passes it over the li
 worker), the sequencer, the repo mirror and the caches. Workers and restarted actors read the
 same state from SQL when they start, so a change is not lost while one of them is down.
 Messages: ``actors.messages_control``. Account operations: ``actors.relay_accounts``; relay-wide
-policy (requestCrawl switch and daily limit, trusted domains): ``actors.relay_policy``.
+policy (requestCrawl switch and daily limit, trusted domains): ``actors.relay_policy``; the
+admin pages' read side (dashboard figures, the host table): ``actors.relay_views``.
 
 Host status ``banned`` is a blocked host: not subscribed, refused by requestCrawl, kept across
 restarts. A banned domain refuses its hosts and their sub-domains' likewise. Public
@@ -27,6 +28,7 @@ from actors.messages import StartHost, StopHost
 from actors.messages_control import ApplyHostLimits, RestartHost
 from actors.relay_accounts import AccountOps
 from actors.relay_policy import PolicyOps
+from actors.relay_views import ViewOps
 from store.hosts import (
     HOST_ACTIVE,
     HOST_BANNED,
@@ -46,7 +48,7 @@ MAX_ACCOUNT_LIMIT = 1 << 40
 MAX_EVENTS_PER_SECOND = 1_000_000.0
 
 
-class Relay(AccountOps, PolicyOps):
+class Relay(AccountOps, PolicyOps, ViewOps):
     """Operator operations over a running ``RelaySupervisor``; raises ``ControlError`` on a refusal."""
 
     def __init__(self, supervisor: Any, *, probe: Callable[[CrawlTarget], Any] | None = None,
@@ -56,6 +58,7 @@ class Relay(AccountOps, PolicyOps):
         self.db = supervisor.db
         self.probe = probe or (lambda target: probe_pds(target, client=supervisor.outbound))
         self.clock = clock
+        self._init_views()
 
     # -- hosts -------------------------------------------------------------------------------------
     def _hostname(self, raw: object) -> str:

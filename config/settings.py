@@ -133,6 +133,11 @@ class Settings:
     outbound_dns_server: str = ""
     # longest one whole-repo backfill download (getRepo) may take, in seconds
     backfill_fetch_total_seconds: float = 900.0
+    # -- admin web pages (web/admin_pages.py) --
+    # key that signs admin page session cookies; empty: a random one at each start (sign-ins end on restart)
+    admin_session_secret: Secret = field(default_factory=lambda: Secret(""))
+    # hours an admin page sign-in lasts before the password is asked again
+    admin_session_hours: float = 12.0
 
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'relay.sqlite'}"

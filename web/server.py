@@ -21,6 +21,7 @@ from store.db import open_database, ping
 from store.migrations import apply_migrations
 from web.admin_api import admin_blueprint
 from web.admin_auth import AdminGuard
+from web.admin_pages import admin_pages_blueprint, admin_root_blueprint
 from web.app import create_app
 from web.firehose import firehose_blueprint, pre_upgrade_hook
 from web.httpserver import HttpLimits, RelayWSGIServer
@@ -38,6 +39,11 @@ class Services:
         self.relay = relay
         self.db = relay.db
         self.control = Relay(relay)  # every operator operation goes through it
+        self.admin_guard = AdminGuard(  # one guard (and one failure throttle) for the admin API and pages
+            settings.admin_passwords(),
+            max_failures=settings.admin_auth_max_failures,
+            window_seconds=settings.admin_auth_window_seconds,
+        )
 
     def health(self) -> bool:
         with self.db.connection_context():
@@ -75,14 +81,9 @@ class Services:
                 crawl_gate=self.control.public_crawl_gate,
             ),
             repo_blueprint(db=self.db, carstore=self.relay.carstore),
-            admin_blueprint(
-                relay=self.control,
-                guard=AdminGuard(
-                    self.settings.admin_passwords(),
-                    max_failures=self.settings.admin_auth_max_failures,
-                    window_seconds=self.settings.admin_auth_window_seconds,
-                ),
-            ),
+            admin_blueprint(relay=self.control, guard=self.admin_guard),
+            admin_pages_blueprint(relay=self.control, guard=self.admin_guard, settings=self.settings),
+            admin_root_blueprint(),
             metrics,
         ]
 
