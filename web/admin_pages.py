@@ -31,7 +31,7 @@ def _int(raw: str | None, default: int) -> int:
     return int(raw) if raw and raw.isascii() and raw.isdigit() and len(raw) < 10 else default
 
 
-def _number(raw: str | None) -> int | float | None:
+def _number(raw: str | None, label: str) -> int | float | None:
     """A form number ("" is none); a non-number is passed on as text for the Relay to refuse."""
     text = (raw or "").strip().replace(",", "").replace("_", "")
     if not text:
@@ -39,7 +39,7 @@ def _number(raw: str | None) -> int | float | None:
     try:
         return float(text) if "." in text else int(text)
     except ValueError:
-        raise ControlError("InvalidRequest", f"{text[:40]!r} is not a number") from None
+        raise ControlError("InvalidRequest", f"{label}: {text[:40]!r} is not a number") from None
 
 
 def admin_pages_blueprint(*, relay: Any, guard: AdminGuard, settings: Settings) -> Blueprint:
@@ -185,8 +185,8 @@ def admin_pages_blueprint(*, relay: Any, guard: AdminGuard, settings: Settings) 
     @action("/hosts/limits")
     def host_limits() -> Response:
         form = request.form
-        out = relay.change_limits(form.get("host", ""), repo_limit=_number(form.get("repo_limit")),
-                                  per_second=_number(form.get("per_second")))  # fmt: skip
+        out = relay.change_limits(form.get("host", ""), repo_limit=_number(form.get("repo_limit"), "Account limit"),
+                                  per_second=_number(form.get("per_second"), "Events per second"))  # fmt: skip
         return _done(f"Limits of {out['host']}: {out['repo_limit']:,} accounts, {out['per_second']:,g} events/s.")
 
     @action("/domains/ban")
@@ -218,7 +218,7 @@ def admin_pages_blueprint(*, relay: Any, guard: AdminGuard, settings: Settings) 
     @action("/crawl")
     def crawl_policy() -> Response:
         relay.set_crawl_enabled(request.form.get("enabled") == "true")
-        relay.set_per_day_limit(_number(request.form.get("per_day")))
+        relay.set_per_day_limit(_number(request.form.get("per_day"), "New hosts per day"))
         return _done("Public requestCrawl policy saved.")
 
     return bp
