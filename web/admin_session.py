@@ -100,7 +100,7 @@ def fmt_since(iso: Any, now: Callable[[], float] = time.time) -> str:
     if not isinstance(iso, str) or not iso:
         return "—"
     at = datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(UTC).timestamp()
-    return fmt_duration(now() - at) + " ago"
+    return "just now" if now() - at < 5 else fmt_duration(now() - at) + " ago"
 
 
 FILTERS: dict[str, Callable[..., str]] = {
