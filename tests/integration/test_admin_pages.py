@@ -9,6 +9,8 @@ under ``tests/artifacts/screenshots/`` (git-ignored) for a person to look at.
 
 from __future__ import annotations
 
+import html
+import http.cookiejar
 import re
 import urllib.error
 import urllib.parse
@@ -194,3 +196,68 @@ def test_admin_pages_in_a_browser(tmp_path: Path, plc: Any, host: FrameHost, bro
         assert d.current_url.startswith(relay.url + UI + "/login")
     finally:
         relay.stop()
+
+
+class PageSession:
+    """The admin pages over plain HTTP: a cookie jar, and each form posted with the token of the page it is on."""
+
+    def __init__(self, relay: RelayProcess) -> None:
+        self.relay = relay
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+
+    def get(self, path: str) -> str:
+        with self.opener.open(self.relay.url + path, timeout=30) as resp:
+            return str(resp.read().decode())
+
+    def post(self, page: str, action: str, **fields: str) -> str:
+        """Post ``fields`` to ``action`` with the CSRF token of ``page``; the flash text of the page it leads to."""
+        token = re.search(r'name="csrf_token" value="([^"]+)"', self.get(page))
+        assert token is not None
+        data = urllib.parse.urlencode({**fields, "csrf_token": token[1]}).encode()
+        req = urllib.request.Request(self.relay.url + action, data=data, headers={"Referer": self.relay.url + page})
+        with self.opener.open(req, timeout=30) as resp:
+            body = resp.read().decode()
+        return " | ".join(html.unescape(m) for m in re.findall(r'class="flash flash-\w+"[^>]*>([^<]*)<', body))
+
+
+def test_admin_pages_with_two_ingest_workers(tmp_path: Path, plc: Any, host: FrameHost) -> None:
+    """Block / unblock, takedown and a worker restart from the pages reach the ingest worker processes."""
+    pds = Pds(host, plc)
+    alice = pds.account()
+    env = {"SKYRELAY_ADMIN_PASSWORD": PASSWORD, "SKYRELAY_INGEST_WORKERS": "2"}
+    relay = RelayProcess(tmp_path / "relay", database_url=f"sqlite:///{tmp_path / 'relay.sqlite'}", plc_url=plc.url,
+                         extra_env=env).start()  # fmt: skip
+    try:
+        s = PageSession(relay)
+        assert s.post(UI + "/login", UI + "/login", password=PASSWORD) == ""
+        assert s.post(UI + "/hosts", UI + "/hosts/add", host=host.hostname) == f"Subscribed to {host.hostname}."
+        wait_until(lambda: host.status()["subscribers"] == 1, 20, "a worker to subscribe")
+        pds.commits(alice, n=2)
+        assert len(frames_after(relay, 0, 2)) == 2, relay.log()
+        wait_until(lambda: ">2</div>" in s.get(UI + "/").replace(" ", ""), 20, "the dashboard's last seq")
+        assert f'data-host="{host.hostname}"' in s.get(UI + "/hosts?status=connected")
+
+        page = f"{UI}/host?name={host.hostname}"
+        assert s.post(page, UI + "/hosts/block", host=host.hostname).startswith(f"Blocked {host.hostname}")
+        wait_until(lambda: host.status()["subscribers"] == 0, 20, "the worker to disconnect")
+        assert 'badge bad">blocked' in s.get(UI + "/hosts?status=blocked")
+        assert s.post(page, UI + "/hosts/unblock", host=host.hostname) == f"Unblocked {host.hostname}."
+        wait_until(lambda: host.status()["subscribers"] == 1, 20, "a worker to subscribe again")
+
+        wait_until(lambda: get(f"{relay.url}/xrpc/com.atproto.sync.getRepo?did={alice.did}")[0] == 200, 20,
+                   "alice's repo to be served")  # fmt: skip
+        assert s.post(UI + "/takedowns", UI + "/takedowns/add", did=alice.did).startswith("Took down")
+        [(header, body)] = frames_after(relay, 2, 1)
+        assert header["t"] == "#account" and body["status"] == "takendown"
+        pds.commits(alice, n=1)  # dropped in the sequencer whichever worker verified it
+        wait_until(lambda: relay.metric("skyrelay_events_dropped_total", reason="account_takendown") >= 1, 20,
+                   "alice's event to be dropped")  # fmt: skip
+
+        restarts = relay.metric("skyrelay_actor_restarts_total")
+        assert s.post(UI + "/actors", UI + "/actors/restart", name="worker-0") == "Restarting worker-0."
+        wait_until(lambda: relay.metric("skyrelay_actor_restarts_total") > restarts, 30, "worker-0 to restart")
+        assert s.post(UI + "/actors", UI + "/actors/restart", name="sequencer").endswith(
+            "restart the relay process instead"
+        )
+    finally:
+        assert relay.stop() == 0, relay.log()
