@@ -210,6 +210,9 @@ class Relay(AccountOps, PolicyOps, ViewOps):
                 "id": i,
                 "remote_addr": c.remote,
                 "events_consumed": c.frames_sent,
+                "user_agent": c.user_agent,
+                "cursor": c.cursor,
+                "queued_frames": c.queued,
                 "cut_reason": c.cut_reason,
                 "connected_at": datetime.fromtimestamp(c.connected_at, UTC).isoformat().replace("+00:00", "Z"),
             }

@@ -22,7 +22,9 @@ from typing import Any
 import pytest
 import websocket
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
 
 from tests.integration.test_admin_control import PASSWORD, Pds, frames_after, get, ok
 from tests.support.browser import chromium, screenshot
@@ -41,6 +43,20 @@ def flash(driver: webdriver.Chrome) -> str:
     return " | ".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, ".flash"))
 
 
+def new_page(driver: webdriver.Chrome, old: WebElement, what: str) -> str:
+    """Wait until the page holding ``old`` is replaced and shows a flash; the flash text."""
+
+    def replaced() -> bool:
+        try:
+            old.tag_name  # noqa: B018 - raises once the page is gone
+        except StaleElementReferenceException:
+            return bool(driver.find_elements(By.CSS_SELECTOR, ".flash"))
+        return False
+
+    wait_until(replaced, 20, what)
+    return flash(driver)
+
+
 def submit(driver: webdriver.Chrome, form_css: str, **fields: str) -> str:
     """Fill a form's text fields, submit it, and return the flash message of the page it leads to."""
     form = driver.find_element(By.CSS_SELECTOR, form_css)
@@ -48,19 +64,19 @@ def submit(driver: webdriver.Chrome, form_css: str, **fields: str) -> str:
         box = form.find_element(By.NAME, name)
         box.clear()
         box.send_keys(value)
+    old = driver.find_element(By.TAG_NAME, "html")
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, ".flash"), 20, f"the answer to {form_css}")
-    return flash(driver)
+    return new_page(driver, old, f"the answer to {form_css}")
 
 
 def click_row_button(driver: webdriver.Chrome, row_css: str, label: str) -> str:
     row = driver.find_element(By.CSS_SELECTOR, row_css)
     [button] = [b for b in row.find_elements(By.TAG_NAME, "button") if b.text == label]
+    old = driver.find_element(By.TAG_NAME, "html")
     button.click()
     if label in ("Reverse", "Restart", "Block"):  # these ask for a confirmation first
         driver.switch_to.alert.accept()
-    wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, ".flash"), 20, f"the answer to {label}")
-    return flash(driver)
+    return new_page(driver, old, f"the answer to {label}")
 
 
 def form_post(relay: RelayProcess, path: str, fields: dict[str, str], cookie: str) -> tuple[int, str]:
@@ -142,11 +158,13 @@ def test_admin_pages_in_a_browser(tmp_path: Path, plc: Any, host: FrameHost, bro
         assert ok(relay, "GET", "/admin/repo/takedowns")["dids"] == []
 
         # consumers: a live firehose client is listed
-        ws = websocket.create_connection(f"{relay.ws_url}/xrpc/com.atproto.sync.subscribeRepos?cursor=0", timeout=10)
+        url = f"{relay.ws_url}/xrpc/com.atproto.sync.subscribeRepos?cursor=0"
+        ws = websocket.create_connection(url, timeout=10, header=["User-Agent: feed-generator/1.0"])
         try:
             ws.recv()
             d.get(relay.url + UI + "/consumers")
-            assert "127.0.0.1" in d.find_element(By.ID, "consumers").text
+            row = d.find_element(By.CSS_SELECTOR, "#consumers tbody tr").text
+            assert "127.0.0.1" in row and "feed-generator/1.0" in row, row
             screenshot(d, "08-consumers")
         finally:
             ws.close()
