@@ -20,6 +20,7 @@ from typing import Any
 import gevent
 import pykka
 
+from actors.host_rate import HostWindows, window_limits
 from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, PersistEvent, SubscriberCrashed
 from actors.messages_control import SetSubscriberLimits, unknown_message
 from actors.metrics import (
@@ -53,6 +54,9 @@ class SubscriberConfig:
     max_failures: int = 8  # consecutive failed connections before the host is marked offline
     insecure: bool = False
     outbound: OutboundClient | None = None  # None: the default policy of ``insecure``
+    events_per_hour: int | None = None  # base hour and day windows (actors.host_rate); None: no limit
+    events_per_day: int | None = None
+    trusted_rate_multiplier: float = 10.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SubscriberConfig:
@@ -66,6 +70,9 @@ class SubscriberConfig:
             max_failures=settings.upstream_max_failures,
             insecure=settings.allow_insecure_hosts,
             outbound=OutboundClient.from_settings(settings),
+            events_per_hour=settings.default_host_events_per_hour or None,
+            events_per_day=settings.default_host_events_per_day or None,
+            trusted_rate_multiplier=settings.trusted_host_rate_multiplier,
         )
 
 
@@ -94,6 +101,7 @@ class TokenBucket:
         return delay
 
 
+WINDOW_RECHECK_SECONDS = 1.0  # a host held by its hour or day window looks at its limits again this often
 YIELD_EVERY_SECONDS = 0.002  # longest a subscriber runs before letting other greenlets in
 
 
@@ -125,12 +133,15 @@ class HostSubscriber(pykka.ThreadingActor):
         sequencer: Any,
         parent: Any,
         config: SubscriberConfig,
+        trusted: bool = False,
     ) -> None:
         super().__init__()
         self.host = host
         self.cursor = cursor  # last upstream seq processed (logged or dropped); -1: none yet
         self.account_count = account_count
         self.bucket = TokenBucket(events_per_second)
+        self.trusted = trusted
+        self.windows = self._windows(config, host.account_limit)
         self.verifier = verifier
         self.sequencer = sequencer
         self.parent = parent
@@ -142,6 +153,11 @@ class HostSubscriber(pykka.ThreadingActor):
         self._last_yield = time.monotonic()
         self.connected = False
         self.stats = {"received": 0, "accepted": 0, "dropped": 0, "reconnects": 0}
+
+    def _windows(self, config: SubscriberConfig, account_limit: int | None) -> HostWindows:
+        limits = window_limits(config.events_per_hour, config.events_per_day, account_limit,
+                               trusted=self.trusted, trusted_multiplier=config.trusted_rate_multiplier)  # fmt: skip
+        return HostWindows(limits)
 
     # -- actor life cycle ------------------------------------------------------------------------
     def on_start(self) -> None:
@@ -165,6 +181,7 @@ class HostSubscriber(pykka.ThreadingActor):
         if isinstance(message, SetSubscriberLimits):  # an operator changed them (already in SQL)
             self.host = dataclasses.replace(self.host, account_limit=message.account_limit)
             self.bucket = TokenBucket(message.events_per_second)
+            self.windows = self._windows(self.config, message.account_limit)  # counts start again
             log.info("host limits applied host=%s account_limit=%s events_per_second=%s",
                      self.host.hostname, message.account_limit, message.events_per_second)  # fmt: skip
             return None
@@ -281,6 +298,8 @@ class HostSubscriber(pykka.ThreadingActor):
             return
         self.cursor = event.seq
         self.bucket.wait()
+        while self.windows.wait(max_sleep=WINDOW_RECHECK_SECONDS) < 0:
+            pass  # held by the hour or day window; new limits (SetSubscriberLimits) apply at the next check
         verdict = self.verifier.check(event, self.host)
         if not isinstance(verdict, Accepted):
             self._drop(verdict.reason, event.seq, did, verdict.detail[:200])

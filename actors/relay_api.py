@@ -24,6 +24,7 @@ from typing import Any
 
 from actors.control_errors import ControlError
 from actors.crawl import CrawlRefused, CrawlTarget, is_banned, normalize_hostname, probe_pds
+from actors.host_rate import window_limits
 from actors.messages import StartHost, StopHost
 from actors.messages_control import ApplyHostLimits, RestartHost
 from actors.relay_accounts import AccountOps
@@ -98,12 +99,18 @@ class Relay(AccountOps, PolicyOps, ViewOps):
         for row in rows:
             limit = row.account_limit if row.account_limit is not None else self.settings.default_host_account_limit
             rate = row.events_per_second or self.settings.default_host_events_per_second
+            is_trusted = row.trusted or is_banned(row.hostname, trusted)
+            s = self.settings
+            windows = window_limits(s.default_host_events_per_hour, s.default_host_events_per_day, limit,
+                                    trusted=is_trusted, trusted_multiplier=s.trusted_host_rate_multiplier)  # fmt: skip
             out.append({
                 "ID": row.id, "Host": row.hostname, "Cursor": row.last_seq, "Registered": row.status == HOST_ACTIVE,
                 "Blocked": row.status == HOST_BANNED, "RepoCount": row.account_count, "RepoLimit": limit,
                 "UserCount": row.account_count, "HasActiveConnection": row.hostname in running,
                 "PerSecondEventRate": {"Max": rate, "Window": 1}, "Status": row.status,
-                "Trusted": row.trusted or is_banned(row.hostname, trusted),
+                "PerHourEventRate": {"Max": windows.per_hour, "Window": 3600},
+                "PerDayEventRate": {"Max": windows.per_day, "Window": 86400},
+                "Trusted": is_trusted,
                 "LastError": row.last_error,
             })  # fmt: skip
         return out

@@ -138,6 +138,13 @@ class Settings:
     admin_session_secret: Secret = field(default_factory=lambda: Secret(""))
     # hours an admin page sign-in lasts before the password is asked again
     admin_session_hours: float = 12.0
+    # -- per-host hour and day windows (actors/host_rate.py) --
+    # events one host may send per hour, plus its account limit (limits slow reading, never drop)
+    default_host_events_per_hour: int = 2500
+    # events one host may send per day, plus ten times its account limit
+    default_host_events_per_day: int = 20_000
+    # how many times the hour and day limits a host in a trusted domain gets
+    trusted_host_rate_multiplier: float = 10.0
 
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'relay.sqlite'}"
