@@ -29,7 +29,7 @@ SNAPSHOT_MIN_SECONDS = 1.0
 SNAPSHOT_KEEP = 60
 DISK_CACHE_SECONDS = 60.0
 HOST_SORTS = ("hostname", "status", "cursor", "rate", "accounts", "drops")
-HOST_FILTERS = ("all", "connected", "active", "offline", "blocked", "errors")
+HOST_FILTERS = ("all", "connected", "active", "offline", "blocked", "errors", "at_limit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +155,7 @@ class ViewOps:
             h["EventsPerSecond"] = max(0.0, (h["Cursor"] - before) / span) if before is not None and span else None
             h["Drops"] = dict(counters["host_drops"].get(h["Host"], {}))
             h["DropTotal"] = int(sum(h["Drops"].values()))
+            h["AtAccountLimit"] = h.get("RepoLimit") is not None and h["RepoCount"] >= h["RepoLimit"]
         needle = query.strip().lower()
         keep = {
             "all": lambda h: True,
@@ -163,6 +164,7 @@ class ViewOps:
             "offline": lambda h: h["Status"] not in (HOST_ACTIVE, HOST_BANNED),
             "blocked": lambda h: h["Blocked"],
             "errors": lambda h: bool(h["LastError"]),
+            "at_limit": lambda h: h["AtAccountLimit"],
         }.get(status, lambda h: True)
         rows = [h for h in hosts if keep(h) and (not needle or needle in h["Host"])]
         key = {

@@ -45,7 +45,7 @@ class Views(ViewOps):
 
 def host(i: int, **kw: Any) -> dict[str, Any]:
     row = {"Host": f"pds{i:04d}.example.com", "Status": "active", "Cursor": i * 10, "RepoCount": i % 97,
-           "Blocked": False, "HasActiveConnection": i % 2 == 0, "LastError": None}  # fmt: skip
+           "RepoLimit": 96, "Blocked": False, "HasActiveConnection": i % 2 == 0, "LastError": None}  # fmt: skip
     row.update(kw)
     return row
 
@@ -67,6 +67,8 @@ def test_filter_sort_and_pages_over_3000_hosts(tmp_path: Path) -> None:
     assert [h["Host"] for h in views.host_table(status="errors")["hosts"]] == ["pds0008.example.com"]
     assert [h["Host"] for h in views.host_table(status="offline")["hosts"]] == ["pds0008.example.com"]
     assert views.host_table(status="connected")["matching"] == 1499  # the even ones but pds0008
+    at_limit = views.host_table(status="at_limit", per_page=500)["hosts"]
+    assert len(at_limit) == 30 and all(h["RepoCount"] == 96 and h["AtAccountLimit"] for h in at_limit)
 
     by_accounts = views.host_table(sort="accounts", descending=True, per_page=3)["hosts"]
     assert [h["RepoCount"] for h in by_accounts] == [96, 96, 96]
