@@ -82,8 +82,10 @@ class Consumer:
         "capacity",
         "capacity_bytes",
         "connected_at",
+        "cursor",
         "frames_sent",
         "remote",
+        "user_agent",
     )
 
     def __init__(self, capacity: int, remote: str = "", capacity_bytes: int = DEFAULT_BUFFER_BYTES) -> None:
@@ -94,6 +96,8 @@ class Consumer:
         self._pending_bytes = 0
         self.remote = remote
         self.connected_at = time.time()  # for the admin consumer list
+        self.user_agent = ""  # for the admin consumer list (set by the web layer)
+        self.cursor: int | None = None  # the cursor it asked for (None: live only)
         self.frames_sent = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()

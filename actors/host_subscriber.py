@@ -24,6 +24,7 @@ from actors import tracing
 from actors.host_activity import HostActivity, HostLink
 from actors.host_events import host_changed
 from actors.host_progress import HostProgress
+from actors.host_rate import HostWindows, window_limits
 from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, PersistEvent, SubscriberCrashed
 from actors.messages_control import SetSubscriberLimits, unknown_message
 from actors.metrics import (
@@ -61,6 +62,9 @@ class SubscriberConfig:
     outbound: OutboundClient | None = None  # None: the default policy of ``insecure``
     stall_seconds: float = 60.0  # the supervisor reconnects a host whose reader is stuck on one frame this long
     activity: HostActivity | None = None  # where connection state and last frames are shown (idle status)
+    events_per_hour: int | None = None  # base hour and day windows (actors.host_rate); None: no limit
+    events_per_day: int | None = None
+    trusted_rate_multiplier: float = 10.0
 
     @classmethod
     def from_settings(cls, settings: Settings, activity: HostActivity | None = None) -> SubscriberConfig:
@@ -76,9 +80,13 @@ class SubscriberConfig:
             outbound=OutboundClient.from_settings(settings),
             stall_seconds=settings.host_stall_seconds,
             activity=activity,
+            events_per_hour=settings.default_host_events_per_hour or None,
+            events_per_day=settings.default_host_events_per_day or None,
+            trusted_rate_multiplier=settings.trusted_host_rate_multiplier,
         )
 
 
+WINDOW_RECHECK_SECONDS = 1.0  # a host held by its hour or day window looks at its limits again this often
 YIELD_EVERY_SECONDS = 0.002  # longest a subscriber runs before letting other greenlets in
 BUG_LOG_INTERVAL_SECONDS = 300.0  # a traceback per host and reason at most this often
 
@@ -112,12 +120,15 @@ class HostSubscriber(pykka.ThreadingActor):
         parent: Any,
         config: SubscriberConfig,
         progress: HostProgress | None = None,
+        trusted: bool = False,
     ) -> None:
         super().__init__()
         self.host = host
         self.cursor = cursor  # last upstream seq processed (logged or dropped); -1: none yet
         self.account_count = account_count
         self.bucket = TokenBucket(events_per_second)
+        self.trusted = trusted
+        self.windows = self._windows(config, host.account_limit)
         self.verifier = verifier
         self.sequencer = sequencer
         self.parent = parent
@@ -133,6 +144,11 @@ class HostSubscriber(pykka.ThreadingActor):
         self._link = HostLink()  # replaced by the shared one on connection (config.activity)
         self._failures = 0  # consecutive failed connections (restarts at 0 with the actor)
         self.stats = {"received": 0, "accepted": 0, "dropped": 0, "reconnects": 0}
+
+    def _windows(self, config: SubscriberConfig, account_limit: int | None) -> HostWindows:
+        limits = window_limits(config.events_per_hour, config.events_per_day, account_limit,
+                               trusted=self.trusted, trusted_multiplier=config.trusted_rate_multiplier)  # fmt: skip
+        return HostWindows(limits)
 
     # -- actor life cycle ------------------------------------------------------------------------
     def on_start(self) -> None:
@@ -157,6 +173,7 @@ class HostSubscriber(pykka.ThreadingActor):
         if isinstance(message, SetSubscriberLimits):  # an operator changed them (already in SQL)
             self.host = dataclasses.replace(self.host, account_limit=message.account_limit)
             self.bucket = TokenBucket(message.events_per_second)
+            self.windows = self._windows(self.config, message.account_limit)  # counts start again
             log.info("host limits applied host=%s account_limit=%s events_per_second=%s",
                      self.host.hostname, message.account_limit, message.events_per_second)  # fmt: skip
             return None
@@ -307,6 +324,8 @@ class HostSubscriber(pykka.ThreadingActor):
         self.bucket.wait()
         if trace:
             trace.mark()  # decoded (and rate-limited)
+        while self.windows.wait(max_sleep=WINDOW_RECHECK_SECONDS) < 0:
+            pass  # held by the hour or day window; new limits (SetSubscriberLimits) apply at the next check
         self.progress.enter("verify")
         try:
             verdict = self.verifier.check(event, self.host)

@@ -222,6 +222,7 @@ class HostSupervisor(pykka.ThreadingActor):
             cursor=row.last_seq,
             account_count=account_count,
             events_per_second=row.events_per_second or self.default_events_per_second,
+            trusted=row.trusted,
             verifier=self.verifier,
             sequencer=self.sequencer,
             parent=self.actor_ref,

@@ -5,7 +5,8 @@ supervisor (or, with ingest workers, ``IngestPool``, which passes it over the li
 worker), the sequencer, the repo mirror and the caches. Workers and restarted actors read the
 same state from SQL when they start, so a change is not lost while one of them is down.
 Messages: ``actors.messages_control``. Account operations: ``actors.relay_accounts``; relay-wide
-policy (requestCrawl switch and daily limit, trusted domains): ``actors.relay_policy``.
+policy (requestCrawl switch and daily limit, trusted domains): ``actors.relay_policy``; the
+admin pages' read side (dashboard figures, the host table): ``actors.relay_views``.
 
 Host status ``banned`` is a blocked host: not subscribed, refused by requestCrawl, kept across
 restarts. A banned domain refuses its hosts and their sub-domains' likewise. Public
@@ -23,10 +24,12 @@ from typing import Any
 
 from actors.control_errors import ControlError
 from actors.crawl import CrawlRefused, CrawlTarget, is_banned, normalize_hostname, probe_pds
+from actors.host_rate import window_limits
 from actors.messages import StartHost, StopHost
 from actors.messages_control import ApplyHostLimits, RestartHost
 from actors.relay_accounts import AccountOps
 from actors.relay_policy import PolicyOps
+from actors.relay_views import ViewOps
 from store.hosts import (
     HOST_ACTIVE,
     HOST_BANNED,
@@ -46,7 +49,7 @@ MAX_ACCOUNT_LIMIT = 1 << 40
 MAX_EVENTS_PER_SECOND = 1_000_000.0
 
 
-class Relay(AccountOps, PolicyOps):
+class Relay(AccountOps, PolicyOps, ViewOps):
     """Operator operations over a running ``RelaySupervisor``; raises ``ControlError`` on a refusal."""
 
     def __init__(self, supervisor: Any, *, probe: Callable[[CrawlTarget], Any] | None = None,
@@ -56,6 +59,7 @@ class Relay(AccountOps, PolicyOps):
         self.db = supervisor.db
         self.probe = probe or (lambda target: probe_pds(target, client=supervisor.outbound))
         self.clock = clock
+        self._init_views()
 
     # -- hosts -------------------------------------------------------------------------------------
     def _hostname(self, raw: object) -> str:
@@ -95,12 +99,18 @@ class Relay(AccountOps, PolicyOps):
         for row in rows:
             limit = row.account_limit if row.account_limit is not None else self.settings.default_host_account_limit
             rate = row.events_per_second or self.settings.default_host_events_per_second
+            is_trusted = row.trusted or is_banned(row.hostname, trusted)
+            s = self.settings
+            windows = window_limits(s.default_host_events_per_hour, s.default_host_events_per_day, limit,
+                                    trusted=is_trusted, trusted_multiplier=s.trusted_host_rate_multiplier)  # fmt: skip
             out.append({
                 "ID": row.id, "Host": row.hostname, "Cursor": row.last_seq, "Registered": row.status == HOST_ACTIVE,
                 "Blocked": row.status == HOST_BANNED, "RepoCount": row.account_count, "RepoLimit": limit,
                 "UserCount": row.account_count, "HasActiveConnection": row.hostname in running,
                 "PerSecondEventRate": {"Max": rate, "Window": 1}, "Status": row.status,
-                "Trusted": row.trusted or is_banned(row.hostname, trusted),
+                "PerHourEventRate": {"Max": windows.per_hour, "Window": 3600},
+                "PerDayEventRate": {"Max": windows.per_day, "Window": 86400},
+                "Trusted": is_trusted,
                 "LastError": row.last_error,
             })  # fmt: skip
         return out
@@ -207,6 +217,9 @@ class Relay(AccountOps, PolicyOps):
                 "id": i,
                 "remote_addr": c.remote,
                 "events_consumed": c.frames_sent,
+                "user_agent": c.user_agent,
+                "cursor": c.cursor,
+                "queued_frames": c.queued,
                 "cut_reason": c.cut_reason,
                 "connected_at": datetime.fromtimestamp(c.connected_at, UTC).isoformat().replace("+00:00", "Z"),
             }

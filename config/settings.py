@@ -143,6 +143,18 @@ class Settings:
     trace_events_ratio: float = 0.001
     # seconds without an upstream event before a connected host shows as "idle" in getHostStatus/listHosts
     host_idle_status_seconds: float = 600.0
+    # -- admin web pages (web/admin_pages.py) --
+    # key that signs admin page session cookies; empty: a random one at each start (sign-ins end on restart)
+    admin_session_secret: Secret = field(default_factory=lambda: Secret(""))
+    # hours an admin page sign-in lasts before the password is asked again
+    admin_session_hours: float = 12.0
+    # -- per-host hour and day windows (actors/host_rate.py) --
+    # events one host may send per hour, plus its account limit (limits slow reading, never drop)
+    default_host_events_per_hour: int = 2500
+    # events one host may send per day, plus ten times its account limit
+    default_host_events_per_day: int = 20_000
+    # how many times the hour and day limits a host in a trusted domain gets
+    trusted_host_rate_multiplier: float = 10.0
 
     def admin_passwords(self) -> tuple[str, ...]:
         """Every accepted admin password (empty: the admin API is off)."""

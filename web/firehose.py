@@ -112,7 +112,8 @@ def firehose_blueprint(
             ws.send(error_frame(exc.error, exc.message))
             ws.close()
             return ""
-        Connection(ws, log_reader, registry, request.remote_addr or "", limits, slots).serve(cursor)
+        user_agent = request.headers.get("User-Agent", "")[:200]
+        Connection(ws, log_reader, registry, request.remote_addr or "", limits, slots, user_agent).serve(cursor)
         return ""
 
     @blueprint.get(SUBSCRIBE_REPOS_PATH)

@@ -103,8 +103,10 @@ class Connection:
         remote: str,
         limits: ConnectionLimits,
         slots: ReplaySlots,
+        user_agent: str = "",
     ) -> None:
         self._ws = ws
+        self._user_agent = user_agent
         self._socket = ws.handler.socket
         try:  # small frames must not wait for the client's delayed ACK (Nagle)
             self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -131,6 +133,7 @@ class Connection:
         consumer = self._consumer = self._registry.register(
             buffer_frames=limits.buffer_frames, buffer_bytes=limits.buffer_bytes, remote=self._remote
         )
+        consumer.user_agent, consumer.cursor = self._user_agent, cursor  # shown to operators
         reader = gevent.spawn(self._read_loop)
         log.debug("firehose consumer connected remote=%s cursor=%s", self._remote, cursor)
         try:

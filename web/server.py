@@ -24,6 +24,7 @@ from store.db import StoreError, open_database, ping
 from store.migrations import apply_migrations
 from web.admin_api import admin_blueprint
 from web.admin_auth import AdminGuard
+from web.admin_pages import admin_pages_blueprint, admin_root_blueprint
 from web.app import create_app
 from web.exit_guard import ExitGuard, still_alive
 from web.firehose import firehose_blueprint, pre_upgrade_hook
@@ -43,6 +44,11 @@ class Services:
         self.relay = relay
         self.db = relay.db
         self.control = Relay(relay)  # every operator operation goes through it
+        self.admin_guard = AdminGuard(  # one guard (and one failure throttle) for the admin API and pages
+            settings.admin_passwords(),
+            max_failures=settings.admin_auth_max_failures,
+            window_seconds=settings.admin_auth_window_seconds,
+        )
 
     def health(self) -> bool:
         with self.db.connection_context():
@@ -71,14 +77,9 @@ class Services:
                 is_idle=lambda host_id: self.relay.activity.is_idle(host_id, self.settings.host_idle_status_seconds),
             ),
             repo_blueprint(db=self.db, carstore=self.relay.carstore),
-            admin_blueprint(
-                relay=self.control,
-                guard=AdminGuard(
-                    self.settings.admin_passwords(),
-                    max_failures=self.settings.admin_auth_max_failures,
-                    window_seconds=self.settings.admin_auth_window_seconds,
-                ),
-            ),
+            admin_blueprint(relay=self.control, guard=self.admin_guard),
+            admin_pages_blueprint(relay=self.control, guard=self.admin_guard, settings=self.settings),
+            admin_root_blueprint(),
             *metrics,
         ]
 

@@ -119,6 +119,8 @@ class RelayProcess:
                 "SKYRELAY_BIND": f"127.0.0.1:{self.port}",
                 "SKYRELAY_CURSOR_FLUSH_SECONDS": "0.5",
                 "SKYRELAY_DEFAULT_HOST_EVENTS_PER_SECOND": "1000000",
+                "SKYRELAY_DEFAULT_HOST_EVENTS_PER_HOUR": "1000000000",  # hour and day windows out of the way
+                "SKYRELAY_DEFAULT_HOST_EVENTS_PER_DAY": "1000000000",
                 # the relay must survive bad frames even where Rust backtraces are on (HACKING.md)
                 "RUST_BACKTRACE": "1",
                 **self.extra_env,
