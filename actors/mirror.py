@@ -53,6 +53,11 @@ BACKFILL_QUEUE = Gauge("skyrelay_mirror_backfill_queue", "Accounts waiting for a
 HELD_DROPPED = Counter("skyrelay_mirror_held_dropped_total", "Live commits dropped while a backfill ran too long")
 
 
+def queued_backfills() -> int:
+    """Accounts waiting for a backfill in this process's mirror (what producers such as enumeration pace on)."""
+    return int(BACKFILL_QUEUE._value.get())
+
+
 @dataclass(frozen=True, slots=True)
 class MirrorConfig:
     max_concurrent_fetches: int = 8

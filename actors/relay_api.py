@@ -25,8 +25,10 @@ from actors.control_errors import ControlError
 from actors.crawl import CrawlRefused, CrawlTarget, is_banned, normalize_hostname, probe_pds
 from actors.messages import StartHost, StopHost
 from actors.messages_control import ApplyHostLimits, RestartHost
+from actors.messages_discovery import EnumerateHost
 from actors.relay_accounts import AccountOps
 from actors.relay_policy import PolicyOps
+from store.enumeration import EnumerationRow, all_enumerations
 from store.hosts import (
     HOST_ACTIVE,
     HOST_BANNED,
@@ -44,6 +46,13 @@ log = logging.getLogger(__name__)
 ASK_TIMEOUT_SECONDS = 10.0
 MAX_ACCOUNT_LIMIT = 1 << 40
 MAX_EVENTS_PER_SECOND = 1_000_000.0
+
+
+def _enumeration_fields(row: EnumerationRow | None) -> dict[str, Any]:
+    """A host's listRepos walk: accounts found so far, state (none, running, done, stopped), last error."""
+    if row is None:
+        return {"EnumeratedAccounts": 0, "EnumerationState": "none", "EnumerationError": None}
+    return {"EnumeratedAccounts": row.accounts, "EnumerationState": row.state, "EnumerationError": row.error}
 
 
 class Relay(AccountOps, PolicyOps):
@@ -89,6 +98,7 @@ class Relay(AccountOps, PolicyOps):
         """Every host with its status and limits (the reference relay's ``/admin/pds/list`` fields)."""
         with self.db.connection_context():
             rows = list_hosts(self.db, limit=1_000_000)
+            walks = all_enumerations(self.db)
         running = set(self.upstream_conns())
         trusted = self.trusted_domains()
         out = []
@@ -101,7 +111,7 @@ class Relay(AccountOps, PolicyOps):
                 "UserCount": row.account_count, "HasActiveConnection": row.hostname in running,
                 "PerSecondEventRate": {"Max": rate, "Window": 1}, "Status": row.status,
                 "Trusted": row.trusted or is_banned(row.hostname, trusted),
-                "LastError": row.last_error,
+                "LastError": row.last_error, **_enumeration_fields(walks.get(row.id)),
             })  # fmt: skip
         return out
 
@@ -116,6 +126,8 @@ class Relay(AccountOps, PolicyOps):
         except CrawlRefused as exc:
             raise ControlError(exc.error, exc.message) from None
         self.supervisor.hosts.tell(StartHost(target.hostname))
+        if getattr(self.supervisor, "enumerator", None) is not None:
+            self.supervisor.enumerator.tell(EnumerateHost(target.hostname))
         log.info("crawl requested host=%s admin=%s", target.hostname, admin)
         return target.hostname
 

@@ -22,6 +22,7 @@ from actors.accounts import AccountCache
 from actors.backoff import Backoff
 from actors.broadcaster import Broadcaster, ConsumerRegistry
 from actors.crawl import is_banned
+from actors.enumerator import EnumeratorConfig, HostEnumerator
 from actors.host_subscriber import SubscriberConfig
 from actors.host_supervisor import HostSupervisor
 from actors.identity import IdentityDirectory, IdentityResolver
@@ -108,6 +109,7 @@ class RelaySupervisor:
         self.sequencer: Any = None
         self.identity: Any = None
         self.hosts: Any = None
+        self.enumerator: Any = None
         self._identity_backoff = Backoff()
         self._mirror_backoff = Backoff()
         self.mirror = Forwarder("mirror")
@@ -157,6 +159,10 @@ class RelaySupervisor:
             ]
         for hostname in dict.fromkeys([*known, *self.settings.crawl_hosts]):
             self.hosts.tell(StartHost(hostname))
+        if self.settings.enumerate_hosts:  # walks every followed host's listRepos (resumes unfinished walks)
+            mirror = self.mirror if self.carstore is not None else None
+            config = EnumeratorConfig.from_settings(self.settings)
+            self.enumerator = HostEnumerator.start(self.db, self.outbound, mirror, config)
         self._greenlets = [gevent.spawn(self._watch), gevent.spawn(self._tick)]
 
     def _start_mirror(self) -> None:
@@ -196,7 +202,7 @@ class RelaySupervisor:
         last_seq = self.event_log.last_seq
         for g in self._greenlets:
             g.kill(block=False)
-        for ref in (self.hosts, self.identity, self.sequencer, self.mirror.ref, self.broadcaster):
+        for ref in (self.enumerator, self.hosts, self.identity, self.sequencer, self.mirror.ref, self.broadcaster):
             if ref is not None and ref.is_alive():
                 try:
                     ref.stop(block=True, timeout=30)
@@ -262,6 +268,7 @@ class RelaySupervisor:
             leaf("sequencer", "Sequencer", self.sequencer),
             leaf("identity", "IdentityResolver", self.identity),
             leaf("mirror", "RepoMirror", self.mirror.ref),
+            leaf("enumerator", "HostEnumerator", self.enumerator),
         ]
         if self.hosts is not None and self.hosts.is_alive():
             children.append(self.hosts.ask(GetTree(), timeout=ASK_TIMEOUT_SECONDS))

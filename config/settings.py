@@ -133,6 +133,23 @@ class Settings:
     outbound_dns_server: str = ""
     # longest one whole-repo backfill download (getRepo) may take, in seconds
     backfill_fetch_total_seconds: float = 900.0
+    # -- discovery (actors/enumerator.py: every added host's listRepos walked, its accounts mirrored)
+    # walk each added host's listRepos so accounts that never write again are known and mirrored
+    enumerate_hosts: bool = True
+    # hosts whose listRepos is walked at once
+    enumerate_concurrent_hosts: int = 4
+    # listRepos pages fetched per second from one host
+    enumerate_pages_per_second: float = 2.0
+    # accounts asked for in one listRepos page (the Lexicon allows 1 to 1000)
+    enumerate_page_size: int = 1000
+    # most listRepos pages walked on one host (a cursor that never ends stops there)
+    enumerate_max_pages: int = 100_000
+    # seconds before a walk that failed (host unreachable, server error) is tried again
+    enumerate_retry_seconds: float = 300.0
+    # how often the host table is scanned for hosts still to walk, in seconds
+    enumerate_scan_seconds: float = 10.0
+    # a walk pauses while more than this many accounts wait for a mirror backfill
+    enumerate_max_backfill_queue: int = 10_000
 
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'relay.sqlite'}"

@@ -97,6 +97,21 @@ MAIN_MIGRATIONS: tuple[Migration, ...] = (
         "index of accounts by relay status (takedown lists)",
         ("CREATE INDEX account_status_idx ON account (status)",),
     ),
+    Migration(
+        3,
+        "host enumeration progress (listRepos cursor per host)",
+        (
+            """CREATE TABLE host_enumeration (
+                host_id BIGINT PRIMARY KEY REFERENCES host (id),
+                cursor TEXT,
+                state TEXT NOT NULL DEFAULT 'running',
+                accounts BIGINT NOT NULL DEFAULT 0,
+                pages BIGINT NOT NULL DEFAULT 0,
+                error TEXT,
+                updated_at {float} NOT NULL
+            )""",
+        ),
+    ),
 )
 
 
