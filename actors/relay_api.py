@@ -27,6 +27,7 @@ from actors.messages import StartHost, StopHost
 from actors.messages_control import ApplyHostLimits, RestartHost
 from actors.messages_discovery import EnumerateHost
 from actors.relay_accounts import AccountOps
+from actors.relay_imports import ImportOps
 from actors.relay_policy import PolicyOps
 from store.enumeration import EnumerationRow, all_enumerations
 from store.hosts import (
@@ -55,7 +56,7 @@ def _enumeration_fields(row: EnumerationRow | None) -> dict[str, Any]:
     return {"EnumeratedAccounts": row.accounts, "EnumerationState": row.state, "EnumerationError": row.error}
 
 
-class Relay(AccountOps, PolicyOps):
+class Relay(AccountOps, PolicyOps, ImportOps):
     """Operator operations over a running ``RelaySupervisor``; raises ``ControlError`` on a refusal."""
 
     def __init__(self, supervisor: Any, *, probe: Callable[[CrawlTarget], Any] | None = None,
@@ -118,18 +119,35 @@ class Relay(AccountOps, PolicyOps):
     def request_crawl(self, raw: object, *, admin: bool = True) -> str:
         """Subscribe to a host after the checks requestCrawl makes; an admin crawl skips the public gate."""
         try:
-            target = normalize_hostname(raw, insecure=self.settings.allow_insecure_hosts)
-            self._check_not_banned(target.hostname)
-            if not admin:
-                self.public_crawl_gate(target.hostname)
-            self.probe(target)  # the outbound client checks the addresses it connects to
+            target = self.check_crawl(raw, public=not admin, new_host_limit=False)
         except CrawlRefused as exc:
             raise ControlError(exc.error, exc.message) from None
-        self.supervisor.hosts.tell(StartHost(target.hostname))
-        if getattr(self.supervisor, "enumerator", None) is not None:
-            self.supervisor.enumerator.tell(EnumerateHost(target.hostname))
+        self.subscribe(target.hostname)
         log.info("crawl requested host=%s admin=%s", target.hostname, admin)
         return target.hostname
+
+    def check_crawl(self, raw: object, *, public: bool, new_host_limit: bool) -> CrawlTarget:
+        """The requestCrawl checks, shared by admin and public crawl, DID-list import and spidering.
+
+        A usable host name, not banned (host or domain); for ``public`` the requestCrawl switch and
+        the new-hosts-per-day limit, for ``new_host_limit`` that limit alone; then the
+        ``describeServer`` probe through the outbound client (which checks every address it
+        connects to). ``CrawlRefused`` says why not.
+        """
+        target = normalize_hostname(raw, insecure=self.settings.allow_insecure_hosts)
+        self._check_not_banned(target.hostname)
+        if public:
+            self.public_crawl_gate(target.hostname)
+        elif new_host_limit:
+            self.new_host_gate(target.hostname)
+        self.probe(target)
+        return target
+
+    def subscribe(self, hostname: str) -> None:
+        """Follow a host that passed ``check_crawl``: subscribe to it and walk its listRepos."""
+        self.supervisor.hosts.tell(StartHost(hostname))
+        if getattr(self.supervisor, "enumerator", None) is not None:
+            self.supervisor.enumerator.tell(EnumerateHost(hostname))
 
     def _check_not_banned(self, hostname: str) -> None:
         with self.db.connection_context():

@@ -26,6 +26,7 @@ from actors.enumerator import EnumeratorConfig, HostEnumerator
 from actors.host_subscriber import SubscriberConfig
 from actors.host_supervisor import HostSupervisor
 from actors.identity import IdentityDirectory, IdentityResolver
+from actors.import_resume import resume_imports
 from actors.ingest_pool import IngestPool
 from actors.messages import GetTree, StartHost, Tick
 from actors.metrics import CHILD_RESTARTS
@@ -164,6 +165,9 @@ class RelaySupervisor:
             config = EnumeratorConfig.from_settings(self.settings)
             self.enumerator = HostEnumerator.start(self.db, self.outbound, mirror, config)
         self._greenlets = [gevent.spawn(self._watch), gevent.spawn(self._tick)]
+        if self.carstore is not None:  # backfills of DID-list imports cut short by a crash or a stop
+            args = (self.db, self.carstore, self.mirror, self.settings.enumerate_max_backfill_queue)
+            self._greenlets.append(gevent.spawn(resume_imports, *args))
 
     def _start_mirror(self) -> None:
         assert self.carstore is not None

@@ -112,6 +112,29 @@ MAIN_MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        4,
+        "DID list import jobs and the accounts each imported",
+        (
+            """CREATE TABLE import_job (
+                id {pk},
+                name TEXT NOT NULL UNIQUE,
+                lines BIGINT NOT NULL DEFAULT 0,
+                imported BIGINT NOT NULL DEFAULT 0,
+                current BIGINT NOT NULL DEFAULT 0,
+                failed TEXT NOT NULL DEFAULT '{{}}',
+                state TEXT NOT NULL DEFAULT 'running',
+                created_at {float} NOT NULL,
+                updated_at {float} NOT NULL
+            )""",
+            """CREATE TABLE import_account (
+                job_id BIGINT NOT NULL REFERENCES import_job (id),
+                did TEXT NOT NULL,
+                rev TEXT,
+                PRIMARY KEY (job_id, did)
+            )""",
+        ),
+    ),
 )
 
 

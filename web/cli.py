@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     from web.admin_cli import add_admin_parser  # standard library only
 
     add_admin_parser(sub)
+    from web.dids_cli import add_dids_parser  # standard library only
+
+    add_dids_parser(sub)
     return parser
 
 
@@ -94,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         from web.admin_cli import run_admin
 
         return run_admin(args)
+    if args.command == "dids":
+        from web.dids_cli import run_dids
+
+        return run_dids(args)
     if args.command == "config":
         settings = _settings_from_args(args)
         print(json.dumps(settings.public_dict(), indent=2))
