@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.parse
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,9 +89,16 @@ def fetch_repo(client: OutboundClient, pds_endpoint: str, did: str, limits: Limi
 
 class RepoMirror(pykka.ThreadingActor):
     def __init__(
-        self, carstore: CarStore, identities: Any, config: MirrorConfig, *, outbound: OutboundClient | None = None
+        self,
+        carstore: CarStore,
+        identities: Any,
+        config: MirrorConfig,
+        *,
+        outbound: OutboundClient | None = None,
+        discovered: Callable[..., None] | None = None,
     ) -> None:
         super().__init__()
+        self.discovered = discovered  # the spider's non-blocking offer(did, car, blocks), or None
         self.carstore = carstore
         self.identities = identities
         self.config = config
@@ -174,6 +182,8 @@ class RepoMirror(pykka.ThreadingActor):
 
     def _apply(self, event: MirrorEvent) -> None:
         did = event.did
+        if self.discovered is not None:
+            self.discovered(did, event.car)
         if event.kind == "#account":
             if event.deleted:
                 self._forget(did)
@@ -309,6 +319,8 @@ class RepoMirror(pykka.ThreadingActor):
             )
         )
         BACKFILLS.labels("ok").inc()
+        if self.discovered is not None:
+            self.discovered(did, None, tuple(repo.blocks.values()))
         self._attempts.pop(did, None)
         self._remember(did, rev)
         held = self._held.pop(did, [])

@@ -111,6 +111,7 @@ class RelaySupervisor:
         self.identity: Any = None
         self.hosts: Any = None
         self.enumerator: Any = None
+        self.spider: Any = None  # actors.spider.Spider, set by the front end's composition (needs Relay)
         self._identity_backoff = Backoff()
         self._mirror_backoff = Backoff()
         self.mirror = Forwarder("mirror")
@@ -183,8 +184,13 @@ class RelaySupervisor:
                 fetch_total_seconds=self.settings.backfill_fetch_total_seconds,
             ),
             outbound=self.outbound,
+            discovered=self._offer_to_spider,
         )
         self._mirror_backoff.started()
+
+    def _offer_to_spider(self, did: str, car: bytes | None = None, blocks: tuple[bytes, ...] = ()) -> None:
+        if self.spider is not None:
+            self.spider.offer(did, car, blocks)
 
     def _start_identity(self) -> None:
         self.identity = IdentityResolver.start(self.directory)
@@ -203,6 +209,8 @@ class RelaySupervisor:
     def stop(self) -> None:
         """Stop in reverse start order: hosts (flush cursors), identity, sequencer (sync log), broadcaster."""
         self._stopping = True
+        if self.spider is not None:
+            self.spider.stop()
         last_seq = self.event_log.last_seq
         for g in self._greenlets:
             g.kill(block=False)

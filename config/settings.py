@@ -150,6 +150,12 @@ class Settings:
     enumerate_scan_seconds: float = 10.0
     # a walk pauses while more than this many accounts wait for a mirror backfill
     enumerate_max_backfill_queue: int = 10_000
+    # spider: follow DIDs met in events, records and fetched repos to PDS hosts not yet followed
+    spider_enabled: bool = True
+    # DIDs (with their event's blocks) waiting for the spider; beyond it offers are dropped and counted
+    spider_queue_size: int = 10_000
+    # identity look-ups the spider makes per second at most
+    spider_lookups_per_second: float = 5.0
 
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'relay.sqlite'}"

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from actors.relay_api import Relay
+from actors.spider import Spider, SpiderConfig
 from actors.supervisor import RelaySupervisor
 from config.logs import configure_logging
 from config.settings import Settings
@@ -38,6 +39,13 @@ class Services:
         self.relay = relay
         self.db = relay.db
         self.control = Relay(relay)  # every operator operation goes through it
+        if settings.spider_enabled:  # discovery shares the requestCrawl checks through the control plane
+            relay.spider = Spider(relay.db, relay.directory, self._spider_check, self.control.subscribe,
+                                  SpiderConfig(settings.spider_queue_size, settings.spider_lookups_per_second,
+                                               allow_insecure_hosts=settings.allow_insecure_hosts)).start()  # fmt: skip
+
+    def _spider_check(self, hostname: str) -> None:
+        self.control.check_crawl(hostname, public=False, new_host_limit=True)
 
     def health(self) -> bool:
         with self.db.connection_context():
