@@ -23,6 +23,7 @@ from typing import Any
 
 from actors.control_errors import ControlError
 from actors.crawl import CrawlRefused, CrawlTarget, is_banned, normalize_hostname, probe_pds
+from actors.crawl_check import check_crawl
 from actors.messages import StartHost, StopHost
 from actors.messages_control import ApplyHostLimits, RestartHost
 from actors.messages_discovery import EnumerateHost
@@ -134,27 +135,16 @@ class Relay(AccountOps, PolicyOps, ImportOps):
         ``describeServer`` probe through the outbound client (which checks every address it
         connects to). ``CrawlRefused`` says why not.
         """
-        target = normalize_hostname(raw, insecure=self.settings.allow_insecure_hosts)
-        self._check_not_banned(target.hostname)
-        if public:
-            self.public_crawl_gate(target.hostname)
-        elif new_host_limit:
-            self.new_host_gate(target.hostname)
-        self.probe(target)
-        return target
+        gate = self.public_crawl_gate if public else self.new_host_gate if new_host_limit else None
+        max_hosts = self.settings.max_hosts if public or new_host_limit else None  # an admin may go past it
+        return check_crawl(self.db, raw, insecure=self.settings.allow_insecure_hosts, probe=self.probe, gate=gate,
+                           max_hosts=max_hosts)  # fmt: skip
 
     def subscribe(self, hostname: str) -> None:
         """Follow a host that passed ``check_crawl``: subscribe to it and walk its listRepos."""
         self.supervisor.hosts.tell(StartHost(hostname))
         if getattr(self.supervisor, "enumerator", None) is not None:
             self.supervisor.enumerator.tell(EnumerateHost(hostname))
-
-    def _check_not_banned(self, hostname: str) -> None:
-        with self.db.connection_context():
-            bans = banned_domains(self.db)
-            row = get_host(self.db, hostname)
-        if is_banned(hostname, bans) or (row is not None and row.status == HOST_BANNED):
-            raise CrawlRefused("HostBanned", "this host is banned from the relay")
 
     def kill_upstream(self, raw: object, *, block: bool = False) -> None:
         row = self._host(raw)
