@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
+from prometheus_client import Counter
 
 from actors.control_errors import ControlError
 from actors.crawl import CrawlRefused, is_banned, normalize_hostname
@@ -31,6 +32,7 @@ from store.imports import JOB_LOADED, ImportJob, ensure_job, export_page, get_jo
 
 log = logging.getLogger(__name__)
 MAX_JOB_NAME = 200
+IMPORT_LINES = Counter("skyrelay_import_lines_total", "DID-list lines imported, by outcome", ["outcome"])
 
 
 class ImportOps:
@@ -89,6 +91,8 @@ class ImportOps:
             raise ControlError("InvalidRequest", f"the job has {job.lines} lines: send from line {job.lines + 1}", 409)
         skip = job.lines + 1 - first_line  # lines already stored (a resend after a crash)
         lines = lines[skip:]
+        if first_line == 1 and job.lines == 0 and lines:
+            log.info("dids import started job=%s", job.name)
         bad: list[dict[str, Any]] = []
         parsed: list[tuple[int, str, str, str | None]] = []  # (line number, did, host, rev)
         for offset, text in enumerate(lines):
@@ -133,6 +137,10 @@ class ImportOps:
         asked = [(did, rev) for did, (_, rev) in usable.items()]
         with self.db.connection_context():
             job = save_chunk(self.db, job, count, new, asked, (len(backfill), current, failed))
+        IMPORT_LINES.labels("imported").inc(len(backfill))
+        IMPORT_LINES.labels("current").inc(current)
+        for reason, n in failed.items():
+            IMPORT_LINES.labels("bad_line" if reason == "bad_line" else "host_refused").inc(n)
         if mirror is not None:
             for did in backfill:
                 self.supervisor.mirror.tell(RequestResync(did, "import"))

@@ -92,6 +92,7 @@ def test_export_import_gives_the_same_repos_and_is_idempotent(
         first = dids(b, "import", str(listing))
         assert first.returncode == 0, first.stderr + b.log()
         assert f"lines {len(rows):,}: imported {len(rows):,}, already current 0, failed: none" in first.stdout
+        assert b.metric("skyrelay_import_lines_total", outcome="imported") == len(rows)
         wait_mirrored(b, *accounts)
         for account in accounts:
             same_repo(a, b, account)
