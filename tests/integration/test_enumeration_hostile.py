@@ -75,3 +75,33 @@ def test_hostile_list_repos_walks_stop_with_a_reason(
         assert [s.count() for s in servers.values()] == [3, MAX_PAGES, 2]
     finally:
         assert relay.stop() == 0, relay.log()
+
+
+def test_a_walk_resumes_at_its_stored_cursor_after_kill_9(tmp_path: Path, db_url: str) -> None:
+    server = ListServer("endless")
+    env = {
+        "SKYRELAY_CRAWL_HOSTS": server.hostname,
+        "SKYRELAY_ADMIN_PASSWORD": PASSWORD,
+        "SKYRELAY_MIRROR_ENABLED": "false",
+        "SKYRELAY_ENUMERATE_SCAN_SECONDS": "0.2",
+        "SKYRELAY_ENUMERATE_PAGES_PER_SECOND": "20",
+        "SKYRELAY_ENUMERATE_MAX_PAGES": "40",
+    }
+    relay = RelayProcess(tmp_path / "relay", database_url=db_url, plc_url="http://127.0.0.1:9", extra_env=env).start()
+    try:
+        walked = lambda: int(admin_hosts(relay).get(server.hostname, {}).get("EnumeratedAccounts", 0))  # noqa: E731
+        wait_until(lambda: walked() >= 6, 30, "a few pages walked")
+        relay.kill9()
+        before = server.count()
+        relay.start()
+        wait_until(lambda: admin_hosts(relay)[server.hostname]["EnumerationState"] == "stopped", 60, "the walk's end")
+        cursors = server.cursors()
+        assert cursors[0] == "" and cursors[before] != ""  # resumed at a stored cursor, not from the start
+        # the page in flight at the kill (not stored), or the one after the last page asked for
+        assert int(cursors[before - 1] or "0") <= int(cursors[before]) <= int(cursors[before - 1] or "0") + 1
+        row = admin_hosts(relay)[server.hostname]
+        assert str(row["EnumerationError"]).startswith("too_many_pages")
+        assert row["EnumeratedAccounts"] == 2 * 40  # every page stored once: no gap, no duplicate
+    finally:
+        assert relay.stop() == 0, relay.log()
+        server.stop()

@@ -28,6 +28,9 @@ class ListServer:
     def count(self) -> int:
         return int(http_json(f"{self.url}/control/count")["count"])
 
+    def cursors(self) -> list[str]:
+        return list(http_json(f"{self.url}/control/cursors")["cursors"])
+
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait(timeout=10)

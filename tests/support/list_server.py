@@ -1,7 +1,8 @@
 """A hostile listing server as a real process: a PDS whose ``listRepos`` (or a relay whose ``listHosts``) misbehaves.
 
 Run as ``python -m tests.support.list_server --mode MODE``; prints ``{"port": N}`` once
-listening. ``GET /control/count`` answers how many listing pages were asked for. Modes:
+listening. ``GET /control/count`` answers how many listing pages were asked for,
+``GET /control/cursors`` the cursor of each request in order. Modes:
 
 - ``loop``: listRepos pages of two accounts whose cursors go a -> b -> a -> ...
 - ``endless``: listRepos pages of two new accounts each, with a new cursor every time.
@@ -22,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 _lock = threading.Lock()
 _count = [0]
+_cursors: list[str] = []
 
 
 def _did(n: int) -> str:
@@ -67,11 +69,14 @@ def main() -> None:
             cursor = parse_qs(url.query).get("cursor", [""])[0]
             if url.path == "/control/count":
                 body = json.dumps({"count": _count[0]}).encode()
+            elif url.path == "/control/cursors":
+                body = json.dumps({"cursors": _cursors}).encode()
             elif url.path == "/xrpc/com.atproto.server.describeServer":
                 body = json.dumps({"did": "did:web:hostile.example", "availableUserDomains": []}).encode()
             elif url.path in ("/xrpc/com.atproto.sync.listRepos", "/xrpc/com.atproto.sync.listHosts"):
                 with _lock:
                     _count[0] += 1
+                    _cursors.append(cursor)
                 body = _page(args.mode, cursor, hosts)
             else:
                 self.send_response(404)
