@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.parse
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,11 @@ BACKFILL_QUEUE = Gauge("skyrelay_mirror_backfill_queue", "Accounts waiting for a
 HELD_DROPPED = Counter("skyrelay_mirror_held_dropped_total", "Live commits dropped while a backfill ran too long")
 
 
+def queued_backfills() -> int:
+    """Accounts waiting for a backfill in this process's mirror (what producers such as enumeration pace on)."""
+    return int(BACKFILL_QUEUE._value.get())
+
+
 @dataclass(frozen=True, slots=True)
 class MirrorConfig:
     max_concurrent_fetches: int = 8
@@ -87,9 +93,16 @@ def fetch_repo(client: OutboundClient, pds_endpoint: str, did: str, limits: Limi
 
 class RepoMirror(pykka.ThreadingActor):
     def __init__(
-        self, carstore: CarStore, identities: Any, config: MirrorConfig, *, outbound: OutboundClient | None = None
+        self,
+        carstore: CarStore,
+        identities: Any,
+        config: MirrorConfig,
+        *,
+        outbound: OutboundClient | None = None,
+        discovered: Callable[..., None] | None = None,
     ) -> None:
         super().__init__()
+        self.discovered = discovered  # the spider's non-blocking offer(did, car, blocks), or None
         self.carstore = carstore
         self.identities = identities
         self.config = config
@@ -176,6 +189,8 @@ class RepoMirror(pykka.ThreadingActor):
 
     def _apply(self, event: MirrorEvent) -> None:
         did = event.did
+        if self.discovered is not None:
+            self.discovered(did, event.car)
         if event.kind == "#account":
             if event.deleted:
                 self._forget(did)
@@ -326,6 +341,8 @@ class RepoMirror(pykka.ThreadingActor):
             )
         )
         BACKFILLS.labels("ok").inc()
+        if self.discovered is not None:
+            self.discovered(did, None, tuple(repo.blocks.values()))
         self._attempts.pop(did, None)
         self._remember(did, rev)
         held = self._held.pop(did, [])

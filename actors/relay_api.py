@@ -24,12 +24,16 @@ from typing import Any
 
 from actors.control_errors import ControlError
 from actors.crawl import CrawlRefused, CrawlTarget, is_banned, normalize_hostname, probe_pds
+from actors.crawl_check import check_crawl
 from actors.host_rate import window_limits
 from actors.messages import StartHost, StopHost
 from actors.messages_control import ApplyHostLimits, RestartHost
+from actors.messages_discovery import EnumerateHost
 from actors.relay_accounts import AccountOps
+from actors.relay_imports import ImportOps
 from actors.relay_policy import PolicyOps
 from actors.relay_views import ViewOps
+from store.enumeration import EnumerationRow, all_enumerations
 from store.hosts import (
     HOST_ACTIVE,
     HOST_BANNED,
@@ -49,7 +53,14 @@ MAX_ACCOUNT_LIMIT = 1 << 40
 MAX_EVENTS_PER_SECOND = 1_000_000.0
 
 
-class Relay(AccountOps, PolicyOps, ViewOps):
+def _enumeration_fields(row: EnumerationRow | None) -> dict[str, Any]:
+    """A host's listRepos walk: accounts found so far, state (none, running, done, stopped), last error."""
+    if row is None:
+        return {"EnumeratedAccounts": 0, "EnumerationState": "none", "EnumerationError": None}
+    return {"EnumeratedAccounts": row.accounts, "EnumerationState": row.state, "EnumerationError": row.error}
+
+
+class Relay(AccountOps, PolicyOps, ViewOps, ImportOps):
     """Operator operations over a running ``RelaySupervisor``; raises ``ControlError`` on a refusal."""
 
     def __init__(self, supervisor: Any, *, probe: Callable[[CrawlTarget], Any] | None = None,
@@ -93,6 +104,7 @@ class Relay(AccountOps, PolicyOps, ViewOps):
         """Every host with its status and limits (the reference relay's ``/admin/pds/list`` fields)."""
         with self.db.connection_context():
             rows = list_hosts(self.db, limit=1_000_000)
+            walks = all_enumerations(self.db)
         running = set(self.upstream_conns())
         trusted = self.trusted_domains()
         out = []
@@ -111,30 +123,38 @@ class Relay(AccountOps, PolicyOps, ViewOps):
                 "PerHourEventRate": {"Max": windows.per_hour, "Window": 3600},
                 "PerDayEventRate": {"Max": windows.per_day, "Window": 86400},
                 "Trusted": is_trusted,
-                "LastError": row.last_error,
+                "LastError": row.last_error, **_enumeration_fields(walks.get(row.id)),
             })  # fmt: skip
         return out
 
     def request_crawl(self, raw: object, *, admin: bool = True) -> str:
         """Subscribe to a host after the checks requestCrawl makes; an admin crawl skips the public gate."""
         try:
-            target = normalize_hostname(raw, insecure=self.settings.allow_insecure_hosts)
-            self._check_not_banned(target.hostname)
-            if not admin:
-                self.public_crawl_gate(target.hostname)
-            self.probe(target)  # the outbound client checks the addresses it connects to
+            target = self.check_crawl(raw, public=not admin, new_host_limit=False)
         except CrawlRefused as exc:
             raise ControlError(exc.error, exc.message) from None
-        self.supervisor.hosts.tell(StartHost(target.hostname))
+        self.subscribe(target.hostname)
         log.info("crawl requested host=%s admin=%s", target.hostname, admin)
         return target.hostname
 
-    def _check_not_banned(self, hostname: str) -> None:
-        with self.db.connection_context():
-            bans = banned_domains(self.db)
-            row = get_host(self.db, hostname)
-        if is_banned(hostname, bans) or (row is not None and row.status == HOST_BANNED):
-            raise CrawlRefused("HostBanned", "this host is banned from the relay")
+    def check_crawl(self, raw: object, *, public: bool, new_host_limit: bool) -> CrawlTarget:
+        """The requestCrawl checks, shared by admin and public crawl, DID-list import and spidering.
+
+        A usable host name, not banned (host or domain); for ``public`` the requestCrawl switch and
+        the new-hosts-per-day limit, for ``new_host_limit`` that limit alone; then the
+        ``describeServer`` probe through the outbound client (which checks every address it
+        connects to). ``CrawlRefused`` says why not.
+        """
+        gate = self.public_crawl_gate if public else self.new_host_gate if new_host_limit else None
+        max_hosts = self.settings.max_hosts if public or new_host_limit else None  # an admin may go past it
+        return check_crawl(self.db, raw, insecure=self.settings.allow_insecure_hosts, probe=self.probe, gate=gate,
+                           max_hosts=max_hosts)  # fmt: skip
+
+    def subscribe(self, hostname: str) -> None:
+        """Follow a host that passed ``check_crawl``: subscribe to it and walk its listRepos."""
+        self.supervisor.hosts.tell(StartHost(hostname))
+        if getattr(self.supervisor, "enumerator", None) is not None:
+            self.supervisor.enumerator.tell(EnumerateHost(hostname))
 
     def kill_upstream(self, raw: object, *, block: bool = False) -> None:
         row = self._host(raw)

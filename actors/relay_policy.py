@@ -47,6 +47,10 @@ class PolicyOps:
         """``CrawlRefused`` when public requestCrawl is off, or would add a host over the day's limit."""
         if not self.crawl_enabled():
             raise CrawlRefused("Forbidden", "requestCrawl is disabled on this relay")
+        self.new_host_gate(hostname)
+
+    def new_host_gate(self, hostname: str) -> None:
+        """``CrawlRefused`` when ``hostname`` is new and the day's new-hosts limit is reached."""
         with self.db.connection_context():
             if get_host(self.db, hostname) is not None:
                 return  # a known host: no new host is added

@@ -24,10 +24,12 @@ from actors.accounts import AccountCache
 from actors.backoff import Backoff, RetryPolicy
 from actors.broadcaster import Broadcaster, ConsumerRegistry
 from actors.crawl import is_banned
+from actors.enumerator import EnumeratorConfig, HostEnumerator
 from actors.host_activity import HostActivity
 from actors.host_subscriber import SubscriberConfig
 from actors.host_supervisor import HostSupervisor
 from actors.identity import IdentityDirectory, IdentityResolver
+from actors.import_resume import resume_imports
 from actors.ingest_pool import IngestPool
 from actors.messages import GetTree, StartHost, Tick
 from actors.metrics import CHILD_RESTARTS
@@ -114,6 +116,8 @@ class RelaySupervisor:
         self.sequencer: Any = None
         self.identity: Any = None
         self.hosts: Any = None
+        self.enumerator: Any = None
+        self.spider: Any = None  # actors.spider.Spider, set by the front end's composition (needs Relay)
         self._identity_backoff = Backoff()
         self._mirror_backoff = Backoff()
         self.mirror = Forwarder("mirror")
@@ -166,7 +170,14 @@ class RelaySupervisor:
             ]
         for hostname in dict.fromkeys([*known, *self.settings.crawl_hosts]):
             self.hosts.tell(StartHost(hostname))
+        if self.settings.enumerate_hosts:  # walks every followed host's listRepos (resumes unfinished walks)
+            mirror = self.mirror if self.carstore is not None else None
+            config = EnumeratorConfig.from_settings(self.settings)
+            self.enumerator = HostEnumerator.start(self.db, self.outbound, mirror, config)
         self._greenlets = [gevent.spawn(self._watch), gevent.spawn(self._tick)]
+        if self.carstore is not None:  # backfills of DID-list imports cut short by a crash or a stop
+            args = (self.db, self.carstore, self.mirror, self.settings.enumerate_max_backfill_queue)
+            self._greenlets.append(gevent.spawn(resume_imports, *args))
 
     def _start_mirror(self) -> None:
         assert self.carstore is not None
@@ -184,8 +195,13 @@ class RelaySupervisor:
                 fetch_total_seconds=self.settings.backfill_fetch_total_seconds,
             ),
             outbound=self.outbound,
+            discovered=self._offer_to_spider,
         )
         self._mirror_backoff.started()
+
+    def _offer_to_spider(self, did: str, car: bytes | None = None, blocks: tuple[bytes, ...] = ()) -> None:
+        if self.spider is not None:
+            self.spider.offer(did, car, blocks)
 
     def _start_identity(self) -> None:
         if self._stopping:
@@ -206,10 +222,12 @@ class RelaySupervisor:
     def stop(self) -> None:
         """Stop in reverse start order: hosts (flush cursors), identity, sequencer (sync log), broadcaster."""
         self._stopping = True
+        if self.spider is not None:
+            self.spider.stop()
         last_seq = self.event_log.last_seq
         for g in self._greenlets:
             g.kill(block=False)
-        for ref in (self.hosts, self.identity, self.sequencer, self.mirror.ref, self.broadcaster):
+        for ref in (self.enumerator, self.hosts, self.identity, self.sequencer, self.mirror.ref, self.broadcaster):
             if ref is not None and ref.is_alive():
                 try:
                     ref.stop(block=True, timeout=30)
@@ -281,6 +299,7 @@ class RelaySupervisor:
             leaf("sequencer", "Sequencer", self.sequencer),
             leaf("identity", "IdentityResolver", self.identity),
             leaf("mirror", "RepoMirror", self.mirror.ref),
+            leaf("enumerator", "HostEnumerator", self.enumerator),
         ]
         if self.hosts is not None and self.hosts.is_alive():
             children.append(self.hosts.ask(GetTree(), timeout=ASK_TIMEOUT_SECONDS))

@@ -155,6 +155,29 @@ class Settings:
     default_host_events_per_day: int = 20_000
     # how many times the hour and day limits a host in a trusted domain gets
     trusted_host_rate_multiplier: float = 10.0
+    # -- discovery (actors/enumerator.py: every added host's listRepos walked, its accounts mirrored)
+    # walk each added host's listRepos so accounts that never write again are known and mirrored
+    enumerate_hosts: bool = True
+    # hosts whose listRepos is walked at once
+    enumerate_concurrent_hosts: int = 4
+    # listRepos pages fetched per second from one host
+    enumerate_pages_per_second: float = 2.0
+    # accounts asked for in one listRepos page (the Lexicon allows 1 to 1000)
+    enumerate_page_size: int = 1000
+    # most listRepos pages walked on one host (a cursor that never ends stops there)
+    enumerate_max_pages: int = 100_000
+    # seconds before a walk that failed (host unreachable, server error) is tried again
+    enumerate_retry_seconds: float = 300.0
+    # how often the host table is scanned for hosts still to walk, in seconds
+    enumerate_scan_seconds: float = 10.0
+    # a walk pauses while more than this many accounts wait for a mirror backfill
+    enumerate_max_backfill_queue: int = 10_000
+    # spider: follow DIDs met in events, records and fetched repos to PDS hosts not yet followed
+    spider_enabled: bool = True
+    # DIDs (with their event's blocks) waiting for the spider; beyond it offers are dropped and counted
+    spider_queue_size: int = 10_000
+    # identity look-ups the spider makes per second at most
+    spider_lookups_per_second: float = 5.0
 
     def admin_passwords(self) -> tuple[str, ...]:
         """Every accepted admin password (empty: the admin API is off)."""

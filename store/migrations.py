@@ -103,6 +103,44 @@ MAIN_MIGRATIONS: tuple[Migration, ...] = (
         "index of accounts by relay status (takedown lists)",
         ("CREATE INDEX account_status_idx ON account (status)",),
     ),
+    Migration(
+        3,
+        "host enumeration progress (listRepos cursor per host)",
+        (
+            """CREATE TABLE host_enumeration (
+                host_id BIGINT PRIMARY KEY REFERENCES host (id),
+                cursor TEXT,
+                state TEXT NOT NULL DEFAULT 'running',
+                accounts BIGINT NOT NULL DEFAULT 0,
+                pages BIGINT NOT NULL DEFAULT 0,
+                error TEXT,
+                updated_at {float} NOT NULL
+            )""",
+        ),
+    ),
+    Migration(
+        4,
+        "DID list import jobs and the accounts each imported",
+        (
+            """CREATE TABLE import_job (
+                id {pk},
+                name TEXT NOT NULL UNIQUE,
+                lines BIGINT NOT NULL DEFAULT 0,
+                imported BIGINT NOT NULL DEFAULT 0,
+                current BIGINT NOT NULL DEFAULT 0,
+                failed TEXT NOT NULL DEFAULT '{{}}',
+                state TEXT NOT NULL DEFAULT 'running',
+                created_at {float} NOT NULL,
+                updated_at {float} NOT NULL
+            )""",
+            """CREATE TABLE import_account (
+                job_id BIGINT NOT NULL REFERENCES import_job (id),
+                did TEXT NOT NULL,
+                rev TEXT,
+                PRIMARY KEY (job_id, did)
+            )""",
+        ),
+    ),
 )
 
 

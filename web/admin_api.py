@@ -13,7 +13,7 @@ import json
 import logging
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, Response, jsonify, request, stream_with_context
 
 from actors import tracing
 from actors.control_errors import ControlError
@@ -231,6 +231,25 @@ def admin_blueprint(*, relay: Any, guard: AdminGuard) -> Blueprint:
     @bp.post("/admin/pds/resync")
     def resync_host() -> Any:
         return jsonify({**OK, "queued": relay.resync_host(_param("host"))})
+
+    # -- DID lists (actors.relay_imports) ------------------------------------------------------
+    @bp.get("/admin/dids/export")
+    def export_dids() -> Any:
+        lines = relay.export_dids(host=request.args.get("host"), status=request.args.get("status"))
+        return Response(stream_with_context(lines), mimetype="application/x-ndjson")
+
+    @bp.get("/admin/dids/import")
+    def import_status() -> Any:
+        return jsonify(relay.import_status(request.args.get("job")))
+
+    @bp.post("/admin/dids/import")
+    def import_chunk() -> Any:
+        """A chunk of an uploaded DID list (NDJSON body), its first line's number in ``first_line``."""
+        first = request.args.get("first_line", "1")
+        if not first.isdigit() or len(first) > 12:
+            raise XrpcError("InvalidRequest", "first_line must be a line number")
+        final = request.args.get("final", "false") in ("1", "true")
+        return jsonify(relay.import_chunk(request.args.get("job"), int(first), request.get_data(), final=final))
 
     # -- consumers and actors ------------------------------------------------------------------
     @bp.get("/admin/consumers/list")

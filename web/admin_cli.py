@@ -86,6 +86,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) ->
 
 HOST_COLUMNS = [("Host", "HOST"), ("Status", "STATUS"), ("HasActiveConnection", "CONNECTED"), ("Cursor", "CURSOR"),
                 ("RepoCount", "ACCOUNTS"), ("RepoLimit", "ACCOUNT LIMIT"), ("EventsPerSecond", "EVENTS/S"),
+                ("EnumeratedAccounts", "LISTED"), ("EnumerationState", "LISTING"),
                 ("LastError", "LAST ERROR")]  # fmt: skip
 
 

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     from web.admin_cli import add_admin_parser  # standard library only
 
     add_admin_parser(sub)
+    from web.dids_cli import add_dids_parser  # standard library only
+
+    add_dids_parser(sub)
+    from web.hosts_pull import add_hosts_parser
+
+    add_hosts_parser(sub)
     return parser
 
 
@@ -111,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         from web.admin_cli import run_admin
 
         return run_admin(args)
+    if args.command == "hosts":
+        from web.hosts_pull import run_hosts
+
+        return run_hosts(args)
+    if args.command == "dids":
+        from web.dids_cli import run_dids
+
+        return run_dids(args)
     if args.command == "config":
         settings = _settings_from_args(args)
         print(json.dumps(settings.public_dict(), indent=2))

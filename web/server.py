@@ -14,6 +14,7 @@ from flask import Blueprint
 
 from actors import tracing
 from actors.relay_api import Relay
+from actors.spider import Spider, SpiderConfig
 from actors.supervisor import RelaySupervisor
 from config.logs import configure_logging
 from config.settings import Settings, mask_url_password
@@ -49,6 +50,13 @@ class Services:
             max_failures=settings.admin_auth_max_failures,
             window_seconds=settings.admin_auth_window_seconds,
         )
+        if settings.spider_enabled:  # discovery shares the requestCrawl checks through the control plane
+            relay.spider = Spider(relay.db, relay.directory, self._spider_check, self.control.subscribe,
+                                  SpiderConfig(settings.spider_queue_size, settings.spider_lookups_per_second,
+                                               allow_insecure_hosts=settings.allow_insecure_hosts)).start()  # fmt: skip
+
+    def _spider_check(self, hostname: str) -> None:
+        self.control.check_crawl(hostname, public=False, new_host_limit=True)
 
     def health(self) -> bool:
         with self.db.connection_context():

@@ -10,10 +10,11 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from prometheus_client import Counter
 
-from actors.crawl import CrawlRefused, CrawlTarget, is_banned, normalize_hostname, probe_pds
+from actors.crawl import CrawlRefused, CrawlTarget, normalize_hostname, probe_pds
+from actors.crawl_check import check_crawl
 from actors.messages import StartHost
 from actors.outbound import OutboundClient
-from store.hosts import HostRow, banned_domains, count_hosts, get_host, list_hosts
+from store.hosts import HostRow, get_host, list_hosts
 from web.ratelimit import KeyedRateLimiter
 from web.xrpc_errors import XrpcError
 from web.xrpc_params import MAX_CURSOR, int_arg, json_body, str_arg
@@ -72,22 +73,14 @@ def sync_blueprint(
         if not isinstance(body, dict):
             raise XrpcError("InvalidRequest", 'body must be JSON {"hostname": ...}')
         try:
-            target = normalize_hostname(body.get("hostname"), insecure=insecure)
-            if target.hostname in own_hostnames:
+            if normalize_hostname(body.get("hostname"), insecure=insecure).hostname in own_hostnames:
                 raise CrawlRefused("InvalidRequest", "that is this relay")
-            with db.connection_context():
-                bans = banned_domains(db)
-                existing = get_host(db, target.hostname)
-                known_hosts = count_hosts(db) if existing is None else 0
-            if is_banned(target.hostname, bans) or (existing and existing.status == "banned"):
-                raise CrawlRefused("HostBanned", "this host is banned from the relay")
-            if existing is None and known_hosts >= max_hosts:
-                CRAWL_REFUSED.labels("host_limit").inc()
-                raise XrpcError("HostLimitReached", f"this relay follows its maximum of {max_hosts} hosts", status=403)
-            if crawl_gate is not None:
-                crawl_gate(target.hostname)
-            probe_host(target)  # the outbound client checks the addresses it connects to
+            target = check_crawl(db, body.get("hostname"), insecure=insecure, probe=probe_host, gate=crawl_gate,
+                                 max_hosts=max_hosts)  # fmt: skip
         except CrawlRefused as exc:
+            if exc.error == "HostLimitReached":
+                CRAWL_REFUSED.labels("host_limit").inc()
+                raise XrpcError(exc.error, exc.message, status=403) from None
             raise XrpcError(exc.error, exc.message) from None
         host_supervisor.tell(StartHost(target.hostname))
         log.info("crawl requested host=%s", target.hostname)

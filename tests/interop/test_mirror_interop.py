@@ -80,7 +80,9 @@ def relay(
     tmp_path: Path, db_url: str, carstore_url: str | None, reference_network: ReferenceNetwork
 ) -> Iterator[RelayProcess]:
     """A fresh relay (main database ``db_url``, carstore metadata on the same kind of database), not crawling yet."""
-    process = start_relay(tmp_path / "relay", db_url, carstore_url, reference_network.plc_url)
+    # live mirroring only: no listRepos walk or spider racing the backfills these tests count
+    off = {"SKYRELAY_ENUMERATE_HOSTS": "false", "SKYRELAY_SPIDER_ENABLED": "false"}
+    process = start_relay(tmp_path / "relay", db_url, carstore_url, reference_network.plc_url, **off)
     try:
         yield process
     finally:

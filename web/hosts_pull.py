@@ -1,0 +1,111 @@
+"""``skyrelay hosts pull --from URL``: seed a running relay's hosts from another relay's ``listHosts``.
+
+Reads every page of the source's ``com.atproto.sync.listHosts`` (a cursor that comes back or
+more than ``MAX_PAGES`` pages stop it; a page that is not a listHosts answer stops it with
+exit status 1), skips hosts with no accounts, hosts the source itself reports banned and
+hosts in a domain this relay bans, and asks this relay (admin API, ``/admin/pds/requestCrawl``:
+bans, the probe) to follow each of the others. A progress line on a terminal, a summary at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from typing import Any
+
+from actors.pages import BadPage, parse_list_hosts
+from web.admin_cli import EXIT_REFUSED, EXIT_USAGE, AdminClient, Refused
+
+MAX_PAGES = 10_000
+MAX_PAGE_BYTES = 4 * 1024 * 1024
+
+
+def add_hosts_parser(sub: Any) -> None:
+    hosts = sub.add_parser("hosts", help="seed the relay's hosts from another relay")
+    hosts.add_argument("--url", help="this relay's base URL (env SKYRELAY_ADMIN_URL; default http://127.0.0.1:2470)")
+    hosts.add_argument("--password", help="an admin password (env SKYRELAY_ADMIN_PASSWORD)")
+    hosts.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one answer")
+    acts = hosts.add_subparsers(dest="action", metavar="ACTION", required=True)
+    pull = acts.add_parser("pull", help="follow every host with accounts that another relay lists")
+    pull.add_argument("--from", dest="source", required=True, help="the other relay's base URL")
+
+
+def _source_page(source: str, cursor: str | None, timeout: float) -> bytes:
+    query = {"limit": "1000", **({"cursor": cursor} if cursor else {})}
+    url = f"{source.rstrip('/')}/xrpc/com.atproto.sync.listHosts?{urllib.parse.urlencode(query)}"
+    req = urllib.request.Request(url, headers={"Accept": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        body: bytes = resp.read(MAX_PAGE_BYTES + 1)
+    if len(body) > MAX_PAGE_BYTES:
+        raise BadPage("page too large")
+    return body
+
+
+def run_hosts(args: argparse.Namespace) -> int:
+    from config.admin_client import admin_client_config
+
+    config = admin_client_config(args.url, args.password)
+    if not config.password:
+        print("skyrelay hosts: no admin password: pass --password or set SKYRELAY_ADMIN_PASSWORD", file=sys.stderr)
+        return EXIT_USAGE
+    client = AdminClient(config.url, config.password.reveal(), args.timeout)
+    counts: Counter[str] = Counter()
+    status = 0
+    try:
+        bans = client.call("GET", "/admin/subs/listDomainBans")["banned_domains"]
+        status = _pull(client, args.source, args.timeout, list(bans), counts)
+    except Refused as exc:
+        print(f"skyrelay hosts: {exc.error}: {exc.message}", file=sys.stderr)
+        status = EXIT_REFUSED
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    print("hosts pulled: " + (", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()) if v) or "none"))
+    return status
+
+
+def _pull(client: AdminClient, source: str, timeout: float, bans: list[str], counts: Counter[str]) -> int:
+    cursor: str | None = None
+    seen: set[str] = set()
+    for _ in range(MAX_PAGES):
+        try:
+            hosts, nxt, skipped = parse_list_hosts(_source_page(source, cursor, timeout))
+        except (BadPage, urllib.error.URLError, OSError, ValueError) as exc:
+            print(f"skyrelay hosts: the source's listHosts is unusable: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+        if skipped:
+            counts["skipped_bad_entry"] += len(skipped)
+        for hostname, accounts, source_status in hosts:
+            counts[_one(client, hostname, accounts, source_status, bans)] += 1
+            if sys.stderr.isatty():
+                print(f"\rhosts {sum(counts.values()):,}  added {counts['added']:,}", end="", file=sys.stderr)
+        if nxt is None or not hosts:
+            return 0
+        if nxt in seen:
+            print("skyrelay hosts: the source's cursor came back: stopped", file=sys.stderr)
+            return EXIT_REFUSED
+        seen.add(nxt)
+        cursor = nxt
+    print(f"skyrelay hosts: more than {MAX_PAGES} pages: stopped", file=sys.stderr)
+    return EXIT_REFUSED
+
+
+def _one(client: AdminClient, hostname: str, accounts: int | None, source_status: str, bans: list[str]) -> str:
+    """Ask this relay to follow one listed host; the summary key of what happened."""
+    if not accounts:
+        return "skipped_no_accounts"
+    if source_status == "banned":
+        return "skipped_banned_at_source"
+    bare = hostname.rsplit(":", 1)[0].lower()
+    if any(bare == d or bare.endswith("." + d) for d in bans):
+        return "skipped_banned"
+    try:
+        client.call("POST", "/admin/pds/requestCrawl", body={"hostname": hostname})
+    except Refused as exc:
+        if exc.status == 0:
+            raise
+        return f"failed_{exc.error}"
+    return "added"
