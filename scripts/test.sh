@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/dev-env.sh
+bash scripts/system-deps.sh  # haproxy, for the fan-out tests
 if [ -f scripts/refpds/install.sh ]; then
   bash scripts/refpds/install.sh
 fi

@@ -40,6 +40,10 @@ class Services:
         with self.db.connection_context():
             return ping(self.db)
 
+    def health_details(self) -> dict[str, Any]:
+        """Added to the health answer: the newest seq (fan-out nodes read it for their lag metric)."""
+        return {"seq": self.relay.event_log.last_seq}
+
     def blueprints(self) -> list[Blueprint]:
         metrics = Blueprint("metrics", __name__)
 
