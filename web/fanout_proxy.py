@@ -1,7 +1,8 @@
 """A fan-out node's XRPC besides the firehose: requestCrawl forwarded, sync reads proxied, the rest 501.
 
 - ``POST requestCrawl``: rate-limited per client address like the relay's, then POSTed to the
-  upstream with the same body (at most 16 KiB); the upstream's status and JSON answer come back.
+  upstream with the same JSON body (at most 16 KiB, re-encoded once parsed); the upstream's
+  status and JSON answer come back.
 - ``GET`` listHosts, getHostStatus, getRepo, getRecord, getLatestCommit, getBlocks, listRepos,
   getRepoStatus: sent upstream with the same query string; the answer's status, content type
   and body are streamed back. A body declared over ``max_body_bytes`` is refused (502
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import math
 import urllib.error
@@ -61,8 +63,10 @@ def fanout_proxy_blueprint(
             seconds = math.ceil(wait)
             message = f"too many crawl requests; retry in {seconds} s"
             raise XrpcError("RateLimitExceeded", message, 429, {"Retry-After": str(seconds)})
-        json_body(CRAWL_BODY_BYTES)  # bounded and well-formed before it goes anywhere
-        body = request.get_data(cache=True)
+        parsed = json_body(CRAWL_BODY_BYTES)  # bounded and well-formed before it goes anywhere
+        if not isinstance(parsed, dict):
+            raise XrpcError("InvalidRequest", 'body must be JSON {"hostname": ...}')
+        body = json.dumps(parsed).encode()
         headers = {"Content-Type": "application/json"}
         req = urllib.request.Request(f"{upstream_http}{request.path}", data=body, headers=headers, method="POST")
         status, answer, content_type = _call(req, timeout_seconds)
