@@ -16,16 +16,13 @@ one batch, fsyncs, then tells the ``Broadcaster``, exactly as the relay's sequen
 - An error frame (``FutureCursor``: the upstream is behind this node) or a silent upstream
   (no frame, not even a pong, for ``idle_timeout_seconds``) ends the connection; every
   reconnect waits ``actors.backoff.Backoff``.
-- A poller reads the upstream's ``/xrpc/_health`` ``seq`` for the lag metric.
+- A poller reads the upstream's newest seq (``actors.fanout_status``) for the lag metric.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -36,6 +33,7 @@ import pykka
 
 from actors.backoff import Backoff
 from actors.blocking import off_loop
+from actors.fanout_status import UpstreamStatus, fetch_head, http_base
 from actors.messages_broadcast import Broadcast
 from actors.metrics import LAST_SEQ
 from actors.metrics_fanout import (
@@ -75,19 +73,6 @@ class FanoutConfig:
     backoff_max_seconds: float = 30.0
 
 
-class UpstreamStatus:
-    """What the web layer reads of the upstream connection (written by the actor's greenlets only)."""
-
-    def __init__(self) -> None:
-        self.connected = False
-        self.down_since: float | None = time.monotonic()  # monotonic time the connection went down
-        self.last_seq = 0  # newest durable seq in the node's log
-        self.upstream_seq: int | None = None  # the upstream's newest seq, from its /xrpc/_health
-
-    def down_for(self) -> float:
-        return 0.0 if self.down_since is None else time.monotonic() - self.down_since
-
-
 class _Reconnect(Exception):
     """End this connection and dial again (after the backoff)."""
 
@@ -95,12 +80,6 @@ class _Reconnect(Exception):
 @dataclass(frozen=True, slots=True)
 class _Crashed:
     error: str
-
-
-def http_base(ws_url: str) -> str:
-    """``ws(s)://host`` -> ``http(s)://host`` (the upstream's XRPC base)."""
-    scheme, sep, rest = ws_url.partition("://")
-    return ("https" if scheme == "wss" else "http") + sep + rest.rstrip("/")
 
 
 class FanoutUpstream(pykka.ThreadingActor):
@@ -315,24 +294,8 @@ class FanoutUpstream(pykka.ThreadingActor):
     def _poll_loop(self) -> None:
         url = http_base(self.config.upstream) + "/xrpc/_health"
         while True:
-            seq = _fetch_head(url, self.config.poll_seconds)
+            seq = fetch_head(url, self.config.poll_seconds)
             if seq is not None:
                 self.status.upstream_seq = seq
                 self._update_lag(None)
             gevent.sleep(self.config.poll_seconds)
-
-
-def _fetch_head(url: str, timeout: float) -> int | None:
-    """The upstream's newest seq from its health answer, or None (unreachable, or no ``seq`` there)."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            body = json.loads(resp.read(65536) or b"null")
-    except urllib.error.HTTPError as exc:
-        try:
-            body = json.loads(exc.read(65536) or b"null")
-        except ValueError:
-            return None
-    except (OSError, ValueError):
-        return None
-    seq = body.get("seq") if isinstance(body, dict) else None
-    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None

@@ -18,11 +18,12 @@ from typing import Any
 
 import gevent
 import gevent.event
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from actors.broadcaster import Broadcaster, ConsumerRegistry
-from actors.fanout_upstream import FanoutConfig, FanoutUpstream, UpstreamStatus, http_base
+from actors.fanout_status import UpstreamStatus, http_base
+from actors.fanout_upstream import FanoutConfig, FanoutUpstream
 from actors.metrics_fanout import CONSUMERS_REFUSED
 from config.logs import configure_logging
 from config.settings import Settings
@@ -83,8 +84,6 @@ class FanoutServices:
 
         @limit.before_app_request
         def refuse_over_limit() -> None:
-            from flask import request
-
             if request.environ.get(_REFUSED_KEY):
                 CONSUMERS_REFUSED.inc()
                 raise XrpcError(
