@@ -11,6 +11,7 @@ serve the same bytes for the same cursor.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,11 +30,15 @@ def seq_of(frame: bytes) -> int:
     return int(body["seq"])
 
 
-def read_seqs(stream: RawStream, until: int, timeout: float = 60.0) -> list[int]:
-    """Seqs received until ``until`` arrives (or the stream ends or times out)."""
+def read_seqs(stream: RawStream, after: int, until: int, timeout: float = 60.0) -> list[int]:
+    """Seqs received after ``after`` until ``until`` arrives (or the stream ends, or ``timeout`` passes).
+
+    An overall deadline: a node's pings would keep each single read alive forever.
+    """
     seqs: list[int] = []
-    while not seqs or seqs[-1] < until:
-        frame = stream.recv(timeout)
+    deadline = time.monotonic() + timeout
+    while (seqs[-1] if seqs else after) < until and (left := deadline - time.monotonic()) > 0:
+        frame = stream.recv(left)
         if frame is None:
             break
         seqs.append(seq_of(frame))
@@ -63,14 +68,16 @@ def test_two_nodes_behind_haproxy_are_interchangeable(tmp_path: Path, plc: Any, 
         served_by = nodes[0] if stream.node == "node1" else nodes[1]
         other = nodes[1] if served_by is nodes[0] else nodes[0]
         assert stream.node in ("node1", "node2"), stream.node
-        got = read_seqs(stream, until=first // 2)
+        got = read_seqs(stream, 0, until=first // 2)
         assert got == list(range(1, first // 2 + 1))
 
-        # more events flow; the serving node dies mid-stream
-        more = host.generate(accounts, commits=600, start_seq=first + 1)
-        wait_until(lambda: relay.metric("skyrelay_last_seq") > first, 30, "the second batch to start")
-        got += read_seqs(stream, until=first + 50)
+        # more events flow, paced so that they are still flowing when the serving node dies
+        body = {"accounts": accounts, "commits": 600, "start_seq": first + 1, "hold": True}
+        more = int(http_json(f"{host.url}/control/generate", body, timeout=600)["frames"])
+        http_json(f"{host.url}/control/release", {"rate": 200})
+        got += read_seqs(stream, got[-1], until=first + 50)
         served_by.kill9()
+        assert relay.metric("skyrelay_last_seq") < first + more - len(accounts)  # mid-stream indeed
         cursor = got[-1]
         while (frame := stream.recv(2.0)) is not None:  # frames the kernel had already delivered
             cursor = seq_of(frame)
@@ -84,7 +91,7 @@ def test_two_nodes_behind_haproxy_are_interchangeable(tmp_path: Path, plc: Any, 
         assert total > first + 500
         again = RawStream(balancer.ws_url, cursor=cursor)
         assert again.node == ("node1" if other is nodes[0] else "node2")
-        got += read_seqs(again, until=total)
+        got += read_seqs(again, cursor, until=total)
         again.close()
         assert got == list(range(1, total + 1)), "gap or duplicate across the node switch"
 
