@@ -144,6 +144,8 @@ def _validate(s: Settings, problems: list[str]) -> None:
     if plc.scheme not in ("http", "https") or not plc.netloc:
         problems.append(f"plc_url = {s.plc_url!r} must be an http(s) URL")
     _validate_outbound(s, problems)
+    if s.fanout_upstream and urlsplit(s.fanout_upstream).scheme not in ("ws", "wss"):
+        problems.append(f"fanout_upstream = {s.fanout_upstream!r} must be a ws:// or wss:// URL")
     if s.log_level not in _LOG_LEVELS:
         problems.append(f"log_level = {s.log_level!r} must be one of {', '.join(_LOG_LEVELS)}")
     if s.log_format not in _LOG_FORMATS:

@@ -179,6 +179,22 @@ class Settings:
     # identity look-ups the spider makes per second at most
     spider_lookups_per_second: float = 5.0
 
+    # -- fan-out nodes (issue 11: `skyrelay fanout`) --
+    # the relay (or fan-out node) this node follows: ws:// or wss:// base URL; required by `skyrelay fanout`
+    fanout_upstream: str = ""
+    # firehose consumers one fan-out node serves at once; beyond it: 503 ConsumerLimitReached before the upgrade
+    fanout_max_consumers: int = 1000
+    # seconds the upstream connection may be down before /xrpc/_health answers 503
+    fanout_unhealthy_after_seconds: float = 30.0
+    # seconds a consumer whose cursor is ahead of this node's log waits for it before FutureCursor
+    fanout_future_cursor_wait_seconds: float = 10.0
+    # seconds between polls of the upstream's /xrpc/_health (its newest seq, for the lag metric)
+    fanout_upstream_poll_seconds: float = 5.0
+    # seconds a proxied read (getRepo, listHosts, ...) or forwarded requestCrawl may take upstream
+    fanout_proxy_timeout_seconds: float = 30.0
+    # largest response body a proxied read may stream back; larger ones are refused (502) or cut
+    fanout_proxy_max_body_bytes: int = 256 * 1024 * 1024
+
     def admin_passwords(self) -> tuple[str, ...]:
         """Every accepted admin password (empty: the admin API is off)."""
         extra = [p.strip() for p in self.admin_extra_passwords.reveal().split(",")]

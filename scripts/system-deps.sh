@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Install the system packages some tests need, when their binary is missing (idempotent).
+# Install the system packages some tests need (Chromium for the admin pages' browser test, HAProxy
+# in front of the fan-out nodes), when their binary is missing (idempotent).
 # One "binary:package" pair a line; apt-get runs only as root and only for what is missing.
 set -euo pipefail
 DEPS=(
   /usr/bin/chromium:chromium
   /usr/bin/chromedriver:chromium-driver
+  /usr/sbin/haproxy:haproxy
 )
 missing=()
 for pair in "${DEPS[@]}"; do

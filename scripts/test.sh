@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/dev-env.sh
-bash scripts/system-deps.sh  # chromium and chromium-driver for the admin page browser test
+bash scripts/system-deps.sh  # chromium, chromium-driver (admin pages browser test), haproxy (fan-out tests)
 if [ -f scripts/refpds/install.sh ]; then
   bash scripts/refpds/install.sh
 fi

@@ -49,6 +49,9 @@ def create_app(services: Any) -> Flask:
     def health() -> Any:
         ok = services.health()
         body = {"version": "skyrelay 0.1.0", "database": "ok" if ok else "unreachable"}
+        details = getattr(services, "health_details", None)
+        if details is not None:  # e.g. the newest seq, which fan-out nodes read for their lag
+            body.update(details())
         return jsonify(body), (200 if ok else 503)
 
     @app.get("/")

@@ -44,6 +44,16 @@ def _add_setting_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-bind", help="HOST:PORT of a separate /metrics listener (default: the main one)")
 
 
+def _add_fanout_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--upstream", dest="fanout_upstream", help="ws(s):// URL of the relay to follow (required)")
+    p.add_argument("--max-consumers", dest="fanout_max_consumers", help="firehose consumers served at once")
+    p.add_argument(
+        "--unhealthy-after-seconds",
+        dest="fanout_unhealthy_after_seconds",
+        help="upstream downtime before /xrpc/_health answers 503",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skyrelay",
@@ -52,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the relay")
     _add_setting_flags(serve)
+    fanout = sub.add_parser("fanout", help="run a fan-out node: re-serve a relay's firehose with its seqs")
+    _add_setting_flags(fanout)
+    _add_fanout_flags(fanout)
     show = sub.add_parser("config", help="print the effective settings (secrets masked) and exit")
     _add_setting_flags(show)
     from web.admin_cli import add_admin_parser  # standard library only
@@ -125,6 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         from web.dids_cli import run_dids
 
         return run_dids(args)
+    if args.command == "fanout":
+        from gevent import monkey
+
+        monkey.patch_all()
+        settings = _settings_from_args(args)
+        if not settings.fanout_upstream:
+            print("skyrelay: fanout needs --upstream ws(s)://relay (or SKYRELAY_FANOUT_UPSTREAM)", file=sys.stderr)
+            return EXIT_CONFIG
+        from web.fanout_server import serve_fanout
+
+        return serve_fanout(settings)
     if args.command == "config":
         settings = _settings_from_args(args)
         print(json.dumps(settings.public_dict(), indent=2))

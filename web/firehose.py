@@ -86,15 +86,19 @@ def firehose_blueprint(
     max_client_frame_bytes: int = 4096,
     max_replays: int = 8,
     ping_seconds: float = 30.0,
+    future_cursor_wait_seconds: float = 0.0,
 ) -> Blueprint:
     """The subscribeRepos websocket route, reading ``log_reader`` and registering in ``registry``.
 
     ``buffer_frames`` and ``buffer_bytes`` bound each consumer's queue of live frames;
     ``send_stall_seconds`` is how long a socket may accept no bytes before the connection is
     dropped; ``max_client_frame_bytes`` caps any frame a client sends (the relay expects none but
-    pings and close); ``max_replays`` replays run at once; ``ping_seconds`` is the keep-alive.
+    pings and close); ``max_replays`` replays run at once; ``ping_seconds`` is the keep-alive;
+    a cursor ahead of the log waits up to ``future_cursor_wait_seconds`` for it before
+    ``FutureCursor`` (0 for the relay, whose log is the source; a fan-out node may be behind a peer).
     """
-    limits = ConnectionLimits(buffer_frames, buffer_bytes, send_stall_seconds, max_client_frame_bytes, ping_seconds)
+    limits = ConnectionLimits(buffer_frames, buffer_bytes, send_stall_seconds, max_client_frame_bytes, ping_seconds,
+                              future_cursor_wait_seconds)  # fmt: skip
     slots = ReplaySlots(max_replays)
     blueprint = Blueprint("firehose", __name__)
 

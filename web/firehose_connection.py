@@ -32,6 +32,7 @@ _TAKE_FRAMES = 4096  # live frames taken from the consumer queue at once
 _READ_RECORDS = 1000  # records per read_after call during replay
 _IDLE_WAIT_SECONDS = 30.0  # a waiting writer re-checks its state this often
 _SLOT_POLL_SECONDS = 1.0  # a connection waiting for a replay slot checks its client this often
+_FUTURE_POLL_SECONDS = 0.05  # a connection whose cursor is ahead of the log checks it this often
 
 REPLAYS = Gauge("skyrelay_firehose_replays", "Firehose connections replaying from a cursor, or waiting to", ["state"])
 
@@ -59,6 +60,7 @@ class ConnectionLimits:
     stall_seconds: float
     max_client_frame_bytes: int
     ping_seconds: float
+    future_wait_seconds: float = 0.0  # a cursor ahead of the log waits this long for it (fan-out nodes)
 
 
 class ReplaySlots:
@@ -156,6 +158,8 @@ class Connection:
         last_sent = -1
         if cursor is not None:
             newest = self._log.last_seq
+            if cursor > newest and self._limits.future_wait_seconds > 0:
+                newest = self._wait_for_log(cursor)
             if cursor > newest:
                 self._write_frame(error_frame("FutureCursor", f"cursor {cursor} is ahead of the newest event {newest}"))
                 self._close(_CLOSE_POLICY, "FutureCursor")
@@ -173,6 +177,18 @@ class Connection:
         else:
             consumer.start_buffering()
         self._live(consumer, last_sent)
+
+    def _wait_for_log(self, cursor: int) -> int:
+        """The log's newest seq once it reaches ``cursor`` or ``future_wait_seconds`` have passed.
+
+        A fan-out node a moment behind its peers must not tell a consumer arriving from one of
+        them that its cursor is in the future.
+        """
+        deadline = time.monotonic() + self._limits.future_wait_seconds
+        while self._log.last_seq < cursor and time.monotonic() < deadline:
+            self._check_client()
+            gevent.sleep(_FUTURE_POLL_SECONDS)
+        return self._log.last_seq
 
     def _replay(self, after: int) -> int:
         """Send every logged frame with seq > ``after`` until the log is exhausted; the last seq sent."""

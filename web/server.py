@@ -6,6 +6,7 @@ import gc
 import logging
 import signal
 import sys
+from typing import Any
 
 import gevent
 import gevent.event
@@ -61,6 +62,10 @@ class Services:
     def health(self) -> bool:
         with self.db.connection_context():
             return ping(self.db)
+
+    def health_details(self) -> dict[str, Any]:
+        """Added to the health answer: the newest seq (fan-out nodes read it for their lag metric)."""
+        return {"seq": self.relay.event_log.last_seq}
 
     def blueprints(self) -> list[Blueprint]:
         multiprocess = self.settings.ingest_workers > 0

@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall-seconds", type=float, default=30.0)
     parser.add_argument("--max-replays", type=int, default=8)
     parser.add_argument("--ping-seconds", type=float, default=30.0)
+    parser.add_argument("--future-wait-seconds", type=float, default=0.0, help="as a fan-out node: wait for a cursor")
     parser.add_argument("--no-upgrade-hook", action="store_true", help="serve without pre_upgrade_hook")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         send_stall_seconds=args.stall_seconds,
         max_replays=args.max_replays,
         ping_seconds=args.ping_seconds,
+        future_cursor_wait_seconds=args.future_wait_seconds,
     )
     app = create_app(_Services([firehose, control_blueprint(log, broadcaster, registry, make)]))
     server = WSGIServer(("127.0.0.1", args.port), app, handler_class=WebSocketHandler, log=None)
