@@ -22,13 +22,16 @@ from __future__ import annotations
 import logging
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import gevent
 import pykka
 from prometheus_client import Counter
 
+from actors.backoff import RetryPolicy, retry
+from actors.blocking import off_loop
 from actors.crawl import CrawlRefused, normalize_hostname
 from actors.messages_control import unknown_message
 from actors.messages_discovery import EnumerateHost, HostEnumerated, ScanHosts
@@ -37,6 +40,7 @@ from actors.mirror import queued_backfills
 from actors.outbound import Limits, OutboundClient
 from actors.outbound_errors import OutboundError
 from actors.pages import BadPage, parse_list_repos
+from store.db import TRANSIENT_DB_ERRORS
 from store.enumeration import (
     ENUM_DONE,
     ENUM_RUNNING,
@@ -50,6 +54,7 @@ from store.enumeration import (
 from store.hosts import HOST_ACTIVE, HOST_OFFLINE, banned_domains, ensure_host, get_host, list_hosts
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PAGES = Counter("skyrelay_enumeration_pages_total", "listRepos pages walked")
 ACCOUNTS = Counter("skyrelay_enumeration_accounts_total", "Accounts found by listRepos walks, by outcome", ["outcome"])
@@ -88,9 +93,17 @@ class WalkStopped(Exception):
 
 
 class HostEnumerator(pykka.ThreadingActor):
-    def __init__(self, db: Any, outbound: OutboundClient, mirror: Any, config: EnumeratorConfig) -> None:
+    def __init__(
+        self,
+        db: Any,
+        outbound: OutboundClient,
+        mirror: Any,
+        config: EnumeratorConfig,
+        retry_policy: RetryPolicy | None = None,
+    ) -> None:
         super().__init__()
         self.db = db
+        self.retry_policy = retry_policy or RetryPolicy()
         self.outbound = outbound
         self.mirror = mirror  # a Forwarder to the repo mirror, or None when the mirror is off
         self.config = config
@@ -125,13 +138,27 @@ class HostEnumerator(pykka.ThreadingActor):
                 unknown_message("host_enumerator", message)
         return None
 
+    def _db(self, operation: str, fn: Callable[[], T]) -> T:
+        """``fn()`` (database work) in the thread pool, retried with backoff while the database fails.
+
+        Off the event loop: SQLite waiting out another writer's lock (busy_timeout) must not
+        freeze every greenlet of the relay.
+        """
+
+        def attempt() -> T:
+            with self.db.connection_context():
+                return fn()
+
+        return retry(lambda: off_loop(attempt), operation=operation, retry_on=TRANSIENT_DB_ERRORS,
+                     policy=self.retry_policy)  # fmt: skip
+
     def _due(self) -> list[str]:
         """Hosts followed (active or offline, not banned) whose walk is new, unfinished or due a retry."""
         now = time.time()
-        with self.db.connection_context():
-            hosts = list_hosts(self.db, limit=1_000_000)
-            progress = all_enumerations(self.db)
-            bans = banned_domains(self.db)
+        hosts, progress, bans = self._db(
+            "enumeration_scan",
+            lambda: (list_hosts(self.db, limit=1_000_000), all_enumerations(self.db), banned_domains(self.db)),
+        )
         due = []
         for host in hosts:
             if host.status not in (HOST_ACTIVE, HOST_OFFLINE) or _in_domains(host.hostname, bans):
@@ -172,14 +199,17 @@ class HostEnumerator(pykka.ThreadingActor):
             base_url = normalize_hostname(hostname, insecure=cfg.allow_insecure_hosts).base_url
         except CrawlRefused:
             return
-        with self.db.connection_context():
+
+        def begin() -> tuple[Any, Any]:
             host = get_host(self.db, hostname) or ensure_host(
                 self.db, hostname, account_limit=cfg.default_account_limit
             )
             if host.status not in (HOST_ACTIVE, HOST_OFFLINE):
-                return
-            row = start_enumeration(self.db, host.id)
-        if row.state != ENUM_RUNNING:
+                return host, None
+            return host, start_enumeration(self.db, host.id)
+
+        host, row = self._db("enumeration_start", begin)
+        if row is None or row.state != ENUM_RUNNING:
             return
         limit = host.account_limit if host.account_limit is not None else cfg.default_account_limit
         cursor, pages, accounts = row.cursor, row.pages, row.accounts
@@ -219,8 +249,7 @@ class HostEnumerator(pykka.ThreadingActor):
             WALKS.labels("retry").inc()
         else:
             WALKS.labels("done").inc()
-        with self.db.connection_context():
-            finish_enumeration(self.db, host.id, result, error)
+        self._db("enumeration_finish", lambda: finish_enumeration(self.db, host.id, result, error))
         log.info("host enumeration finished host=%s state=%s accounts=%d pages=%d error=%s",
                  hostname, result, accounts, pages, error)  # fmt: skip
 
@@ -234,10 +263,14 @@ class HostEnumerator(pykka.ThreadingActor):
 
     def _store(self, host_id: int, entries: list[tuple[str, str]], cursor: str | None) -> None:
         dids = list(dict.fromkeys(did for did, _ in entries))
-        with self.db.connection_context():
+
+        def store() -> list[tuple[str, str]]:
             known = known_dids(self.db, dids)
             new = [(did, status) for did, status in dict(entries).items() if did not in known]
             save_page(self.db, host_id, new, cursor, found=len(entries))
+            return new
+
+        new = self._db("enumeration_page", store)
         ACCOUNTS.labels("known").inc(len(dids) - len(new))
         ACCOUNTS.labels("new").inc(len(new))
         if self.mirror is not None:

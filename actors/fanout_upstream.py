@@ -47,6 +47,7 @@ from actors.metrics_fanout import (
     UPSTREAM_CONNECTED,
     UPSTREAM_RECONNECTS,
 )
+from actors.outbound import OutboundClient
 from actors.wsclient import WebSocketClient, WebSocketError
 from protocol.errors import ProtocolError
 from protocol.frames import info_frame, split_frame
@@ -83,8 +84,17 @@ class _Crashed:
 
 
 class FanoutUpstream(pykka.ThreadingActor):
-    def __init__(self, event_log: EventLog, broadcaster: Any, config: FanoutConfig, status: UpstreamStatus) -> None:
+    def __init__(
+        self,
+        event_log: EventLog,
+        broadcaster: Any,
+        config: FanoutConfig,
+        status: UpstreamStatus,
+        outbound: OutboundClient | None = None,
+    ) -> None:
         super().__init__()
+        # the upstream relay is operator configuration: its address is trusted, like plc_url
+        self.outbound = (outbound or OutboundClient.for_settings(insecure=False)).trusting(config.upstream)
         self.log = event_log
         self.broadcaster = broadcaster
         self.config = config
@@ -146,7 +156,10 @@ class FanoutUpstream(pykka.ThreadingActor):
     def _session(self) -> None:
         url = f"{self.config.upstream.rstrip('/')}{SUBSCRIBE_PATH}?cursor={self._cursor}"
         client = WebSocketClient(
-            url, max_message_bytes=self.config.max_frame_bytes, timeout_s=self.config.idle_timeout_seconds
+            url,
+            max_message_bytes=self.config.max_frame_bytes,
+            timeout_s=self.config.idle_timeout_seconds,
+            outbound=self.outbound,
         )
         pinger: gevent.Greenlet | None = None
         try:

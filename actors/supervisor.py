@@ -173,7 +173,7 @@ class RelaySupervisor:
         if self.settings.enumerate_hosts:  # walks every followed host's listRepos (resumes unfinished walks)
             mirror = self.mirror if self.carstore is not None else None
             config = EnumeratorConfig.from_settings(self.settings)
-            self.enumerator = HostEnumerator.start(self.db, self.outbound, mirror, config)
+            self.enumerator = HostEnumerator.start(self.db, self.outbound, mirror, config, self.retry_policy)
         self._greenlets = [gevent.spawn(self._watch), gevent.spawn(self._tick)]
         if self.carstore is not None:  # backfills of DID-list imports cut short by a crash or a stop
             args = (self.db, self.carstore, self.mirror, self.settings.enumerate_max_backfill_queue)

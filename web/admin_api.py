@@ -118,6 +118,7 @@ def admin_blueprint(*, relay: Any, guard: AdminGuard) -> Blueprint:
         return jsonify(relay.upstream_conns())
 
     @bp.post("/admin/subs/killUpstream")
+    @tracing.traced("admin.kill_upstream")
     def kill_upstream() -> Any:
         block = _bool("block") if _param("block") is not None else False
         relay.kill_upstream(_param("host"), block=block)
@@ -128,6 +129,7 @@ def admin_blueprint(*, relay: Any, guard: AdminGuard) -> Blueprint:
         return jsonify({"enabled": relay.crawl_enabled()})
 
     @bp.post("/admin/subs/setEnabled")
+    @tracing.traced("admin.set_enabled")
     def set_enabled() -> Any:
         relay.set_crawl_enabled(_bool("enabled"))
         return jsonify(OK)
@@ -137,6 +139,7 @@ def admin_blueprint(*, relay: Any, guard: AdminGuard) -> Blueprint:
         return jsonify({"limit": relay.per_day_limit()})
 
     @bp.post("/admin/subs/setPerDayLimit")
+    @tracing.traced("admin.set_per_day_limit")
     def set_per_day_limit() -> Any:
         relay.set_per_day_limit(_int("limit"))
         return jsonify(OK)
@@ -146,11 +149,13 @@ def admin_blueprint(*, relay: Any, guard: AdminGuard) -> Blueprint:
         return jsonify({"banned_domains": relay.list_domain_bans()})
 
     @bp.post("/admin/subs/banDomain")
+    @tracing.traced("admin.ban_domain")
     def ban_domain() -> Any:
         stopped = relay.ban_domain(_param("domain", "Domain"))
         return jsonify({**OK, "hosts_disconnected": stopped})
 
     @bp.post("/admin/subs/unbanDomain")
+    @tracing.traced("admin.unban_domain")
     def unban_domain() -> Any:
         relay.unban_domain(_param("domain", "Domain"))
         return jsonify(OK)
@@ -160,6 +165,7 @@ def admin_blueprint(*, relay: Any, guard: AdminGuard) -> Blueprint:
         return jsonify({"trusted_domains": relay.trusted_domains()})
 
     @bp.post("/admin/subs/setTrustedDomains")
+    @tracing.traced("admin.set_trusted_domains")
     def set_trusted_domains() -> Any:
         domains = _param("domains")
         if not isinstance(domains, list):
@@ -168,10 +174,12 @@ def admin_blueprint(*, relay: Any, guard: AdminGuard) -> Blueprint:
 
     # -- accounts and repos ------------------------------------------------------------------
     @bp.post("/admin/repo/takeDown")
+    @tracing.traced("admin.take_down")
     def take_down() -> Any:
         return jsonify({**OK, "seq": relay.take_down(_param("did"))})
 
     @bp.post("/admin/repo/reverseTakedown")
+    @tracing.traced("admin.reverse_takedown")
     def reverse_takedown() -> Any:
         return jsonify({**OK, "seq": relay.reverse_takedown(_param("did"))})
 
@@ -184,15 +192,18 @@ def admin_blueprint(*, relay: Any, guard: AdminGuard) -> Blueprint:
         return jsonify(out)
 
     @bp.post("/admin/repo/compact")
+    @tracing.traced("admin.compact")
     def compact() -> Any:
         return jsonify({**OK, "stats": relay.compact(_param("did"))})
 
     @bp.post("/admin/repo/reset")
+    @tracing.traced("admin.reset")
     def reset() -> Any:
         relay.reset(_param("did"))
         return jsonify(OK)
 
     @bp.post("/admin/repo/verify")
+    @tracing.traced("admin.verify")
     def verify() -> Any:
         result = relay.verify(_param("did"))
         return jsonify({**result, "success": "true" if result["success"] else "false"})
@@ -210,25 +221,30 @@ def admin_blueprint(*, relay: Any, guard: AdminGuard) -> Blueprint:
         return jsonify(relay.list_hosts())
 
     @bp.post("/admin/pds/requestCrawl")
+    @tracing.traced("admin.request_crawl")
     def request_crawl() -> Any:
         return jsonify({**OK, "hostname": relay.request_crawl(_param("hostname"), admin=True)})
 
     @bp.post("/admin/pds/changeLimits")
+    @tracing.traced("admin.change_limits")
     def change_limits() -> Any:
         limits = relay.change_limits(_param("host"), repo_limit=_number("repo_limit"), per_second=_number("per_second"))
         return jsonify({**OK, **limits})
 
     @bp.post("/admin/pds/block")
+    @tracing.traced("admin.block")
     def block() -> Any:
         relay.block_host(_param("host"))
         return jsonify(OK)
 
     @bp.post("/admin/pds/unblock")
+    @tracing.traced("admin.unblock")
     def unblock() -> Any:
         relay.unblock_host(_param("host"))
         return jsonify(OK)
 
     @bp.post("/admin/pds/resync")
+    @tracing.traced("admin.resync_host")
     def resync_host() -> Any:
         return jsonify({**OK, "queued": relay.resync_host(_param("host"))})
 
@@ -243,6 +259,7 @@ def admin_blueprint(*, relay: Any, guard: AdminGuard) -> Blueprint:
         return jsonify(relay.import_status(request.args.get("job")))
 
     @bp.post("/admin/dids/import")
+    @tracing.traced("admin.import_chunk")
     def import_chunk() -> Any:
         """A chunk of an uploaded DID list (NDJSON body), its first line's number in ``first_line``."""
         first = request.args.get("first_line", "1")
@@ -262,6 +279,7 @@ def admin_blueprint(*, relay: Any, guard: AdminGuard) -> Blueprint:
         return jsonify(relay.tree())
 
     @bp.post("/admin/actors/restart")
+    @tracing.traced("admin.restart_actor")
     def restart_actor() -> Any:
         return jsonify({**OK, "name": relay.restart_actor(_param("name"))})
 

@@ -25,6 +25,7 @@ from actors.broadcaster import Broadcaster, ConsumerRegistry
 from actors.fanout_status import UpstreamStatus, http_base
 from actors.fanout_upstream import FanoutConfig, FanoutUpstream
 from actors.metrics_fanout import CONSUMERS_REFUSED
+from actors.outbound import OutboundClient
 from config.logs import configure_logging
 from config.settings import Settings
 from store.db import open_database, ping
@@ -139,7 +140,7 @@ def serve_fanout(settings: Settings) -> int:
         idle_timeout_seconds=settings.upstream_idle_timeout_seconds,
         poll_seconds=settings.fanout_upstream_poll_seconds,
     )
-    upstream = FanoutUpstream.start(event_log, broadcaster, config, status)
+    upstream = FanoutUpstream.start(event_log, broadcaster, config, status, OutboundClient.from_settings(settings))
     services = FanoutServices(settings, db, event_log, registry, status)
     app = create_app(services)
     host, port = settings.bind_host_port()

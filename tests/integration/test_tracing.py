@@ -40,6 +40,7 @@ from tests.support.fake_plc import new_plc_did
 from tests.support.fakes import BlueprintServices, Recorder
 from tests.support.procs import FrameHost, wait_until
 from web.admin_api import admin_blueprint
+from web.admin_auth import AdminGuard
 from web.app import create_app
 
 STAGES = ["event.decode", "event.verify", "event.sequence", "event.durable", "event.broadcast"]
@@ -67,11 +68,22 @@ def parent_id(span: ReadableSpan) -> int | None:
 
 
 # -- XRPC requests and admin operations ------------------------------------------------------------
+class ResyncOnlyRelay:
+    """The one operation these tests ask for, logged as ``actors.relay_accounts`` logs it."""
+
+    def resync(self, did: object) -> None:
+        logging.getLogger("actors.relay_accounts").info("admin requested resync did=%s", did)
+
+
+PASSWORD = "tracing-admin-pw"
+
+
 def admin_app() -> Any:
-    return create_app(BlueprintServices(admin_blueprint(password="pw", mirror=Recorder()))).test_client()
+    guard = AdminGuard((PASSWORD,), max_failures=10, window_seconds=60.0)
+    return create_app(BlueprintServices(admin_blueprint(relay=ResyncOnlyRelay(), guard=guard))).test_client()
 
 
-AUTH = {"Authorization": "Basic " + base64.b64encode(b"admin:pw").decode()}
+AUTH = {"Authorization": "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()}
 
 
 def test_each_request_is_a_span_named_by_route_with_its_status(spans: InMemorySpanExporter) -> None:
@@ -98,7 +110,7 @@ def test_admin_operation_is_a_child_of_its_request_and_its_log_line_carries_the_
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("web.admin_api")
+    logger = logging.getLogger("actors.relay_accounts")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
