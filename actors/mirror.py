@@ -114,6 +114,7 @@ class RepoMirror(pykka.ThreadingActor):
         self._queue: deque[str] = deque()
         self._queued: set[str] = set()
         self._active: dict[str, str] = {}  # did -> host, fetches in flight
+        self._again: set[str] = set()  # asked for while in flight: fetched once more after it
         self._attempts: dict[str, int] = {}
         self._timer: gevent.Greenlet | None = None
 
@@ -147,6 +148,9 @@ class RepoMirror(pykka.ThreadingActor):
                 self._start_backfill(message.did, message.reason)
             case BackfillDone():
                 self._backfilled(message)
+                if message.did in self._again:
+                    self._again.discard(message.did)
+                    self._start_backfill(message.did, "asked again while fetching")
             case CompactNow():
                 self._compact(message.limit)
             case ResetRepo():
@@ -233,6 +237,7 @@ class RepoMirror(pykka.ThreadingActor):
     def _forget(self, did: str) -> None:
         self._heads.pop(did, None)
         self._held.pop(did, None)
+        self._again.discard(did)
         self._pending = [w for w in self._pending if w.did != did]
         if did in self._queued:
             self._queued.discard(did)
@@ -249,7 +254,10 @@ class RepoMirror(pykka.ThreadingActor):
     # -- backfill -----------------------------------------------------------------------------
     def _start_backfill(self, did: str, reason: str) -> None:
         self._held.setdefault(did, [])
-        if did in self._queued or did in self._active:
+        if did in self._active:  # the fetch in flight may predate what this request is about
+            self._again.add(did)
+            return
+        if did in self._queued:
             return
         log.info("mirror backfill queued did=%s reason=%s", did, reason)
         self._queue.append(did)
