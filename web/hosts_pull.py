@@ -18,12 +18,14 @@ import argparse
 import sys
 import urllib.parse
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from actors.outbound import Limits, OutboundClient
 from actors.outbound_errors import BadUrl, OutboundError
 from actors.pages import BadPage, parse_list_hosts
 from web.admin_cli import EXIT_REFUSED, EXIT_USAGE, AdminClient, Refused
+
+if TYPE_CHECKING:  # imported when pulling: the CLI parser must not load prometheus_client before serve sets it up
+    from actors.outbound import OutboundClient
 
 MAX_PAGES = 10_000
 MAX_PAGE_BYTES = 4 * 1024 * 1024
@@ -43,6 +45,8 @@ def add_hosts_parser(sub: Any) -> None:
 
 def source_client(source: str, allow_http: bool) -> OutboundClient:
     """The outbound client for an operator-named source: its host trusted, its scheme https unless ``allow_http``."""
+    from actors.outbound import OutboundClient
+
     scheme = urllib.parse.urlsplit(source).scheme
     if scheme != "https" and not (allow_http and scheme == "http"):
         raise BadUrl("the source URL must be https:// (or http:// with --allow-http)")
@@ -50,6 +54,8 @@ def source_client(source: str, allow_http: bool) -> OutboundClient:
 
 
 def _source_page(client: OutboundClient, source: str, cursor: str | None, timeout: float) -> bytes:
+    from actors.outbound import Limits
+
     query = {"limit": "1000", **({"cursor": cursor} if cursor else {})}
     url = f"{source.rstrip('/')}/xrpc/com.atproto.sync.listHosts?{urllib.parse.urlencode(query)}"
     limits = Limits(total_seconds=timeout, read_seconds=min(timeout, MAX_READ_SECONDS), max_bytes=MAX_PAGE_BYTES)

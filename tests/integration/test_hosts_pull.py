@@ -111,3 +111,10 @@ def test_pull_from_a_hostile_source_stops_within_its_bounds(relay: RelayProcess,
     assert out.returncode == 1, out.stderr
     assert "the source's listHosts is unusable" in out.stderr
     assert out.stdout.strip() == "hosts pulled: none"
+
+
+def test_the_cli_parser_does_not_load_prometheus_client() -> None:
+    """``serve`` sets up multiprocess metrics after parsing; an early import broke the ingest workers' metrics."""
+    code = "import sys, web.cli, web.hosts_pull; print(any(m.startswith('prometheus_client') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
