@@ -183,8 +183,9 @@ class Spider:
         STEPS.labels("did_resolved").inc()
         try:
             endpoint = self.directory.resolve(did).pds_endpoint
-        except Exception:  # no identity: counted; the DID may come back and be tried later
-            STEPS.labels("did_unresolved").inc()
+        except Exception as exc:  # no identity (huge, redirected, unreachable...): counted and logged once per DID
+            STEPS.labels("did_unresolved").inc()  # (remembered: tried again only once forgotten by the LRU)
+            log.info("spider did unresolved did=%s error=%s", did, type(exc).__name__)
             return
         if not endpoint:
             STEPS.labels("no_pds_endpoint").inc()
