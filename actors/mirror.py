@@ -102,7 +102,7 @@ class RepoMirror(pykka.ThreadingActor):
         discovered: Callable[..., None] | None = None,
     ) -> None:
         super().__init__()
-        self.discovered = discovered  # the spider's non-blocking offer(did, car, blocks), or None
+        self.discovered = discovered  # the spider's non-blocking offer(did, None, blocks) of fetched repos, or None
         self.carstore = carstore
         self.identities = identities
         self.config = config
@@ -193,8 +193,6 @@ class RepoMirror(pykka.ThreadingActor):
 
     def _apply(self, event: MirrorEvent) -> None:
         did = event.did
-        if self.discovered is not None:
-            self.discovered(did, event.car)
         if event.kind == "#account":
             if event.deleted:
                 self._forget(did)

@@ -153,6 +153,7 @@ class ViewOps:
         for h in hosts:
             before = oldest.cursors.get(h["Host"]) if oldest else None
             h["EventsPerSecond"] = max(0.0, (h["Cursor"] - before) / span) if before is not None and span else None
+            h["Listing"] = listing_progress(h)
             h["Drops"] = dict(counters["host_drops"].get(h["Host"], {}))
             h["DropTotal"] = int(sum(h["Drops"].values()))
             h["AtAccountLimit"] = h.get("RepoLimit") is not None and h["RepoCount"] >= h["RepoLimit"]
@@ -186,3 +187,15 @@ class ViewOps:
         """One host's row of the host table (None: unknown)."""
         table = self.host_table(query=hostname, per_page=500)
         return next((h for h in table["hosts"] if h["Host"] == hostname), None)
+
+
+_LISTING = {"running": "listing", "done": "listed", "stopped": "listing stopped"}
+
+
+def listing_progress(host: dict[str, Any]) -> str | None:
+    """The host's listRepos walk for the pages: e.g. ``listing: 1,234 accounts`` (None: never walked)."""
+    state = _LISTING.get(host.get("EnumerationState") or "none")
+    if state is None:
+        return None
+    error = host.get("EnumerationError")
+    return f"{state}: {int(host.get('EnumeratedAccounts') or 0):,} accounts" + (f" ({error})" if error else "")

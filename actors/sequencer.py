@@ -74,8 +74,10 @@ class Sequencer(pykka.ThreadingActor):
         batch_window_seconds: float = 0.0,
         mirror: Any = None,
         retry_policy: RetryPolicy | None = None,
+        discovered: Any = None,
     ) -> None:
         super().__init__()
+        self.discovered = discovered  # the spider's non-blocking offer of each durable batch, or None
         self.retry_policy = retry_policy or RetryPolicy()
         self.mirror = mirror  # told each durable batch's repo events (None: no repo mirror)
         self.prune_interval_seconds = prune_interval_seconds
@@ -244,6 +246,8 @@ class Sequencer(pykka.ThreadingActor):
                 policy=self.retry_policy,
             )
         self.broadcaster.tell(Broadcast(tuple(out)))
+        if self.discovered is not None:
+            self.discovered(batch)
         done = time.time()
         kinds: dict[str, int] = {}
         for item in batch:

@@ -1,12 +1,14 @@
 """Spidering: DIDs the relay meets lead it to PDS hosts it does not follow yet, which it then crawls.
 
-``offer(did, car)`` is called from the ingest side (the repo mirror hands over every durable
-event and every fetched repo); it never blocks: the offer goes to a bounded queue, or is
-dropped and counted when the queue is full. A worker greenlet takes offers one at a time,
-off the verification path: it reads every block of ``car`` as DAG-CBOR and walks the decoded
-values (no Lexicon) for strings of the form ``did:plc:...`` or ``did:web:...``; each DID not
-seen recently and not a known account is resolved (at most ``lookups_per_second``); a PDS
-host that the relay does not know goes through the shared requestCrawl checks (bans, the
+``offer_durable(batch)`` is called by the sequencer with every durable batch (``#commit``,
+``#sync``, ``#identity``, ``#account``: each counts as meeting its DID; a commit's blocks are
+walked too), whether or not the repo mirror runs; ``offer(did, None, blocks)`` by the repo
+mirror with every fetched repo. Neither blocks: an offer goes to a bounded queue, or is
+dropped and counted when the queue is full; frames are decoded by the worker, not the caller.
+A worker greenlet takes offers one at a time, off the verification path: it reads every
+block of ``car`` as DAG-CBOR and walks the decoded values (no Lexicon) for strings of the
+form ``did:plc:...`` or ``did:web:...``; each DID not seen recently and not a known account is resolved (at most
+``lookups_per_second``); a PDS host that the relay does not know goes through the shared requestCrawl checks (bans, the
 new-hosts-per-day limit, the probe through the outbound client) and is subscribed to.
 
 A host refused once (banned, private, not https, unreachable, not a PDS) is remembered,
@@ -19,7 +21,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +41,8 @@ STEPS = Counter("skyrelay_spider_steps_total", "Spider steps, by outcome", ["out
 _DID = re.compile(r"^did:(plc:[a-z2-7]{24}|web:[a-zA-Z0-9._%:-]{1,253})$")
 MAX_WALK_DEPTH = 32
 MAX_DIDS_PER_OFFER = 256
-_Offer = tuple[str, bytes | None, tuple[bytes, ...]]  # did, an event's CAR, a fetched repo's blocks
+_Offer = tuple[str, bytes | None, tuple[bytes, ...]]  # did (or a durable frame's kind), a CAR or frame, blocks
+_FRAME_KINDS = frozenset({"#commit", "#sync", "#identity", "#account"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,20 @@ def dids_in(value: Any, depth: int = 0) -> Iterator[str]:
             yield from dids_in(item, depth + 1)
 
 
+def frame_did_and_car(frame: bytes) -> tuple[str, bytes | None]:
+    """The DID a durable frame is about and its CAR (commits and syncs), or ``("", None)``."""
+    try:
+        body = libipld.decode_dag_cbor_multi(frame)[1]
+    except Exception:  # our own re-encoded frame; unreadable means a bug elsewhere, not an input
+        STEPS.labels("frame_unreadable").inc()
+        return "", None
+    did = body.get("repo") or body.get("did") if isinstance(body, dict) else None
+    if not isinstance(did, str) or not _DID.match(did):
+        return "", None
+    car = body.get("blocks")
+    return did, car if isinstance(car, bytes) else None
+
+
 class _Lru:
     def __init__(self, size: int) -> None:
         self.size = size
@@ -90,9 +107,7 @@ class Spider:
         self.check = check  # the requestCrawl checks; raises CrawlRefused
         self.subscribe = subscribe
         self.config = config
-        self._queue: gevent.queue.Queue[tuple[str, bytes | None, tuple[bytes, ...]]] = gevent.queue.Queue(
-            config.queue_size
-        )
+        self._queue: gevent.queue.Queue[_Offer] = gevent.queue.Queue(config.queue_size)
         self._dids = _Lru(config.remember_dids)
         self._hosts = _Lru(config.remember_hosts)  # hosts seen: followed, known or refused
         self._worker: gevent.Greenlet | None = None
@@ -114,10 +129,20 @@ class Spider:
         except gevent.queue.Full:
             STEPS.labels("dropped_queue_full").inc()
 
+    def offer_durable(self, batch: Sequence[Any]) -> None:
+        """Never blocks: each durable event (``PersistEvent``) of ``batch`` queued as its frame, or dropped."""
+        for item in batch:
+            if item.kind in _FRAME_KINDS:
+                self.offer(item.kind, item.frame)
+
     def _run(self) -> None:
         while True:
             did, car, blocks = self._queue.get()
             try:
+                if did in _FRAME_KINDS:  # a durable event's frame, decoded here, off the sequencer
+                    did, car = frame_did_and_car(car or b"")
+                    if not did:
+                        continue
                 self.handle(did, car, blocks)
             except Exception:  # a bug: logged; the spider goes on with the next offer
                 log.exception("spider step failed did=%s", did)
@@ -158,8 +183,9 @@ class Spider:
         STEPS.labels("did_resolved").inc()
         try:
             endpoint = self.directory.resolve(did).pds_endpoint
-        except Exception:  # no identity: counted; the DID may come back and be tried later
-            STEPS.labels("did_unresolved").inc()
+        except Exception as exc:  # no identity (huge, redirected, unreachable...): counted and logged once per DID
+            STEPS.labels("did_unresolved").inc()  # (remembered: tried again only once forgotten by the LRU)
+            log.info("spider did unresolved did=%s error=%s", did, type(exc).__name__)
             return
         if not endpoint:
             STEPS.labels("no_pds_endpoint").inc()

@@ -147,6 +147,7 @@ class RelaySupervisor:
             batch_window_seconds=self.settings.sequencer_batch_window_seconds,
             mirror=self.mirror if self.carstore is not None else None,
             retry_policy=self.retry_policy,
+            discovered=self._offer_batch_to_spider,
         )
         self._start_identity()
         if self.settings.ingest_workers > 0:
@@ -202,6 +203,10 @@ class RelaySupervisor:
     def _offer_to_spider(self, did: str, car: bytes | None = None, blocks: tuple[bytes, ...] = ()) -> None:
         if self.spider is not None:
             self.spider.offer(did, car, blocks)
+
+    def _offer_batch_to_spider(self, batch: list[Any]) -> None:
+        if self.spider is not None:  # every durable event, mirror or not; the mirror offers only fetched repos
+            self.spider.offer_durable(batch)
 
     def _start_identity(self) -> None:
         if self._stopping:

@@ -2,7 +2,7 @@
 
     python scripts/bench_realistic.py [--hosts 20] [--accounts 2000] [--commits 50]
         [--rates 1000,2000,3000,5000,7500,10000] [--fixed-rates 1000,2000] [--seconds S]
-        [--consumers 2] [--ingest-workers N] [--no-mirror] [--database-url URL]
+        [--consumers 2] [--ingest-workers N] [--no-mirror] [--spider on|off] [--database-url URL]
         [--quick] [--json FILE] [--keep] [--regenerate] [--profile PREFIX]
     python scripts/bench_realistic.py --burst [bench_ingest.py options]   # the old burst benchmark
 
@@ -83,6 +83,7 @@ COUNTERS = {  # relay counters printed per step (grown during it), to tell a sta
     "mirror backfills": "skyrelay_mirror_backfills_total",
 }
 DID_FETCHES = "skyrelay_identity_fetch_total"
+SPIDER_STEPS = "skyrelay_spider_steps_total"
 
 
 @dataclass(slots=True)
@@ -95,7 +96,7 @@ class Sample:
 
 
 def relay_counters(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """How much each of ``COUNTERS`` grew, and DID document fetches (ok, and failed by any reason)."""
+    """How much each of ``COUNTERS`` grew, DID document fetches (ok, and failed by any reason), spider offers."""
 
     def grown(name: str, **labels: str) -> float:
         return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
@@ -103,6 +104,8 @@ def relay_counters(before: dict[str, float], after: dict[str, float]) -> dict[st
     out = {label: grown(name) for label, name in COUNTERS.items()}
     out["DID documents fetched"] = grown(DID_FETCHES, result="ok")
     out["DID fetches failed"] = grown(DID_FETCHES) - out["DID documents fetched"]
+    out["spider offers"] = grown(SPIDER_STEPS, outcome="offered")  # 0 with --spider off
+    out["spider offers dropped"] = grown(SPIDER_STEPS, outcome="dropped_queue_full")
     return out
 
 
@@ -125,6 +128,7 @@ class Bench:
         env = {"SKYRELAY_CURSOR_FLUSH_SECONDS": str(default)}  # back to the default (the test helper lowers it)
         if not self.args.mirror:
             env["SKYRELAY_MIRROR_ENABLED"] = "false"
+        env["SKYRELAY_SPIDER_ENABLED"] = "true" if self.args.spider == "on" else "false"  # ingest, spider on vs off
         env.update(item.split("=", 1) for item in self.args.relay_env)
         return env
 
@@ -278,6 +282,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--consumers", type=int, default=2, help="firehose consumers (default 2)")
     parser.add_argument("--ingest-workers", type=int, help="pass --ingest-workers N to the relay (default: its own)")
     parser.add_argument("--no-mirror", dest="mirror", action="store_false", help="run the relay without its mirror")
+    parser.add_argument("--spider", choices=("on", "off"), default="on",
+                        help="run the relay with its spider on (default, as the relay) or off")  # fmt: skip
     parser.add_argument("--database-url", default="", help="PostgreSQL URL (a fresh schema per step); default SQLite")
     parser.add_argument("--relay-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the relay (repeatable)")  # fmt: skip
@@ -330,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"skyrelay realistic benchmark: {args.accounts:,} accounts on {args.hosts} hosts, "
           f"{traffic.frames:,} frames ({traffic.count('#commit'):,} commits, {traffic.bytes / traffic.frames:,.0f} "
           f"bytes a frame on average; {made}), {args.consumers} consumers, {db_kind}, mirror "
-          f"{'on' if args.mirror else 'off'}{workers}", flush=True)  # fmt: skip
+          f"{'on' if args.mirror else 'off'}, spider {args.spider}{workers}", flush=True)  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="skyrelay-bench-"))
     status = 1
     try:

@@ -5,23 +5,31 @@ more than ``MAX_PAGES`` pages stop it; a page that is not a listHosts answer sto
 exit status 1), skips hosts with no accounts, hosts the source itself reports banned and
 hosts in a domain this relay bans, and asks this relay (admin API, ``/admin/pds/requestCrawl``:
 bans, the probe) to follow each of the others. A progress line on a terminal, a summary at the end.
+
+The source is read through the relay's one outbound client (``actors.outbound``): each page
+under a deadline (``--timeout``) and a size cap, no redirects, no proxy. The operator names
+the source, so its address is trusted (as the PLC directory is), but its URL must be https
+unless ``--allow-http`` (tests, a source on a private network).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from actors.outbound_errors import BadUrl, OutboundError
 from actors.pages import BadPage, parse_list_hosts
 from web.admin_cli import EXIT_REFUSED, EXIT_USAGE, AdminClient, Refused
 
+if TYPE_CHECKING:  # imported when pulling: the CLI parser must not load prometheus_client before serve sets it up
+    from actors.outbound import OutboundClient
+
 MAX_PAGES = 10_000
 MAX_PAGE_BYTES = 4 * 1024 * 1024
+MAX_READ_SECONDS = 30.0  # the longest wait for any one read of a page (the page's deadline is --timeout)
 
 
 def add_hosts_parser(sub: Any) -> None:
@@ -31,18 +39,27 @@ def add_hosts_parser(sub: Any) -> None:
     hosts.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one answer")
     acts = hosts.add_subparsers(dest="action", metavar="ACTION", required=True)
     pull = acts.add_parser("pull", help="follow every host with accounts that another relay lists")
-    pull.add_argument("--from", dest="source", required=True, help="the other relay's base URL")
+    pull.add_argument("--from", dest="source", required=True, help="the other relay's base URL (https)")
+    pull.add_argument("--allow-http", action="store_true", help="accept an http:// source URL (tests)")
 
 
-def _source_page(source: str, cursor: str | None, timeout: float) -> bytes:
+def source_client(source: str, allow_http: bool) -> OutboundClient:
+    """The outbound client for an operator-named source: its host trusted, its scheme https unless ``allow_http``."""
+    from actors.outbound import OutboundClient
+
+    scheme = urllib.parse.urlsplit(source).scheme
+    if scheme != "https" and not (allow_http and scheme == "http"):
+        raise BadUrl("the source URL must be https:// (or http:// with --allow-http)")
+    return OutboundClient.for_settings(insecure=False).trusting(source)
+
+
+def _source_page(client: OutboundClient, source: str, cursor: str | None, timeout: float) -> bytes:
+    from actors.outbound import Limits
+
     query = {"limit": "1000", **({"cursor": cursor} if cursor else {})}
     url = f"{source.rstrip('/')}/xrpc/com.atproto.sync.listHosts?{urllib.parse.urlencode(query)}"
-    req = urllib.request.Request(url, headers={"Accept": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        body: bytes = resp.read(MAX_PAGE_BYTES + 1)
-    if len(body) > MAX_PAGE_BYTES:
-        raise BadPage("page too large")
-    return body
+    limits = Limits(total_seconds=timeout, read_seconds=min(timeout, MAX_READ_SECONDS), max_bytes=MAX_PAGE_BYTES)
+    return client.get(url, limits, headers={"Accept": "application/json"}).body
 
 
 def run_hosts(args: argparse.Namespace) -> int:
@@ -57,7 +74,7 @@ def run_hosts(args: argparse.Namespace) -> int:
     status = 0
     try:
         bans = client.call("GET", "/admin/subs/listDomainBans")["banned_domains"]
-        status = _pull(client, args.source, args.timeout, list(bans), counts)
+        status = _pull(client, args.source, args.allow_http, args.timeout, list(bans), counts)
     except Refused as exc:
         print(f"skyrelay hosts: {exc.error}: {exc.message}", file=sys.stderr)
         status = EXIT_REFUSED
@@ -67,13 +84,19 @@ def run_hosts(args: argparse.Namespace) -> int:
     return status
 
 
-def _pull(client: AdminClient, source: str, timeout: float, bans: list[str], counts: Counter[str]) -> int:
+def _pull(client: AdminClient, source: str, allow_http: bool, timeout: float, bans: list[str],
+          counts: Counter[str]) -> int:  # fmt: skip
+    try:
+        outbound = source_client(source, allow_http)
+    except BadUrl as exc:
+        print(f"skyrelay hosts: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     cursor: str | None = None
     seen: set[str] = set()
     for _ in range(MAX_PAGES):
         try:
-            hosts, nxt, skipped = parse_list_hosts(_source_page(source, cursor, timeout))
-        except (BadPage, urllib.error.URLError, OSError, ValueError) as exc:
+            hosts, nxt, skipped = parse_list_hosts(_source_page(outbound, source, cursor, timeout))
+        except (BadPage, OutboundError, ValueError) as exc:
             print(f"skyrelay hosts: the source's listHosts is unusable: {exc}", file=sys.stderr)
             return EXIT_REFUSED
         if skipped:

@@ -242,7 +242,8 @@ def test_admin_pages_with_two_ingest_workers(tmp_path: Path, plc: Any, host: Fra
     """Block / unblock, takedown and a worker restart from the pages reach the ingest worker processes."""
     pds = Pds(host, plc)
     alice = pds.account()
-    env = {"SKYRELAY_ADMIN_PASSWORD": PASSWORD, "SKYRELAY_INGEST_WORKERS": "2"}
+    env = {"SKYRELAY_ADMIN_PASSWORD": PASSWORD, "SKYRELAY_INGEST_WORKERS": "2",
+           "SKYRELAY_ENUMERATE_SCAN_SECONDS": "0.5"}  # fmt: skip
     relay = RelayProcess(tmp_path / "relay", database_url=f"sqlite:///{tmp_path / 'relay.sqlite'}", plc_url=plc.url,
                          extra_env=env).start()  # fmt: skip
     try:
@@ -256,6 +257,9 @@ def test_admin_pages_with_two_ingest_workers(tmp_path: Path, plc: Any, host: Fra
         assert f'data-host="{host.hostname}"' in s.get(UI + "/hosts?status=connected")
 
         page = f"{UI}/host?name={host.hostname}"
+        # the listRepos walk's progress (this frame host has no listRepos: the walk is listing, 0 found)
+        wait_until(lambda: "listing" in s.get(page) and "listing" in s.get(UI + "/hosts"), 20, "the walk's progress")
+        assert "Accounts listed" in s.get(page)
         assert s.post(page, UI + "/hosts/block", host=host.hostname).startswith(f"Blocked {host.hostname}")
         wait_until(lambda: host.status()["subscribers"] == 0, 20, "the worker to disconnect")
         assert 'badge bad">blocked' in s.get(UI + "/hosts?status=blocked")

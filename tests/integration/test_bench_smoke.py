@@ -82,8 +82,9 @@ def test_bench_ingest_quick(tmp_path: Path) -> None:
 def test_bench_realistic_quick(tmp_path: Path) -> None:
     figures_path = tmp_path / "figures.json"
     # its own traffic cache: the reference implementation makes the frames in this run
-    args = ["--quick", "--json", str(figures_path), "--cache-dir", str(tmp_path / "cache")]
+    args = ["--quick", "--json", str(figures_path), "--cache-dir", str(tmp_path / "cache"), "--spider", "off"]
     out = run_quick(["scripts/bench_realistic.py", *args], timeout=300)
+    assert "spider off" in out, out
 
     assert "generating traffic with @atproto/repo" in out, out
     assert "== realistic ingest: summary ==" in out and "!!! DROPS" not in out, out
@@ -104,3 +105,4 @@ def test_bench_realistic_quick(tmp_path: Path) -> None:
         assert samples["deliveries"] == step["commits"] * 2, samples  # 2 consumers, each got every commit
         assert [c["commits"] for c in samples["per_connection"]] == [step["commits"]] * 2, samples
         assert step["peak_rss_kib"] > 0 and step["relay_cpu_seconds"] > 0, step
+        assert step["counters"]["spider offers"] == 0, step  # --spider off reached the relay

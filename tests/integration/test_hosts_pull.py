@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.hostile_http import HostileServer
 from tests.support.list_proc import ListServer
 from tests.support.procs import REPO_ROOT, RelayProcess, free_port
 
@@ -32,11 +33,12 @@ def relay(tmp_path: Path, db_url: str) -> Iterator[RelayProcess]:
         assert process.stop() == 0, process.log()
 
 
-def pull(relay: RelayProcess, source: str) -> subprocess.CompletedProcess[str]:
+def pull(relay: RelayProcess, source: str, *, allow_http: bool = True) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKYRELAY_")}
+    flags = ["--allow-http"] if allow_http else []
     return subprocess.run([sys.executable, "-m", "web.cli", "hosts", "--url", relay.url, "--password", PASSWORD,
-                           "pull", "--from", source], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+                           "--timeout", "10", "pull", "--from", source, *flags], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
 def admin(relay: RelayProcess, path: str, body: dict[str, str]) -> None:
@@ -81,3 +83,38 @@ def test_pull_from_a_garbage_source_stops_with_a_message(relay: RelayProcess) ->
         assert out.stdout.strip() == "hosts pulled: none"
     finally:
         source.stop()
+
+
+def test_pull_needs_https_unless_told(relay: RelayProcess) -> None:
+    source = ListServer("hosts", hosts="pds.example.com=1")
+    try:
+        out = pull(relay, source.url, allow_http=False)
+        assert out.returncode == 2, out.stderr
+        assert "must be https://" in out.stderr
+        assert source.count() == 0
+    finally:
+        source.stop()
+
+
+@pytest.mark.parametrize("mode", ["redirect", "chunked-flood", "silent"])
+def test_pull_from_a_hostile_source_stops_within_its_bounds(relay: RelayProcess, mode: str) -> None:
+    """A redirect is not followed (to a listHosts that would be usable), a flood is capped, silence times out."""
+    target = ListServer("hosts", hosts="pds.example.com=1")
+    options = {"location": f"{target.url}/xrpc/com.atproto.sync.listHosts"} if mode == "redirect" else {}
+    source = HostileServer(mode, **options)
+    try:
+        out = pull(relay, f"http://127.0.0.1:{source.port}")
+        assert target.count() == 0
+    finally:
+        source.stop()
+        target.stop()
+    assert out.returncode == 1, out.stderr
+    assert "the source's listHosts is unusable" in out.stderr
+    assert out.stdout.strip() == "hosts pulled: none"
+
+
+def test_the_cli_parser_does_not_load_prometheus_client() -> None:
+    """``serve`` sets up multiprocess metrics after parsing; an early import broke the ingest workers' metrics."""
+    code = "import sys, web.cli, web.hosts_pull; print(any(m.startswith('prometheus_client') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

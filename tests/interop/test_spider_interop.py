@@ -4,7 +4,8 @@ The relay is told about the first PDS only. An account there follows an account 
 second PDS: the follow record names its DID, whose DID document names the second PDS. The
 relay resolves it, crawls the second PDS (the requestCrawl checks) and subscribes to it, and
 that account's next commit appears on the relay's firehose. With spidering off, nothing
-leads the relay to the second PDS (the same test fails).
+leads the relay to the second PDS (the same test fails). The spider is fed from the durable
+event path, so a firehose-only relay (no repo mirror) discovers the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ ENV = {"SKYRELAY_ADMIN_PASSWORD": "discovery-test", "SKYRELAY_ENUMERATE_SCAN_SEC
 
 
 @pytest.mark.interop
+@pytest.mark.parametrize("mirror", ["true", "false"])
 def test_a_did_in_a_record_leads_the_relay_to_a_second_pds(
+    mirror: str,
     reference_network: ReferenceNetwork,
     tmp_path: Path,
     db_url: str,
@@ -33,7 +36,7 @@ def test_a_did_in_a_record_leads_the_relay_to_a_second_pds(
     near_pds, far_pds = net.pds_urls
     far_host = urlsplit(far_pds).netloc
     far = Account.create(net, far_pds, "far")
-    relay = start_relay(tmp_path / "relay", db_url, carstore_url, net.plc_url, **ENV)
+    relay = start_relay(tmp_path / "relay", db_url, carstore_url, net.plc_url, **ENV, SKYRELAY_MIRROR_ENABLED=mirror)
     try:
         crawl(relay, near_pds)
         assert far_host not in admin_hosts(relay)

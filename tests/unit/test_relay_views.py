@@ -98,3 +98,15 @@ def test_dashboard_figures(tmp_path: Path) -> None:
     views.now += 2
     second = views.dashboard()
     assert second["events_in_per_second"] is not None and second["rate_window_seconds"] == 2
+
+
+def test_host_rows_carry_the_listing_walk_progress(tmp_path: Path) -> None:
+    hosts = [host(1), host(2, EnumerationState="running", EnumeratedAccounts=1234, EnumerationError=None),
+             host(3, EnumerationState="stopped", EnumeratedAccounts=7, EnumerationError="BadPage"),
+             host(4, EnumerationState="done", EnumeratedAccounts=0)]  # fmt: skip
+    views = Views(tmp_path, hosts)
+    rows = {h["Host"]: h["Listing"] for h in views.host_table()["hosts"]}
+    assert list(rows.values()) == [None, "listing: 1,234 accounts", "listing stopped: 7 accounts (BadPage)",
+                                   "listed: 0 accounts"]  # fmt: skip
+    detail = views.host_detail("pds0002.example.com")
+    assert detail is not None and detail["Listing"] == "listing: 1,234 accounts"
