@@ -29,10 +29,12 @@ from actors.host_rate import window_limits
 from actors.messages import StartHost, StopHost
 from actors.messages_control import ApplyHostLimits, RestartHost
 from actors.messages_discovery import EnumerateHost
+from actors.metrics import HOSTS_AT_ACCOUNT_LIMIT
 from actors.relay_accounts import AccountOps
 from actors.relay_imports import ImportOps
 from actors.relay_policy import PolicyOps
 from actors.relay_views import ViewOps
+from store.accounts import throttled_counts
 from store.enumeration import EnumerationRow, all_enumerations
 from store.hosts import (
     HOST_ACTIVE,
@@ -41,6 +43,7 @@ from store.hosts import (
     add_domain_ban,
     banned_domains,
     get_host,
+    hosts_at_account_limit,
     list_hosts,
     remove_domain_ban,
     set_host_limits,
@@ -105,6 +108,7 @@ class Relay(AccountOps, PolicyOps, ViewOps, ImportOps):
         with self.db.connection_context():
             rows = list_hosts(self.db, limit=1_000_000)
             walks = all_enumerations(self.db)
+            throttled = throttled_counts(self.db)
         running = set(self.upstream_conns())
         trusted = self.trusted_domains()
         out = []
@@ -122,7 +126,7 @@ class Relay(AccountOps, PolicyOps, ViewOps, ImportOps):
                 "PerSecondEventRate": {"Max": rate, "Window": 1}, "Status": row.status,
                 "PerHourEventRate": {"Max": windows.per_hour, "Window": 3600},
                 "PerDayEventRate": {"Max": windows.per_day, "Window": 86400},
-                "Trusted": is_trusted,
+                "Trusted": is_trusted, "ThrottledCount": throttled.get(row.id, 0),
                 "LastError": row.last_error, **_enumeration_fields(walks.get(row.id)),
             })  # fmt: skip
         return out
@@ -204,7 +208,11 @@ class Relay(AccountOps, PolicyOps, ViewOps, ImportOps):
         effective_rate = rate or self.settings.default_host_events_per_second
         self.supervisor.hosts.tell(ApplyHostLimits(row.hostname, effective_limit, effective_rate))
         log.info("admin changed host limits host=%s account_limit=%s events_per_second=%s", row.hostname, limit, rate)
-        return {"host": row.hostname, "repo_limit": effective_limit, "per_second": effective_rate}
+        released = self.release_throttled(row, effective_limit)
+        with self.db.connection_context():
+            HOSTS_AT_ACCOUNT_LIMIT.set(hosts_at_account_limit(self.db, self.settings.default_host_account_limit))
+        return {"host": row.hostname, "repo_limit": effective_limit, "per_second": effective_rate,
+                "released": len(released)}  # fmt: skip
 
     # -- domains -----------------------------------------------------------------------------------
     def list_domain_bans(self) -> list[str]:

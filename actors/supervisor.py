@@ -147,6 +147,7 @@ class RelaySupervisor:
             batch_window_seconds=self.settings.sequencer_batch_window_seconds,
             mirror=self.mirror if self.carstore is not None else None,
             retry_policy=self.retry_policy,
+            default_account_limit=self.settings.default_host_account_limit,
         )
         self._start_identity()
         if self.settings.ingest_workers > 0:

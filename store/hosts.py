@@ -160,3 +160,9 @@ def set_state(db: peewee.Database, key: str, value: str) -> None:
         "INSERT INTO relay_state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (key, value),
     )
+
+
+def hosts_at_account_limit(db: peewee.Database, default_limit: int) -> int:
+    """Hosts whose accounts (throttled ones included) reach their limit (``default_limit`` where unset)."""
+    r = fetchone(db, "SELECT COUNT(*) FROM host WHERE account_count >= COALESCE(account_limit, ?)", (default_limit,))
+    return int(r[0]) if r else 0
