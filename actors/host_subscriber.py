@@ -26,7 +26,7 @@ from actors.accounts import AccountState
 from actors.host_activity import HostActivity, HostLink
 from actors.host_events import host_changed
 from actors.host_progress import HostProgress
-from actors.host_rate import HostWindows, window_limits
+from actors.host_rate import HostWindows, WindowLimits, window_limits, with_overrides
 from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, PersistEvent, SubscriberCrashed
 from actors.messages_control import SetSubscriberLimits, unknown_message
 from actors.metrics import (
@@ -124,8 +124,10 @@ class HostSubscriber(pykka.ThreadingActor):
         config: SubscriberConfig,
         progress: HostProgress | None = None,
         trusted: bool = False,
+        own_windows: WindowLimits | None = None,
     ) -> None:
         super().__init__()
+        self.own_windows = own_windows or WindowLimits(None, None)  # set by an operator: they win over the defaults
         self.host = host
         self.cursor = cursor  # last upstream seq processed (logged or dropped); -1: none yet
         self.account_count = account_count
@@ -151,7 +153,7 @@ class HostSubscriber(pykka.ThreadingActor):
     def _windows(self, config: SubscriberConfig, account_limit: int | None) -> HostWindows:
         limits = window_limits(config.events_per_hour, config.events_per_day, account_limit,
                                trusted=self.trusted, trusted_multiplier=config.trusted_rate_multiplier)  # fmt: skip
-        return HostWindows(limits)
+        return HostWindows(with_overrides(limits, self.own_windows))
 
     # -- actor life cycle ------------------------------------------------------------------------
     def on_start(self) -> None:
@@ -176,6 +178,7 @@ class HostSubscriber(pykka.ThreadingActor):
         if isinstance(message, SetSubscriberLimits):  # an operator changed them (already in SQL)
             self.host = dataclasses.replace(self.host, account_limit=message.account_limit)
             self.bucket = TokenBucket(message.events_per_second)
+            self.own_windows = WindowLimits(message.events_per_hour, message.events_per_day)
             self.windows = self._windows(self.config, message.account_limit)  # counts start again
             log.info("host limits applied host=%s account_limit=%s events_per_second=%s",
                      self.host.hostname, message.account_limit, message.events_per_second)  # fmt: skip

@@ -5,7 +5,7 @@ the host's second account is announced ``#account`` inactive ``throttled`` on a 
 client, getRepoStatus says so, its events are dropped and counted (``account_throttled``) and
 the host list counts it. Raising the limit announces it active again and re-syncs it, so the
 records it wrote while throttled reach the mirror (getRepo) and its next commit reaches the
-firehose.
+firehose. The host's own hour and day limits are set through changeLimits too.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from protocol.repo_verify import verify_repo
-from tests.integration.test_admin_control import PASSWORD, Pds, frames_after, get, ok
+from tests.integration.test_admin_control import PASSWORD, Pds, call, frames_after, get, ok
 from tests.support.procs import FrameHost, RelayProcess, wait_until
 
 
@@ -80,6 +80,15 @@ def test_account_past_the_limit_is_throttled_then_released_and_recovered(
         wait_until(lambda: mirrored_records(relay, bob) == sorted(bob.records), 30, "bob's records in the mirror")
         assert ok(relay, "GET", "/admin/pds/list")[0]["ThrottledCount"] == 0
         wait_until(lambda: relay.metric("skyrelay_hosts_at_account_limit") == 0, 20, "the at-limit gauge")
+
+        # the host's own hour and day limits: stored, listed, and the subscriber (or worker) goes on
+        bad = call(relay, "POST", "/admin/pds/changeLimits", body={"host": host.hostname, "per_hour": 0})
+        assert bad[0] == 400 and bad[1]["error"] == "InvalidRequest"
+        own = ok(relay, "POST", "/admin/pds/changeLimits", body={"host": host.hostname, "per_hour": 100_000,
+                                                                 "per_day": 900_000})  # fmt: skip
+        assert (own["per_hour"], own["per_day"], own["repo_limit"]) == (100_000, 900_000, 5)
+        [row] = ok(relay, "GET", "/admin/pds/list")
+        assert row["PerHourEventRate"]["Max"] == 100_000 and row["PerDayEventRate"]["Max"] == 900_000
 
         # his next commit follows the mirror's head and reaches the firehose and the mirror
         pds.commits(bob)
