@@ -2,7 +2,7 @@
 
 A real relay subprocess (in-process ingest and two ingest workers) with a frame host upstream:
 the host's second account is announced ``#account`` inactive ``throttled`` on a real firehose
-client, getRepoStatus says so, its events are dropped and counted (``account_throttled``) and
+client, getRepoStatus and listRepos say so, its events are dropped and counted (``account_throttled``) and
 the host list counts it. Raising the limit announces it active again and re-syncs it, so the
 records it wrote while throttled reach the mirror (getRepo) and its next commit reaches the
 firehose. The host's own hour and day limits are set through changeLimits too.
@@ -32,6 +32,14 @@ def repo_status(relay: RelayProcess, did: str) -> dict[str, Any]:
     return json.loads(body) if status == 200 else {"error": status}
 
 
+def listed(relay: RelayProcess, dids: set[str]) -> dict[str, Any] | None:
+    """listRepos by DID once it lists all of ``dids`` (None before)."""
+    status, body = get(f"{relay.url}/xrpc/com.atproto.sync.listRepos")
+    assert status == 200, body
+    repos = {r["did"]: r for r in json.loads(body)["repos"]}
+    return repos if dids <= set(repos) else None
+
+
 def mirrored_records(relay: RelayProcess, writer: Any) -> list[str]:
     status, car = get(f"{relay.url}/xrpc/com.atproto.sync.getRepo?did={writer.did}")
     if status != 200:
@@ -59,6 +67,9 @@ def test_account_past_the_limit_is_throttled_then_released_and_recovered(
         assert body["did"] == bob.did and body["active"] is False and body["status"] == "throttled"
         wait_until(lambda: repo_status(relay, bob.did).get("status") == "throttled", 20, "bob's status in SQL")
         assert repo_status(relay, bob.did)["active"] is False
+        repos = wait_until(lambda: listed(relay, {alice.did, bob.did}), 20, "both accounts in listRepos")
+        assert repos[bob.did]["active"] is False and repos[bob.did]["status"] == "throttled"
+        assert repos[alice.did]["active"] is True and "status" not in repos[alice.did]
         pds.commits(bob, n=2)
         pds.commits(alice)
         [(_, next_frame)] = frames_after(relay, 2, 1)
