@@ -42,6 +42,12 @@ def window_limits(per_hour: int | None, per_day: int | None, account_limit: int 
     return WindowLimits(scaled(per_hour, 1), scaled(per_day, 10))
 
 
+def with_overrides(scaled: WindowLimits, own: WindowLimits) -> WindowLimits:
+    """A host's own hour and day limits (an operator's, not scaled) where set, else the scaled ones."""
+    return WindowLimits(own.per_hour if own.per_hour is not None else scaled.per_hour,
+                        own.per_day if own.per_day is not None else scaled.per_day)  # fmt: skip
+
+
 class Window:
     """Events counted over the last ``seconds`` in ``SLOTS`` slots; ``limit`` at most."""
 

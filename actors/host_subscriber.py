@@ -21,10 +21,12 @@ import gevent
 import pykka
 
 from actors import tracing
+from actors.account_announce import announcement
+from actors.accounts import AccountState
 from actors.host_activity import HostActivity, HostLink
 from actors.host_events import host_changed
 from actors.host_progress import HostProgress
-from actors.host_rate import HostWindows, window_limits
+from actors.host_rate import HostWindows, WindowLimits, window_limits, with_overrides
 from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, PersistEvent, SubscriberCrashed
 from actors.messages_control import SetSubscriberLimits, unknown_message
 from actors.metrics import (
@@ -42,6 +44,7 @@ from actors.wsclient import WebSocketClient, WebSocketError
 from config.settings import Settings
 from protocol.errors import ProtocolError
 from protocol.frames import ErrorFrame, InfoEvent, decode_frame, encode_frame, event_type, peek_seq
+from store.accounts import THROTTLED
 from store.db import TRANSIENT_DB_ERRORS
 
 log = logging.getLogger(__name__)
@@ -121,8 +124,10 @@ class HostSubscriber(pykka.ThreadingActor):
         config: SubscriberConfig,
         progress: HostProgress | None = None,
         trusted: bool = False,
+        own_windows: WindowLimits | None = None,
     ) -> None:
         super().__init__()
+        self.own_windows = own_windows or WindowLimits(None, None)  # set by an operator: they win over the defaults
         self.host = host
         self.cursor = cursor  # last upstream seq processed (logged or dropped); -1: none yet
         self.account_count = account_count
@@ -148,7 +153,7 @@ class HostSubscriber(pykka.ThreadingActor):
     def _windows(self, config: SubscriberConfig, account_limit: int | None) -> HostWindows:
         limits = window_limits(config.events_per_hour, config.events_per_day, account_limit,
                                trusted=self.trusted, trusted_multiplier=config.trusted_rate_multiplier)  # fmt: skip
-        return HostWindows(limits)
+        return HostWindows(with_overrides(limits, self.own_windows))
 
     # -- actor life cycle ------------------------------------------------------------------------
     def on_start(self) -> None:
@@ -173,6 +178,7 @@ class HostSubscriber(pykka.ThreadingActor):
         if isinstance(message, SetSubscriberLimits):  # an operator changed them (already in SQL)
             self.host = dataclasses.replace(self.host, account_limit=message.account_limit)
             self.bucket = TokenBucket(message.events_per_second)
+            self.own_windows = WindowLimits(message.events_per_hour, message.events_per_day)
             self.windows = self._windows(self.config, message.account_limit)  # counts start again
             log.info("host limits applied host=%s account_limit=%s events_per_second=%s",
                      self.host.hostname, message.account_limit, message.events_per_second)  # fmt: skip
@@ -344,8 +350,7 @@ class HostSubscriber(pykka.ThreadingActor):
         if verdict.new_account:
             limit = self.host.account_limit
             if limit is not None and self.account_count >= limit:
-                self._drop("host_account_limit", event.seq, did)
-                self._skip_past(event.seq)
+                self._throttle(verdict.account, event.seq)
                 return
             self.account_count += 1
         for warning in verdict.warnings:
@@ -369,6 +374,21 @@ class HostSubscriber(pykka.ThreadingActor):
         if now - self._last_yield >= YIELD_EVERY_SECONDS:  # let the sequencer and other hosts run
             self._last_yield = now
             gevent.sleep(0)
+
+    def _throttle(self, account: AccountState, seq: int) -> None:
+        """A new account past the host's account limit: announced ``throttled``, its events dropped until released.
+
+        It counts towards the host's accounts (as the accounts table does on a restart); raising
+        the limit releases it (``Relay.change_limits``), with a re-sync for what it wrote meanwhile.
+        """
+        self.account_count += 1
+        state = account.updated(status=THROTTLED)
+        self.verifier.accounts.put(state)  # its later events drop in the verifier (account_throttled)
+        self._drop("account_throttled", seq, account.did, "past the host's account limit")
+        self._wait_for_room()
+        self.sequencer.tell(announcement(state))
+        self._skip_past(seq)
+        log.info("account throttled host=%s did=%s limit=%s", self.host.hostname, account.did, self.host.account_limit)
 
     def _skip_past(self, seq: int | None) -> None:
         """A dropped event is processed too: move the cursor past it (told in order, rate-limited)."""

@@ -27,6 +27,7 @@ from actors.backoff import Backoff, RetryPolicy, retry
 from actors.blocking import off_loop
 from actors.host_events import host_changed
 from actors.host_progress import HOST_STALLS, HostProgress
+from actors.host_rate import WindowLimits
 from actors.host_subscriber import HostSubscriber, SubscriberConfig
 from actors.messages import CheckProgress, ChildFailed, GetTree, HostGaveUp, RestartChild, StartHost, StopHost
 from actors.messages_control import (
@@ -128,7 +129,7 @@ class HostSupervisor(pykka.ThreadingActor):
                 if child is not None and child.ref is not None and child.ref.is_alive():
                     limit = message.account_limit
                     rate = message.events_per_second or self.default_events_per_second
-                    child.ref.tell(SetSubscriberLimits(limit, rate))
+                    child.ref.tell(SetSubscriberLimits(limit, rate, message.events_per_hour, message.events_per_day))
             case ForgetAccount():
                 self.verifier.accounts.forget(message.did)
             case CheckProgress():
@@ -228,6 +229,7 @@ class HostSupervisor(pykka.ThreadingActor):
             parent=self.actor_ref,
             config=self.config,
             progress=child.progress,
+            own_windows=WindowLimits(row.events_per_hour, row.events_per_day),
         )
         child.state = "running"
         child.backoff.started()

@@ -83,7 +83,8 @@ class IngestPool:
                     self._send(self.workers[self.hosts[message.hostname]], "restart_host", message.hostname)
             case ApplyHostLimits():
                 if message.hostname in self.hosts:
-                    payload = [message.hostname, message.account_limit, message.events_per_second]
+                    payload = [message.hostname, message.account_limit, message.events_per_second,
+                               message.events_per_hour, message.events_per_day]  # fmt: skip
                     self._send(self.workers[self.hosts[message.hostname]], "host_limits", payload)
             case ForgetAccount():  # any worker may hold the account (it may have moved between hosts)
                 for worker in self.workers:

@@ -151,8 +151,8 @@ def run(settings: Settings, sock: socket.socket, index: int) -> int:
             elif kind == "restart_host":
                 hosts.tell(RestartHost(str(payload)))
             elif kind == "host_limits":
-                hostname, limit, rate = payload
-                hosts.tell(ApplyHostLimits(str(hostname), limit, rate))
+                hostname, limit, rate, per_hour, per_day = payload
+                hosts.tell(ApplyHostLimits(str(hostname), limit, rate, per_hour, per_day))
             elif kind == "forget_account":
                 hosts.tell(ForgetAccount(str(payload)))
             elif kind == "get_tree":

@@ -50,6 +50,8 @@ class ApplyHostLimits:
     hostname: str
     account_limit: int | None
     events_per_second: float | None
+    events_per_hour: int | None = None  # the host's own hour and day limits (None: the scaled defaults)
+    events_per_day: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,8 @@ class SetSubscriberLimits:
 
     account_limit: int | None
     events_per_second: float | None
+    events_per_hour: int | None = None  # the host's own hour and day limits (None: the scaled defaults)
+    events_per_day: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

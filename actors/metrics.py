@@ -26,6 +26,11 @@ INGEST_TO_DURABLE = Histogram(
 )
 # multiprocess_mode matters only with ingest workers (prometheus_client multiprocess mode)
 LAST_SEQ = Gauge("skyrelay_last_seq", "Highest relay seq in the output log", multiprocess_mode="max")
+HOSTS_AT_ACCOUNT_LIMIT = Gauge(
+    "skyrelay_hosts_at_account_limit",
+    "Hosts with as many accounts as their limit (new ones are throttled)",
+    multiprocess_mode="max",
+)
 UPSTREAM_CONNECTED = Gauge(
     "skyrelay_upstream_hosts_connected", "Upstream hosts with an open firehose", multiprocess_mode="livesum"
 )

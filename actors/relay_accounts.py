@@ -21,7 +21,16 @@ from protocol.crypto import load_did_key
 from protocol.errors import InvalidKey, ProtocolError
 from protocol.repo_verify import verify_repo
 from protocol.syntax import is_valid_did
-from store.accounts import ACTIVE, TAKENDOWN, host_account_dids, list_takedowns, load_account, set_account_status
+from store.accounts import (
+    ACTIVE,
+    TAKENDOWN,
+    host_account_dids,
+    host_throttled_dids,
+    host_unthrottled_count,
+    list_takedowns,
+    load_account,
+    set_account_status,
+)
 from store.hosts import HostRow
 
 log = logging.getLogger(__name__)
@@ -62,6 +71,23 @@ class AccountOps:
         self.supervisor.hosts.tell(ForgetAccount(did))
         log.info("account status set by admin did=%s status=%s seq=%s", did, status, seq)
         return int(seq or 0)
+
+    def release_throttled(self, host: HostRow, limit: int) -> list[str]:
+        """Release throttled accounts of ``host`` that fit under ``limit`` (oldest first); their DIDs.
+
+        Each is announced active again and re-synced, so what it wrote while throttled reaches
+        the mirror; its next commit then follows the mirror's head on the firehose.
+        """
+        with self.db.connection_context():
+            room = max(0, limit - host_unthrottled_count(self.db, host.id))
+            dids = host_throttled_dids(self.db, host.id, limit=room) if room else []
+        for did in dids:
+            self._set_status(did, ACTIVE)
+            if self.supervisor.carstore is not None:
+                self.supervisor.mirror.tell(RequestResync(did, "released"))
+        if dids:
+            log.info("throttled accounts released host=%s accounts=%d limit=%d", host.hostname, len(dids), limit)
+        return dids
 
     def list_takedowns(self, cursor: int = 0, limit: int = TAKEDOWN_PAGE) -> tuple[list[str], int]:
         """Taken-down DIDs after ``cursor``, and the next cursor (0 at the end)."""

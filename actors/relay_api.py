@@ -25,14 +25,16 @@ from typing import Any
 from actors.control_errors import ControlError
 from actors.crawl import CrawlRefused, CrawlTarget, is_banned, normalize_hostname, probe_pds
 from actors.crawl_check import check_crawl
-from actors.host_rate import window_limits
+from actors.host_rate import WindowLimits, window_limits, with_overrides
 from actors.messages import StartHost, StopHost
 from actors.messages_control import ApplyHostLimits, RestartHost
 from actors.messages_discovery import EnumerateHost
+from actors.metrics import HOSTS_AT_ACCOUNT_LIMIT
 from actors.relay_accounts import AccountOps
 from actors.relay_imports import ImportOps
 from actors.relay_policy import PolicyOps
 from actors.relay_views import ViewOps
+from store.accounts import throttled_counts
 from store.enumeration import EnumerationRow, all_enumerations
 from store.hosts import (
     HOST_ACTIVE,
@@ -41,6 +43,7 @@ from store.hosts import (
     add_domain_ban,
     banned_domains,
     get_host,
+    hosts_at_account_limit,
     list_hosts,
     remove_domain_ban,
     set_host_limits,
@@ -58,6 +61,12 @@ def _enumeration_fields(row: EnumerationRow | None) -> dict[str, Any]:
     if row is None:
         return {"EnumeratedAccounts": 0, "EnumerationState": "none", "EnumerationError": None}
     return {"EnumeratedAccounts": row.accounts, "EnumerationState": row.state, "EnumerationError": row.error}
+
+
+def _window_limit(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_ACCOUNT_LIMIT:
+        raise ControlError("InvalidRequest", f"{name} must be an integer from 1 to {MAX_ACCOUNT_LIMIT}")
+    return value
 
 
 class Relay(AccountOps, PolicyOps, ViewOps, ImportOps):
@@ -105,6 +114,7 @@ class Relay(AccountOps, PolicyOps, ViewOps, ImportOps):
         with self.db.connection_context():
             rows = list_hosts(self.db, limit=1_000_000)
             walks = all_enumerations(self.db)
+            throttled = throttled_counts(self.db)
         running = set(self.upstream_conns())
         trusted = self.trusted_domains()
         out = []
@@ -112,9 +122,7 @@ class Relay(AccountOps, PolicyOps, ViewOps, ImportOps):
             limit = row.account_limit if row.account_limit is not None else self.settings.default_host_account_limit
             rate = row.events_per_second or self.settings.default_host_events_per_second
             is_trusted = row.trusted or is_banned(row.hostname, trusted)
-            s = self.settings
-            windows = window_limits(s.default_host_events_per_hour, s.default_host_events_per_day, limit,
-                                    trusted=is_trusted, trusted_multiplier=s.trusted_host_rate_multiplier)  # fmt: skip
+            windows = self._window_limits(row, limit, row.events_per_hour, row.events_per_day)
             out.append({
                 "ID": row.id, "Host": row.hostname, "Cursor": row.last_seq, "Registered": row.status == HOST_ACTIVE,
                 "Blocked": row.status == HOST_BANNED, "RepoCount": row.account_count, "RepoLimit": limit,
@@ -122,7 +130,7 @@ class Relay(AccountOps, PolicyOps, ViewOps, ImportOps):
                 "PerSecondEventRate": {"Max": rate, "Window": 1}, "Status": row.status,
                 "PerHourEventRate": {"Max": windows.per_hour, "Window": 3600},
                 "PerDayEventRate": {"Max": windows.per_day, "Window": 86400},
-                "Trusted": is_trusted,
+                "Trusted": is_trusted, "ThrottledCount": throttled.get(row.id, 0),
                 "LastError": row.last_error, **_enumeration_fields(walks.get(row.id)),
             })  # fmt: skip
         return out
@@ -182,12 +190,18 @@ class Relay(AccountOps, PolicyOps, ViewOps, ImportOps):
             self.supervisor.hosts.tell(StartHost(row.hostname))
         log.info("admin unblocked host=%s", row.hostname)
 
-    def change_limits(self, raw: object, *, repo_limit: object = None, per_second: object = None) -> dict[str, Any]:
-        """Set a host's account limit and/or events per second (given ones only)."""
+    def change_limits(self, raw: object, *, repo_limit: object = None, per_second: object = None,
+                      per_hour: object = None, per_day: object = None) -> dict[str, Any]:  # fmt: skip
+        """Set a host's account limit, events per second, per hour and/or per day (given ones only).
+
+        Throttled accounts that fit under a raised account limit are released (``release_throttled``).
+        """
         row = self._host(raw)
-        if repo_limit is None and per_second is None:
-            raise ControlError("InvalidRequest", "give repo_limit and/or per_second")
+        if repo_limit is None and per_second is None and per_hour is None and per_day is None:
+            raise ControlError("InvalidRequest", "give repo_limit, per_second, per_hour and/or per_day")
         limit, rate = row.account_limit, row.events_per_second
+        hour = row.events_per_hour if per_hour is None else _window_limit("per_hour", per_hour)
+        day = row.events_per_day if per_day is None else _window_limit("per_day", per_day)
         if repo_limit is not None:
             ok = isinstance(repo_limit, int) and not isinstance(repo_limit, bool)
             if not ok or not 0 <= repo_limit <= MAX_ACCOUNT_LIMIT:  # type: ignore[operator]
@@ -199,12 +213,27 @@ class Relay(AccountOps, PolicyOps, ViewOps, ImportOps):
                 raise ControlError("InvalidRequest", f"per_second must be in (0, {MAX_EVENTS_PER_SECOND:g}]")
             rate = float(per_second)  # type: ignore[arg-type]
         with self.db.connection_context():
-            set_host_limits(self.db, row.id, account_limit=limit, events_per_second=rate)
+            set_host_limits(self.db, row.id, account_limit=limit, events_per_second=rate, events_per_hour=hour,
+                            events_per_day=day)  # fmt: skip
         effective_limit = limit if limit is not None else self.settings.default_host_account_limit
         effective_rate = rate or self.settings.default_host_events_per_second
-        self.supervisor.hosts.tell(ApplyHostLimits(row.hostname, effective_limit, effective_rate))
-        log.info("admin changed host limits host=%s account_limit=%s events_per_second=%s", row.hostname, limit, rate)
-        return {"host": row.hostname, "repo_limit": effective_limit, "per_second": effective_rate}
+        self.supervisor.hosts.tell(ApplyHostLimits(row.hostname, effective_limit, effective_rate, hour, day))
+        log.info("admin changed host limits host=%s account_limit=%s events_per_second=%s per_hour=%s per_day=%s",
+                 row.hostname, limit, rate, hour, day)  # fmt: skip
+        released = self.release_throttled(row, effective_limit)
+        with self.db.connection_context():
+            HOSTS_AT_ACCOUNT_LIMIT.set(hosts_at_account_limit(self.db, self.settings.default_host_account_limit))
+        windows = self._window_limits(row, effective_limit, hour, day)
+        return {"host": row.hostname, "repo_limit": effective_limit, "per_second": effective_rate,
+                "per_hour": windows.per_hour, "per_day": windows.per_day, "released": len(released)}  # fmt: skip
+
+    def _window_limits(self, row: HostRow, limit: int, per_hour: int | None, per_day: int | None) -> WindowLimits:
+        """The host's hour and day limits in effect: its own where set, else the defaults scaled."""
+        s = self.settings
+        is_trusted = row.trusted or is_banned(row.hostname, self.trusted_domains())
+        scaled = window_limits(s.default_host_events_per_hour, s.default_host_events_per_day, limit,
+                               trusted=is_trusted, trusted_multiplier=s.trusted_host_rate_multiplier)  # fmt: skip
+        return with_overrides(scaled, WindowLimits(per_hour, per_day))
 
     # -- domains -----------------------------------------------------------------------------------
     def list_domain_bans(self) -> list[str]:

@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from datetime import UTC, datetime
 from typing import Any
 
 import gevent
@@ -29,6 +28,7 @@ import peewee
 import pykka
 
 from actors import tracing
+from actors.account_announce import RELAY_HOST_ID, announcement
 from actors.accounts import AccountState
 from actors.backoff import RetryPolicy, retry
 from actors.blocking import off_loop
@@ -39,6 +39,7 @@ from actors.messages_mirror import MirrorBatch, MirrorEvent
 from actors.metrics import (
     EVENTS_ACCEPTED,
     EVENTS_DROPPED,
+    HOSTS_AT_ACCOUNT_LIMIT,
     INFRA_RETRIES,
     INGEST_TO_DURABLE,
     LAST_SEQ,
@@ -48,17 +49,24 @@ from actors.metrics import (
 from protocol.car import read_car
 from protocol.commit import decode_commit
 from protocol.errors import ProtocolError
-from protocol.frames import AccountEvent, CommitEvent, SyncEvent, decode_frame, encode_frame, resequence
-from store.accounts import ACTIVE, TAKENDOWN, load_account, takendown_dids, upsert_accounts
+from protocol.frames import AccountEvent, CommitEvent, SyncEvent, decode_frame, resequence
+from store.accounts import ACTIVE, TAKENDOWN, THROTTLED, load_account, takendown_dids, throttled_dids, upsert_accounts
 from store.db import TRANSIENT_DB_ERRORS
 from store.eventlog import EventLog, EventLogWriteError, LogRecord
-from store.hosts import get_state, list_hosts, refresh_account_counts, reset_cursors, save_cursors, set_state
+from store.hosts import (
+    get_state,
+    hosts_at_account_limit,
+    list_hosts,
+    refresh_account_counts,
+    reset_cursors,
+    save_cursors,
+    set_state,
+)
 from store.log_recovery import tail_cursors
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "sequencer_checkpoint_seq"
 MIRROR_MAX_BACKLOG = 1000  # MirrorBatch messages waiting for the repo mirror
-RELAY_HOST_ID = 0  # the host_id of events the relay itself originates (admin #account announcements)
 MAX_REMEMBERED_REVS = 500_000  # accounts whose last sequenced rev the sequencer keeps (LRU)
 ACCOUNT_COUNT_SECONDS = 5.0  # hosts whose accounts changed get their account_count recounted this often
 
@@ -75,9 +83,11 @@ class Sequencer(pykka.ThreadingActor):
         mirror: Any = None,
         retry_policy: RetryPolicy | None = None,
         discovered: Any = None,
+        default_account_limit: int = 100_000,
     ) -> None:
         super().__init__()
         self.discovered = discovered  # the spider's non-blocking offer of each durable batch, or None
+        self.default_account_limit = default_account_limit  # for hosts without their own (at-limit gauge)
         self.retry_policy = retry_policy or RetryPolicy()
         self.mirror = mirror  # told each durable batch's repo events (None: no repo mirror)
         self.prune_interval_seconds = prune_interval_seconds
@@ -95,16 +105,17 @@ class Sequencer(pykka.ThreadingActor):
         self._cursor_resets: set[int] = set()  # hosts whose saved cursor must be allowed to go down
         self._last_seq = event_log.last_seq
         self._takendown: set[str] = set()  # accounts whose events are dropped here (admin takedowns)
+        self._throttled: set[str] = set()  # accounts past their host's account limit (dropped until released)
         self._revs: OrderedDict[str, str] = OrderedDict()  # did -> rev of its last sequenced commit/sync
         self._count_hosts: set[int] = set()  # hosts with account changes since their last recount
         self._last_count = 0.0
 
     def on_start(self) -> None:
-        self._takendown = off_loop(lambda: self._load_takedowns())
+        self._takendown, self._throttled = off_loop(lambda: self._load_takedowns())
 
-    def _load_takedowns(self) -> set[str]:
+    def _load_takedowns(self) -> tuple[set[str], set[str]]:
         with self.db.connection_context():
-            return takendown_dids(self.db)
+            return takendown_dids(self.db), throttled_dids(self.db)
 
     @property
     def last_seq(self) -> int:
@@ -148,8 +159,15 @@ class Sequencer(pykka.ThreadingActor):
                 if message.upstream_seq > self._cursors.get(message.host_id, -1):
                     self._cursors[message.host_id] = message.upstream_seq
                 return
-            if account.status == TAKENDOWN:  # the sender's cache predates a reversal
+            if account.did in self._throttled:  # throttled since the sender verified it
+                EVENTS_DROPPED.labels("", "account_throttled").inc()
+                if message.upstream_seq > self._cursors.get(message.host_id, -1):
+                    self._cursors[message.host_id] = message.upstream_seq
+                return
+            if account.status in (TAKENDOWN, THROTTLED):  # the sender's cache predates a reversal
                 message = dataclasses.replace(message, account=account.updated(status=ACTIVE))
+        elif account is not None and message.kind == "#account" and account.status == THROTTLED:
+            self._throttled.add(account.did)  # a subscriber throttled a new account
         if not self._rev_in_order(message):
             return
         self._pending.append(message)
@@ -173,14 +191,13 @@ class Sequencer(pykka.ThreadingActor):
                 return None
             state = AccountState.from_row(row)
         state = state.updated(status=status)
+        self._takendown.discard(did)
+        self._throttled.discard(did)
         if status == TAKENDOWN:
             self._takendown.add(did)
-        else:
-            self._takendown.discard(did)
-        announced = None if state.active else (status if status != ACTIVE else state.upstream_status)
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-        frame = encode_frame(AccountEvent(seq=0, did=did, time=stamp, active=state.active, status=announced), 0)
-        self._pending.append(PersistEvent(RELAY_HOST_ID, 0, "#account", frame, state, time.time()))
+        elif status == THROTTLED:
+            self._throttled.add(did)
+        self._pending.append(announcement(state))
         self._flush()
         return self._last_seq
 
@@ -319,6 +336,8 @@ class Sequencer(pykka.ThreadingActor):
                 reset_cursors(self.db, resets)
                 save_cursors(self.db, cursors.items())
                 refresh_account_counts(self.db, recount)  # listHosts' accountCount, kept current
+                if recount:
+                    HOSTS_AT_ACCOUNT_LIMIT.set(hosts_at_account_limit(self.db, self.default_account_limit))
                 set_state(self.db, CHECKPOINT_KEY, str(checkpoint))
 
         def run() -> None:
@@ -411,7 +430,7 @@ def _reapply(db: peewee.Database, record: LogRecord, states: dict[str, AccountSt
             return
         state = state.updated(rev=event.rev, commit_cid=root, data_cid=commit.data)
     elif isinstance(event, AccountEvent) and record.host_id == RELAY_HOST_ID:  # an admin status change
-        state = state.updated(status=TAKENDOWN if event.status == TAKENDOWN else ACTIVE)
+        state = state.updated(status=event.status if event.status in (TAKENDOWN, THROTTLED) else ACTIVE)
     elif isinstance(event, AccountEvent):
         state = state.updated(upstream_status=ACTIVE if event.active else (event.status or "deactivated"))
     states[did] = state

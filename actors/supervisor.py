@@ -148,6 +148,7 @@ class RelaySupervisor:
             mirror=self.mirror if self.carstore is not None else None,
             retry_policy=self.retry_policy,
             discovered=self._offer_batch_to_spider,
+            default_account_limit=self.settings.default_host_account_limit,
         )
         self._start_identity()
         if self.settings.ingest_workers > 0:

@@ -32,7 +32,7 @@ from protocol.errors import InvalidKey, ProtocolError
 from protocol.frames import AccountEvent, CommitEvent, IdentityEvent, RepoEvent, SyncEvent
 from protocol.mst_invert import invert_ops
 from protocol.syntax import is_valid_tid, tid_to_timestamp_us
-from store.accounts import ACTIVE
+from store.accounts import ACTIVE, THROTTLED
 
 MAX_BLOCKS_BYTES = 2_000_000
 
@@ -141,7 +141,8 @@ class Verifier:
         if state is None:
             state = AccountState(did=did, host_id=host.host_id)
         elif state.status != ACTIVE:
-            return Dropped("account_takendown", f"{did} is {state.status} at this relay")
+            reason = "account_throttled" if state.status == THROTTLED else "account_takendown"
+            return Dropped(reason, f"{did} is {state.status} at this relay")
         if require_active and not state.active:
             return Dropped("account_inactive", f"{did} is {state.upstream_status}")
         ident = self._identity_for(did, host, refresh=refresh)

@@ -15,13 +15,15 @@ from store.sql import execute, executemany, fetchall, fetchone, to_bytes
 ACTIVE = "active"
 # relay-level status of an account an operator took down
 TAKENDOWN = "takendown"
+# relay-level status of an account past its host's account limit: its events are dropped until released
+THROTTLED = "throttled"
 
 
 @dataclass(frozen=True, slots=True)
 class AccountRow:
     did: str
     host_id: int | None
-    status: str  # relay-level: active or takendown
+    status: str  # relay-level: active, takendown or throttled
     upstream_status: str  # from the PDS's #account events
     rev: str | None
     commit_cid: bytes | None
@@ -87,3 +89,27 @@ def host_account_dids(db: peewee.Database, host_id: int, *, after_did: str = "",
     rows = fetchall(db, "SELECT did FROM account WHERE host_id = ? AND did > ? ORDER BY did LIMIT ?",
                     (host_id, after_did, limit))  # fmt: skip
     return [str(r[0]) for r in rows]
+
+
+def throttled_dids(db: peewee.Database) -> set[str]:
+    return {str(r[0]) for r in fetchall(db, "SELECT did FROM account WHERE status = ?", (THROTTLED,))}
+
+
+def host_throttled_dids(db: peewee.Database, host_id: int, *, limit: int) -> list[str]:
+    """Up to ``limit`` throttled accounts of a host, oldest first (the order they are released in)."""
+    rows = fetchall(db, "SELECT did FROM account WHERE host_id = ? AND status = ? ORDER BY uid LIMIT ?",
+                    (host_id, THROTTLED, limit))  # fmt: skip
+    return [str(r[0]) for r in rows]
+
+
+def throttled_counts(db: peewee.Database) -> dict[int, int]:
+    """Throttled accounts per host id (hosts without any are absent)."""
+    rows = fetchall(db, "SELECT host_id, COUNT(*) FROM account WHERE status = ? AND host_id IS NOT NULL"
+                        " GROUP BY host_id", (THROTTLED,))  # fmt: skip
+    return {int(r[0]): int(r[1]) for r in rows}
+
+
+def host_unthrottled_count(db: peewee.Database, host_id: int) -> int:
+    """The host's accounts that count against its limit as admitted ones (all but the throttled)."""
+    r = fetchone(db, "SELECT COUNT(*) FROM account WHERE host_id = ? AND status <> ?", (host_id, THROTTLED))
+    return int(r[0]) if r else 0

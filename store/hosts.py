@@ -28,15 +28,19 @@ class HostRow:
     lenient: bool
     trusted: bool
     last_error: str | None
+    events_per_hour: int | None = None  # the host's own hour and day limits (None: the scaled defaults)
+    events_per_day: int | None = None
 
 
 _COLUMNS = (
-    "id, hostname, status, last_seq, account_limit, events_per_second, account_count, lenient, trusted, last_error"
+    "id, hostname, status, last_seq, account_limit, events_per_second, account_count, lenient, trusted, last_error,"
+    " events_per_hour, events_per_day"
 )
 
 
 def _row(r: tuple[Any, ...]) -> HostRow:
-    return HostRow(int(r[0]), r[1], r[2], int(r[3]), r[4], r[5], int(r[6]), bool(r[7]), bool(r[8]), r[9])
+    return HostRow(int(r[0]), r[1], r[2], int(r[3]), r[4], r[5], int(r[6]), bool(r[7]), bool(r[8]), r[9],
+                   None if r[10] is None else int(r[10]), None if r[11] is None else int(r[11]))  # fmt: skip
 
 
 def get_host(db: peewee.Database, hostname: str) -> HostRow | None:
@@ -99,7 +103,8 @@ def refresh_account_counts(db: peewee.Database, host_ids: Iterable[int]) -> None
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         marks = ", ".join("?" * len(chunk))
-        db.execute_sql(
+        execute(
+            db,
             "UPDATE host SET account_count = (SELECT COUNT(*) FROM account WHERE account.host_id = host.id)"
             f" WHERE id IN ({marks})",
             chunk,
@@ -130,10 +135,12 @@ def remove_domain_ban(db: peewee.Database, domain: str) -> bool:
 
 
 def set_host_limits(
-    db: peewee.Database, host_id: int, *, account_limit: int | None, events_per_second: float | None
-) -> None:
-    execute(db, "UPDATE host SET account_limit = ?, events_per_second = ?, updated_at = ? WHERE id = ?",
-            (account_limit, events_per_second, time.time(), host_id))  # fmt: skip
+    db: peewee.Database, host_id: int, *, account_limit: int | None, events_per_second: float | None,
+    events_per_hour: int | None = None, events_per_day: int | None = None,
+) -> None:  # fmt: skip
+    execute(db, "UPDATE host SET account_limit = ?, events_per_second = ?, events_per_hour = ?, events_per_day = ?,"
+                " updated_at = ? WHERE id = ?",
+            (account_limit, events_per_second, events_per_hour, events_per_day, time.time(), host_id))  # fmt: skip
 
 
 def set_hosts_trusted(db: peewee.Database, trusted: Iterable[int]) -> None:
@@ -160,3 +167,9 @@ def set_state(db: peewee.Database, key: str, value: str) -> None:
         "INSERT INTO relay_state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (key, value),
     )
+
+
+def hosts_at_account_limit(db: peewee.Database, default_limit: int) -> int:
+    """Hosts whose accounts (throttled ones included) reach their limit (``default_limit`` where unset)."""
+    r = fetchone(db, "SELECT COUNT(*) FROM host WHERE account_count >= COALESCE(account_limit, ?)", (default_limit,))
+    return int(r[0]) if r else 0

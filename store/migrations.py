@@ -141,6 +141,14 @@ MAIN_MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        5,
+        "per-host event limits per hour and per day (NULL: the defaults, scaled with the account limit)",
+        (
+            "ALTER TABLE host ADD COLUMN events_per_hour BIGINT",
+            "ALTER TABLE host ADD COLUMN events_per_day BIGINT",
+        ),
+    ),
 )
 
 

@@ -228,7 +228,8 @@ def admin_blueprint(*, relay: Any, guard: AdminGuard) -> Blueprint:
     @bp.post("/admin/pds/changeLimits")
     @tracing.traced("admin.change_limits")
     def change_limits() -> Any:
-        limits = relay.change_limits(_param("host"), repo_limit=_number("repo_limit"), per_second=_number("per_second"))
+        limits = relay.change_limits(_param("host"), repo_limit=_number("repo_limit"), per_second=_number("per_second"),
+                                     per_hour=_number("per_hour"), per_day=_number("per_day"))  # fmt: skip
         return jsonify({**OK, **limits})
 
     @bp.post("/admin/pds/block")

@@ -121,8 +121,11 @@ COMMANDS: dict[tuple[str, str], tuple[str, str, Builder, Callable[[Any], str]]] 
                         _ok("connection killed")),
     ("hosts", "limits"): ("POST", "/admin/pds/changeLimits", lambda a: {"body": {
         "host": a.target, **({"repo_limit": a.repo_limit} if a.repo_limit is not None else {}),
-        **({"per_second": a.per_second} if a.per_second is not None else {})}},
-        _ok("{host}: account limit {repo_limit}, {per_second} events/s")),
+        **({"per_second": a.per_second} if a.per_second is not None else {}),
+        **({"per_hour": a.per_hour} if a.per_hour is not None else {}),
+        **({"per_day": a.per_day} if a.per_day is not None else {})}},
+        _ok("{host}: account limit {repo_limit}, {per_second} events/s, {per_hour} per hour, {per_day} per day,"
+            " {released} throttled released")),
     ("hosts", "resync"): ("POST", "/admin/pds/resync", lambda a: {"query": {"host": a.target}},
                           _ok("{queued} accounts queued for re-sync")),
     ("domains", "list"): ("GET", "/admin/subs/listDomainBans", lambda a: {},
@@ -185,6 +188,8 @@ def add_admin_parser(sub: Any) -> None:
             if (group, action) == ("hosts", "limits"):
                 a.add_argument("--repo-limit", type=int, help="most accounts the host may have")
                 a.add_argument("--per-second", type=float, help="events per second read from the host")
+                a.add_argument("--per-hour", type=int, help="events per hour read from the host (its own)")
+                a.add_argument("--per-day", type=int, help="events per day read from the host (its own)")
             if (group, action) == ("accounts", "list"):
                 a.add_argument("--cursor", type=int, default=0)
 

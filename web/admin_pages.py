@@ -186,8 +186,12 @@ def admin_pages_blueprint(*, relay: Any, guard: AdminGuard, settings: Settings) 
     def host_limits() -> Response:
         form = request.form
         out = relay.change_limits(form.get("host", ""), repo_limit=_number(form.get("repo_limit"), "Account limit"),
-                                  per_second=_number(form.get("per_second"), "Events per second"))  # fmt: skip
-        return _done(f"Limits of {out['host']}: {out['repo_limit']:,} accounts, {out['per_second']:,g} events/s.")
+                                  per_second=_number(form.get("per_second"), "Events per second"),
+                                  per_hour=_number(form.get("per_hour"), "Events per hour"),
+                                  per_day=_number(form.get("per_day"), "Events per day"))  # fmt: skip
+        released = f" {out['released']:,} throttled account(s) released." if out.get("released") else ""
+        return _done(f"Limits of {out['host']}: {out['repo_limit']:,} accounts, {out['per_second']:,g} events/s."
+                     + released)  # fmt: skip
 
     @action("/domains/ban")
     def domain_ban() -> Response:

@@ -198,10 +198,11 @@ def test_block_ban_kill_and_limits_reach_the_subscribers(
         pds.commits(alice)
         [(_, first)] = frames_after(relay, 0, 1)
         assert first["repo"] == alice.did
-        pds.commits(bob, alice)  # bob would be the host's second account
-        [(_, second)] = frames_after(relay, 1, 1)
+        pds.commits(bob, alice)  # bob would be the host's second account: throttled
+        [(_, throttled), (_, second)] = frames_after(relay, 1, 2)
+        assert throttled["did"] == bob.did and throttled["status"] == "throttled", relay.log()
         assert second["repo"] == alice.did, relay.log()
-        wait_until(lambda: relay.metric("skyrelay_events_dropped_total", reason="host_account_limit") >= 1, 20,
+        wait_until(lambda: relay.metric("skyrelay_events_dropped_total", reason="account_throttled") >= 1, 20,
                    "bob's event dropped over the account limit")  # fmt: skip
         bad = call(relay, "POST", "/admin/pds/changeLimits", body={"host": host.hostname, "repo_limit": -5})
         assert bad[0] == 400

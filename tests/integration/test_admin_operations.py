@@ -237,6 +237,10 @@ def test_admin_cli_every_group(tmp_path: Path, db_url: str, plc: Any, host: Fram
         assert json.loads(cli_ok(relay, "hosts", "list", "--json"))[0]["Host"] == host.hostname
         assert "account limit 5" in cli_ok(relay, "hosts", "limits", host.hostname, "--repo-limit", "5")
         assert json.loads(cli_ok(relay, "--json", "hosts", "list"))[0]["RepoLimit"] == 5
+        out = cli_ok(relay, "hosts", "limits", host.hostname, "--per-hour", "7000", "--per-day", "70000")
+        assert "7000 per hour, 70000 per day" in out, out
+        [row] = json.loads(cli_ok(relay, "--json", "hosts", "list"))
+        assert row["PerHourEventRate"]["Max"] == 7000 and row["PerDayEventRate"]["Max"] == 70_000
         cli_ok(relay, "hosts", "kill", host.hostname)
         wait_until(lambda: host.status()["subscribers"] == 0, 20, "the kill")
         cli_ok(relay, "hosts", "add", host.hostname)

@@ -318,7 +318,7 @@ def test_rate_limit_throttles_without_dropping(
 
 
 # -- 5. per-host account limit ---------------------------------------------------------------------
-def test_account_limit_drops_accounts_past_it(
+def test_account_limit_throttles_accounts_past_it(
     tmp_path: Path, plc: FakePlc, new_host: Callable[[], FrameHost], relays: list[RelayProcess]
 ) -> None:
     host = new_host()
@@ -327,10 +327,11 @@ def test_account_limit_drops_accounts_past_it(
     relay = start_relay(relays, tmp_path, plc, {"SKYRELAY_DEFAULT_HOST_ACCOUNT_LIMIT": "2"})
     crawl(relay, host)
     host.push(feed.genesis() + feed.posts_round_robin(6))  # 3 events per account
-    wait_until(lambda: dropped(relay) >= 3 and relay.metric("skyrelay_last_seq") >= 6, 20, "all 9 events handled")
-    bodies = firehose(relay, 6)
-    assert [b["repo"] for b in bodies] == [alice.did, bob.did] * 3
-    assert dropped(relay, "host_account_limit") == 3, relay.log()
+    wait_until(lambda: dropped(relay) >= 3 and relay.metric("skyrelay_last_seq") >= 7, 20, "all 9 events handled")
+    bodies = firehose(relay, 7)  # carol's first event is announced as her throttled #account instead
+    assert [b.get("repo") or b.get("did") for b in bodies] == [alice.did, bob.did, carol.did] + [alice.did, bob.did] * 2
+    assert bodies[2]["active"] is False and bodies[2]["status"] == "throttled"
+    assert dropped(relay, "account_throttled") == 3, relay.log()
     assert dropped(relay) == 3
     assert relay.stop() == 0, relay.log()
 
@@ -350,9 +351,10 @@ def test_account_limit_holds_after_restart(
     wait_until(lambda: len(subscriptions(host)) >= 2, 20, "the relay to resubscribe")
     host.push(feed.posts_round_robin(2, [carol, alice]))  # seqs 7 and 8; carol is still one account too many
     wait_until(lambda: host_status(relay, host.hostname)["seq"] == 8, 20, "both events handled")
-    repos = [b["repo"] for _, b in collect(relay.ws_url, cursor=0, count=6, timeout=10)]
-    assert repos == [alice.did, bob.did, alice.did, bob.did, alice.did], relay.log()
-    assert host_status(relay, host.hostname)["accountCount"] == 2
+    repos = [b.get("repo") or b.get("did") for _, b in collect(relay.ws_url, cursor=0, count=7, timeout=10)]
+    assert repos == [alice.did, bob.did, carol.did, alice.did, bob.did, alice.did], relay.log()
+    assert dropped(relay, "account_throttled") == 1  # carol's post after the restart (the counter restarted)
+    assert host_status(relay, host.hostname)["accountCount"] == 3  # throttled accounts count too
     assert relay.stop() == 0, relay.log()
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actors.host_rate import HostWindows, Window, WindowLimits, window_limits
+from actors.host_rate import HostWindows, Window, WindowLimits, window_limits, with_overrides
 from actors.host_subscriber import SubscriberConfig
 from config.settings import Settings
 
@@ -97,3 +97,18 @@ def test_a_bounded_wait_returns_so_new_limits_can_apply() -> None:
 def test_settings_reach_the_subscriber_config() -> None:
     config = SubscriberConfig.from_settings(Settings())
     assert (config.events_per_hour, config.events_per_day, config.trusted_rate_multiplier) == (2500, 20_000, 10.0)
+
+
+def test_a_hosts_own_limits_win_over_the_scaled_defaults_and_hold_delivery() -> None:
+    scaled = window_limits(2500, 20_000, 1000)
+    assert with_overrides(scaled, WindowLimits(None, None)) == scaled
+    assert with_overrides(scaled, WindowLimits(10, None)) == WindowLimits(10, 30_000)  # not scaled
+    assert with_overrides(scaled, WindowLimits(None, 40)) == WindowLimits(3500, 40)
+    # a host set to 3 per hour and 5 per day: the 4th event waits an hour, the 6th a day
+    t = FakeTime()
+    start = t.now
+    windows = HostWindows(with_overrides(scaled, WindowLimits(3, 5)), clock=t.clock, sleep=t.sleep)
+    at = [when - start for when in delivered(windows, t, 6)]
+    assert at[:3] == [0.0, 0.0, 0.0]
+    assert 3600.0 <= at[3] <= 3600.0 + 3600.0 / 60 and at[4] == at[3]
+    assert at[5] >= 86_400.0
