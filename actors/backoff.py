@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import gevent
 
@@ -119,3 +119,19 @@ def retry(
     finally:
         if first_failure is not None:
             INFRA_FAILING.labels(operation).dec()
+
+
+def retry_db(db: Any, fn: Callable[[], T], *, operation: str, policy: RetryPolicy) -> T:
+    """``fn()`` (database work) in a connection, in the thread pool, retried while the database fails.
+
+    Off the event loop: SQLite waiting out another writer's lock (busy_timeout) must not freeze
+    every greenlet of the relay; on PostgreSQL it costs a thread hop and nothing else.
+    """
+    from actors.blocking import off_loop
+    from store.db import TRANSIENT_DB_ERRORS
+
+    def attempt() -> T:
+        with db.connection_context():
+            return fn()
+
+    return retry(lambda: off_loop(attempt), operation=operation, retry_on=TRANSIENT_DB_ERRORS, policy=policy)

@@ -30,8 +30,7 @@ import gevent
 import pykka
 from prometheus_client import Counter
 
-from actors.backoff import RetryPolicy, retry
-from actors.blocking import off_loop
+from actors.backoff import RetryPolicy, retry_db
 from actors.crawl import CrawlRefused, normalize_hostname
 from actors.messages_control import unknown_message
 from actors.messages_discovery import EnumerateHost, HostEnumerated, ScanHosts
@@ -40,7 +39,6 @@ from actors.mirror import queued_backfills
 from actors.outbound import Limits, OutboundClient
 from actors.outbound_errors import OutboundError
 from actors.pages import BadPage, parse_list_repos
-from store.db import TRANSIENT_DB_ERRORS
 from store.enumeration import (
     ENUM_DONE,
     ENUM_RUNNING,
@@ -139,18 +137,7 @@ class HostEnumerator(pykka.ThreadingActor):
         return None
 
     def _db(self, operation: str, fn: Callable[[], T]) -> T:
-        """``fn()`` (database work) in the thread pool, retried with backoff while the database fails.
-
-        Off the event loop: SQLite waiting out another writer's lock (busy_timeout) must not
-        freeze every greenlet of the relay.
-        """
-
-        def attempt() -> T:
-            with self.db.connection_context():
-                return fn()
-
-        return retry(lambda: off_loop(attempt), operation=operation, retry_on=TRANSIENT_DB_ERRORS,
-                     policy=self.retry_policy)  # fmt: skip
+        return retry_db(self.db, fn, operation=operation, policy=self.retry_policy)
 
     def _due(self) -> list[str]:
         """Hosts followed (active or offline, not banned) whose walk is new, unfinished or due a retry."""

@@ -23,8 +23,7 @@ import gevent
 import peewee
 import pykka
 
-from actors.backoff import Backoff, RetryPolicy, retry
-from actors.blocking import off_loop
+from actors.backoff import Backoff, RetryPolicy, retry_db
 from actors.host_events import host_changed
 from actors.host_progress import HOST_STALLS, HostProgress
 from actors.host_rate import WindowLimits
@@ -39,7 +38,6 @@ from actors.messages_control import (
 )
 from actors.metrics import CHILD_RESTARTS
 from actors.verify import HostContext, Verifier
-from store.db import TRANSIENT_DB_ERRORS
 from store.hosts import (
     HOST_ACTIVE,
     HOST_BANNED,
@@ -153,15 +151,8 @@ class HostSupervisor(pykka.ThreadingActor):
                 child.ref.stop(block=False)
 
     def _db(self, operation: str, fn: Callable[[], T]) -> T:
-        """``fn()`` (database work), retried with backoff while the database fails."""
-
-        def attempt() -> T:
-            with self.db.connection_context():
-                return fn()
-
-        # in the thread pool: SQLite waiting out a lock (busy_timeout) must not freeze the event loop
-        return retry(lambda: off_loop(attempt), operation=operation, retry_on=TRANSIENT_DB_ERRORS,
-                     policy=self.retry_policy)  # fmt: skip
+        """``fn()`` (database work) off the event loop, retried with backoff while the database fails."""
+        return retry_db(self.db, fn, operation=operation, policy=self.retry_policy)
 
     def tree(self) -> dict[str, Any]:
         kids = []
