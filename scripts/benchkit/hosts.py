@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.support.procs import http_json
+from tests.support.procs import http_json, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -56,13 +56,7 @@ class HeldFrameHost:
         return {int(seq): float(t) for seq, _, _, t in rows}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def start_hosts(paths: list[Path], stack: ExitStack) -> list[HeldFrameHost]:

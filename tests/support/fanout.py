@@ -15,7 +15,7 @@ from typing import Any
 
 import websocket
 
-from tests.support.procs import REPO_ROOT, free_port, wait_until
+from tests.support.procs import REPO_ROOT, free_port, stop_process, wait_until
 
 HAPROXY_CONFIG = REPO_ROOT / "config" / "haproxy.cfg.example"
 
@@ -150,13 +150,7 @@ class HaproxyProcess:
             return False
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 class RawStream:

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from tests.support.procs import REPO_ROOT, http_json
+from tests.support.procs import http_json, spawn_reporting_port
 
 
 class ListServer:
     def __init__(self, mode: str, hosts: str = "") -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.list_server", "--mode", mode, "--hosts", hosts],
-            cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
+        self.proc, self.port = spawn_reporting_port(
+            ["-m", "tests.support.list_server", "--mode", mode, "--hosts", hosts], "list server"
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("list server did not start")
-        self.port = int(json.loads(line)["port"])
         self.hostname = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.hostname}"
 

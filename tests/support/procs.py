@@ -44,21 +44,32 @@ def wait_until(check: Any, timeout: float, what: str, interval: float = 0.05) ->
         time.sleep(interval)
 
 
+def spawn_reporting_port(args: list[str], what: str) -> tuple[subprocess.Popen[str], int]:
+    """``python args...`` from the repository root; it prints ``{"port": N}`` on its first line once listening."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{what} did not start")
+    return proc, int(json.loads(line)["port"])
+
+
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL after 10 s; waits for the process either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class FrameHost:
     """``tests.support.frame_host`` in a subprocess."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.frame_host", "--port", "0"],
-            cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("frame host did not start")
-        self.port = int(json.loads(line)["port"])
+        self.proc, self.port = spawn_reporting_port(["-m", "tests.support.frame_host", "--port", "0"], "frame host")
         self.hostname = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.hostname}"
 
@@ -83,13 +94,7 @@ class FrameHost:
         http_json(f"{self.url}/control/close", {})
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 class RelayProcess:
