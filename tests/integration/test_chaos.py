@@ -173,10 +173,15 @@ def test_data_dir_filling_up_stops_ingest_and_it_resumes(small_disk: Path, plc: 
         assert relay.stop() == 0, relay.log()
 
 
-def restart_postgresql() -> None:
+def restart_postgresql(down_seconds: float = 3.0) -> None:
+    """Stop the server, keep it down for ``down_seconds`` (longer than the relay's 1 s write-behind
+    tick, so the relay meets it down instead of reconnecting unnoticed afterwards), start it again."""
     version = os.listdir("/etc/postgresql")[0]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True,
-                   capture_output=True, timeout=120)  # fmt: skip
+    for action in ("stop", "start"):
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action], check=True,
+                       capture_output=True, timeout=120)  # fmt: skip
+        if action == "stop":
+            time.sleep(down_seconds)  # the outage itself, not a wait for work
     deadline = time.monotonic() + 60
     while subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432"], capture_output=True).returncode != 0:
         if time.monotonic() > deadline:
