@@ -27,21 +27,37 @@ class AdminClient:
         self.password = password
         self.timeout = timeout
 
-    def call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None) -> Any:
+    def open(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, Any] | None = None,
+        data: bytes | None = None,
+        content_type: str | None = None,
+    ) -> Any:
+        """The raw answer (read or stream it, then close it); ``Refused`` with the server's error on a 4xx/5xx."""
         url = self.url + path + ("?" + urllib.parse.urlencode(query) if query else "")
-        data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+        if data is None and method == "POST":
+            data = b""
         headers = {"Authorization": f"Bearer {self.password}", "Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
+        if content_type is not None:
+            headers["Content-Type"] = content_type
         req = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read() or b"null")
+            return urllib.request.urlopen(req, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
             raise Refused(exc.code, *_error_of(exc)) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise Refused(0, "Unreachable", f"cannot reach the relay at {self.url}: {reason}") from None
+
+    def call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None) -> Any:
+        """A JSON request (``body`` as JSON when given) and its decoded JSON answer."""
+        data = json.dumps(body).encode() if body is not None else None
+        content_type = "application/json" if body is not None else None
+        with self.open(method, path, query=query, data=data, content_type=content_type) as resp:
+            return json.loads(resp.read() or b"null")
 
 
 class Refused(Exception):

@@ -13,14 +13,11 @@ import argparse
 import hashlib
 import json
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from web.admin_cli import EXIT_REFUSED, EXIT_USAGE, Refused
+from web.admin_cli import EXIT_REFUSED, EXIT_USAGE, AdminClient, Refused
 
 CHUNK_LINES = 1000
 CHUNK_BYTES = 512 * 1024  # under the relay's default request body limit (1 MiB)
@@ -40,31 +37,7 @@ def add_dids_parser(sub: Any) -> None:
     imp.add_argument("--job", help="job name (default: from the file's name, size and first bytes)")
 
 
-class _Api:
-    def __init__(self, url: str, password: str, timeout: float) -> None:
-        self.url, self.password, self.timeout = url, password, timeout
-
-    def open(self, method: str, path: str, query: dict[str, str], body: bytes | None = None) -> Any:
-        req = urllib.request.Request(
-            f"{self.url}{path}?{urllib.parse.urlencode(query)}",
-            data=body,
-            method=method,
-            headers={"Authorization": f"Bearer {self.password}", "Content-Type": "application/x-ndjson"},
-        )
-        try:
-            return urllib.request.urlopen(req, timeout=self.timeout)
-        except urllib.error.HTTPError as exc:
-            try:
-                doc = json.loads(exc.read())
-                raise Refused(exc.code, str(doc.get("error")), str(doc.get("message"))) from None
-            except ValueError:
-                raise Refused(exc.code, f"HTTP {exc.code}", str(exc.reason)) from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise Refused(0, "Unreachable", f"cannot reach the relay at {self.url}: {exc}") from None
-
-    def json(self, method: str, path: str, query: dict[str, str], body: bytes | None = None) -> Any:
-        with self.open(method, path, query, body) as resp:
-            return json.loads(resp.read())
+NDJSON = "application/x-ndjson"
 
 
 def run_dids(args: argparse.Namespace) -> int:
@@ -74,11 +47,11 @@ def run_dids(args: argparse.Namespace) -> int:
     if not config.password:
         print("skyrelay dids: no admin password: pass --password or set SKYRELAY_ADMIN_PASSWORD", file=sys.stderr)
         return EXIT_USAGE
-    api = _Api(config.url, config.password.reveal(), args.timeout)
+    api = AdminClient(config.url, config.password.reveal(), args.timeout)
     try:
         if args.action == "export":
             query = {k: v for k, v in (("host", args.host), ("status", args.status)) if v}
-            with api.open("GET", "/admin/dids/export", query) as resp:
+            with api.open("GET", "/admin/dids/export", query=query) as resp:
                 for line in resp:
                     sys.stdout.buffer.write(line)
             sys.stdout.flush()
@@ -118,8 +91,8 @@ def _chunks(f: IO[bytes], skip: int) -> Iterator[tuple[int, list[bytes]]]:
         yield first, chunk
 
 
-def _import(api: _Api, path: Path, job: str) -> int:
-    status = api.json("GET", "/admin/dids/import", {"job": job})
+def _import(api: AdminClient, path: Path, job: str) -> int:
+    status = api.call("GET", "/admin/dids/import", query={"job": job})
     done = int(status["lines"])
     total = path.stat().st_size
     tty = sys.stderr.isatty()
@@ -129,7 +102,7 @@ def _import(api: _Api, path: Path, job: str) -> int:
     with path.open("rb") as f:
         for first, lines in _chunks(f, done):
             body = b"\n".join(lines) + b"\n"
-            result = api.json("POST", "/admin/dids/import", {"job": job, "first_line": str(first)}, body)
+            result = _post_chunk(api, {"job": job, "first_line": str(first)}, body)
             for bad in result.get("bad", []):
                 print(f"\rline {bad['line']}: {bad['reason']}", file=sys.stderr)
             if tty:
@@ -138,10 +111,16 @@ def _import(api: _Api, path: Path, job: str) -> int:
                       f"{result['imported']:,}  current {result['current']:,}  failed {failed:,}",
                       end="", file=sys.stderr, flush=True)  # fmt: skip
         lines_total = int(result["lines"])
-    result = api.json("POST", "/admin/dids/import", {"job": job, "first_line": str(lines_total + 1), "final": "1"}, b"")
+    result = _post_chunk(api, {"job": job, "first_line": str(lines_total + 1), "final": "1"}, b"")
     if tty:
         print(file=sys.stderr)
     failed = ", ".join(f"{k} {v:,}" for k, v in sorted(result["failed"].items())) or "none"
     print(f"lines {result['lines']:,}: imported {result['imported']:,}, already current {result['current']:,}, "
           f"failed: {failed}")  # fmt: skip
     return 0
+
+
+def _post_chunk(api: AdminClient, query: dict[str, str], body: bytes) -> Any:
+    """One NDJSON chunk of the list; the job's progress as the relay answers it."""
+    with api.open("POST", "/admin/dids/import", query=query, data=body, content_type=NDJSON) as resp:
+        return json.loads(resp.read())

@@ -54,15 +54,17 @@ def spawn_reporting_port(args: list[str], what: str) -> tuple[subprocess.Popen[s
     return proc, int(json.loads(line)["port"])
 
 
-def stop_process(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM, then SIGKILL after 10 s; waits for the process either way."""
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL after ``timeout`` s; waits for the process either way; its exit status."""
+    if proc is None:
+        return 0
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(timeout=10)
+            return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+    return proc.wait()
 
 
 class FrameHost:
@@ -170,14 +172,7 @@ class RelayProcess:
         return total
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return stop_process(self.proc, timeout)
 
     def kill9(self) -> None:
         assert self.proc is not None
