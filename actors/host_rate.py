@@ -69,6 +69,8 @@ class Window:
 
     def delay(self, now: float) -> float:
         """Seconds until one more event fits (0.0: now)."""
+        if self._total < self.limit:  # fits whatever has left the window since (the per-event path)
+            return 0.0
         self._trim(now)
         running = self._total
         if running < self.limit:
@@ -84,6 +86,7 @@ class Window:
         if self._slots and self._slots[-1][0] == index:
             self._slots[-1][1] += 1
         else:
+            self._trim(now)  # once per slot: what delay() no longer trims on its fast path
             self._slots.append([index, 1])
         self._total += 1
 

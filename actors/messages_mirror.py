@@ -18,6 +18,7 @@ class MirrorEvent:
     data_cid: bytes | None = None
     car: bytes | None = None  # the commit's blocks, a CAR (for #commit)
     deleted: bool = False  # for #account: the account is gone; drop its mirror
+    seq: int = 0  # the relay seq of the event (0: not from the event log)
 
 
 @dataclass(frozen=True, slots=True)

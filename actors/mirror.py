@@ -39,6 +39,7 @@ from actors.messages_mirror import (
     RequestResync,
     ResetRepo,
 )
+from actors.mirror_replay import missed_events
 from actors.outbound import Limits, OutboundClient
 from actors.outbound_errors import OutboundError
 from actors.verify import host_of_endpoint
@@ -47,6 +48,7 @@ from protocol.errors import ProtocolError
 from protocol.repo_verify import verify_repo
 from store.carstore import CarStore, SliceWrite
 from store.db import TRANSIENT_DB_ERRORS
+from store.eventlog import EventLog
 
 log = logging.getLogger(__name__)
 _DB_RETRY = RetryPolicy()  # carstore metadata: a database outage is retried this long, then the mirror fails
@@ -55,6 +57,7 @@ SLICES_WRITTEN = Counter("skyrelay_mirror_slices_written_total", "Commit slices 
 BACKFILLS = Counter("skyrelay_mirror_backfills_total", "Whole-repo fetches, by result", ["result"])
 BACKFILL_SECONDS = Histogram("skyrelay_mirror_backfill_seconds", "Time to fetch and verify a whole repo")
 BACKFILL_QUEUE = Gauge("skyrelay_mirror_backfill_queue", "Accounts waiting for a backfill", multiprocess_mode="max")
+REPLAYED = Counter("skyrelay_mirror_replayed_events_total", "Durable events the mirror read back from the event log")
 HELD_DROPPED = Counter("skyrelay_mirror_held_dropped_total", "Live commits dropped while a backfill ran too long")
 
 
@@ -76,6 +79,9 @@ class MirrorConfig:
     compaction_interval_seconds: float = 60.0
     allow_insecure_hosts: bool = False
     fetch_total_seconds: float = 900.0  # a whole getRepo download; fetch_timeout_seconds is per read
+    flush_seconds: float = 0.25  # live slices gathered this long into one pack file and transaction
+    flush_max_slices: int = 5000  # ... or until this many wait
+    max_replay_events: int = 2_000_000  # a longer log tail past the checkpoint is left to gap backfills
 
 
 def fetch_repo(client: OutboundClient, pds_endpoint: str, did: str, limits: Limits, spool_dir: Path) -> bytes:
@@ -100,8 +106,11 @@ class RepoMirror(pykka.ThreadingActor):
         *,
         outbound: OutboundClient | None = None,
         discovered: Callable[..., None] | None = None,
+        event_log: EventLog | None = None,
     ) -> None:
         super().__init__()
+        self.event_log = event_log  # read back from the checkpoint at start (None: no replay)
+        self._applied_seq = 0  # the last relay seq applied (written, held or ignored)
         self.discovered = discovered  # the spider's non-blocking offer(did, None, blocks) of fetched repos, or None
         self.carstore = carstore
         self.identities = identities
@@ -119,7 +128,47 @@ class RepoMirror(pykka.ThreadingActor):
         self._timer: gevent.Greenlet | None = None
 
     def on_start(self) -> None:
+        self._replay()
         self._timer = gevent.spawn(self._tick)
+
+    def _replay(self) -> None:
+        """Apply what the event log holds past the mirror's checkpoint (before any live batch)."""
+        if self.event_log is None:
+            return
+        upto = self.event_log.last_seq
+        checkpoint = retry(lambda: off_loop(self.carstore.mirror_seq), operation="mirror_read",
+                           retry_on=TRANSIENT_DB_ERRORS, policy=_DB_RETRY)  # fmt: skip
+        if checkpoint is None or checkpoint > upto or upto - checkpoint > self.config.max_replay_events:
+            if checkpoint is not None and checkpoint < upto:
+                log.warning("mirror replay skipped: %d events past its checkpoint (gaps heal by backfill)",
+                            upto - checkpoint)  # fmt: skip
+            self._applied_seq = upto
+            retry(lambda: off_loop(lambda: self.carstore.write_slices([], mirror_seq=upto)), operation="mirror_write",
+                  retry_on=TRANSIENT_DB_ERRORS, policy=_DB_RETRY)  # fmt: skip
+            return
+        self._applied_seq = checkpoint
+        replayed = 0
+        for chunk in missed_events(self.event_log, checkpoint, upto):
+            for event in chunk:
+                self._replay_one(event)
+                replayed += 1
+            if len(self._pending) >= self.config.flush_max_slices:
+                self._flush()
+            gevent.sleep(0)
+        self._applied_seq = max(self._applied_seq, upto)
+        self._flush()
+        REPLAYED.inc(replayed)
+        if replayed:
+            log.info("mirror replayed the event log from=%d to=%d events=%d", checkpoint, upto, replayed)
+
+    def _replay_one(self, event: MirrorEvent) -> None:
+        if event.kind in ("#commit", "#sync") and event.did not in self._held and event.rev is not None:
+            head = self._head(event.did)
+            if head is not None and head >= event.rev:  # already in the mirror
+                self._applied_seq = event.seq
+                return
+        self._apply(event)
+        self._applied_seq = event.seq
 
     def on_stop(self) -> None:
         if self._timer is not None:
@@ -136,10 +185,12 @@ class RepoMirror(pykka.ThreadingActor):
         match message:
             case MirrorBatch():
                 for event in message.events:
+                    if event.seq and event.seq <= self._applied_seq:
+                        continue  # read back from the log at start already
                     self._apply(event)
-                if self._pending and not self._flush_queued:
-                    self._flush_queued = True
-                    self.actor_ref.tell(FlushMirror())
+                    if event.seq:
+                        self._applied_seq = event.seq
+                self._flush_soon()
             case FlushMirror():
                 self._flush_queued = False
                 self._flush()
@@ -225,11 +276,21 @@ class RepoMirror(pykka.ThreadingActor):
         )
         self._remember(event.did, event.rev)
 
+    def _flush_soon(self) -> None:
+        """Write the gathered slices once ``flush_seconds`` have passed, or now past ``flush_max_slices``."""
+        if len(self._pending) >= self.config.flush_max_slices:
+            self._flush()
+        elif self._pending and not self._flush_queued:
+            self._flush_queued = True
+            gevent.spawn_later(self.config.flush_seconds, self._tell_quietly, FlushMirror())
+
     def _flush(self) -> None:
         writes, self._pending = self._pending, []
         if writes:  # a failed attempt leaves its pack under a pending row, removed at the next open()
-            retry(lambda: off_loop(lambda: self.carstore.write_slices(writes)), operation="mirror_write",
-                  retry_on=TRANSIENT_DB_ERRORS, policy=_DB_RETRY)  # fmt: skip
+            # the checkpoint: every event up to it is written here, held for a backfill, or ignored
+            seq = self._applied_seq if self.event_log is not None else None
+            retry(lambda: off_loop(lambda: self.carstore.write_slices(writes, mirror_seq=seq)),
+                  operation="mirror_write", retry_on=TRANSIENT_DB_ERRORS, policy=_DB_RETRY)  # fmt: skip
             SLICES_WRITTEN.inc(len(writes))
 
     def _forget(self, did: str) -> None:
@@ -357,9 +418,7 @@ class RepoMirror(pykka.ThreadingActor):
             if event.rev is not None and event.rev <= rev:
                 continue  # already in the fetched repo
             self._apply(event)
-        if self._pending and not self._flush_queued:
-            self._flush_queued = True
-            self.actor_ref.tell(FlushMirror())
+        self._flush_soon()
         self._pump()
 
     def _retry(self, did: str, error: str) -> None:

@@ -277,7 +277,8 @@ class Sequencer(pykka.ThreadingActor):
         for kind, count in kinds.items():
             EVENTS_ACCEPTED.labels(kind).inc(count)
         if self.mirror is not None:
-            mirrored = tuple(e for e in (mirror_event(item) for item in batch) if e is not None)
+            first = seq - len(batch) + 1
+            mirrored = tuple(e for e in (mirror_event(item, n) for n, item in enumerate(batch, first)) if e is not None)
             if mirrored:
                 # the mirror's inbox is bounded by waiting here: our own inbox then fills up and
                 # the subscribers stop reading their hosts (the firehose slows to the disk's pace)
@@ -359,8 +360,8 @@ class Sequencer(pykka.ThreadingActor):
             self._writer.join()
 
 
-def mirror_event(item: PersistEvent) -> MirrorEvent | None:
-    """What the repo mirror needs of a durable event (None for events it ignores)."""
+def mirror_event(item: PersistEvent, seq: int = 0) -> MirrorEvent | None:
+    """What the repo mirror needs of a durable event with relay seq ``seq`` (None for events it ignores)."""
     account = item.account
     if item.kind == "#commit":
         body = libipld.decode_dag_cbor_multi(item.frame)[1]
@@ -372,11 +373,12 @@ def mirror_event(item: PersistEvent) -> MirrorEvent | None:
             commit_cid=body["commit"],
             data_cid=account.data_cid if account else None,
             car=body["blocks"],
+            seq=seq,
         )
     if item.kind == "#sync" and account is not None:
-        return MirrorEvent(did=account.did, kind="#sync", rev=account.rev, commit_cid=account.commit_cid)
+        return MirrorEvent(did=account.did, kind="#sync", rev=account.rev, commit_cid=account.commit_cid, seq=seq)
     if item.kind == "#account" and account is not None and account.upstream_status == "deleted":
-        return MirrorEvent(did=account.did, kind="#account", deleted=True)
+        return MirrorEvent(did=account.did, kind="#account", deleted=True, seq=seq)
     return None
 
 

@@ -195,9 +195,11 @@ class RelaySupervisor:
                 compaction_interval_seconds=self.settings.compaction_interval_seconds,
                 allow_insecure_hosts=self.settings.allow_insecure_hosts,
                 fetch_total_seconds=self.settings.backfill_fetch_total_seconds,
+                flush_seconds=self.settings.mirror_flush_seconds,
             ),
             outbound=self.outbound,
             discovered=self._offer_to_spider,
+            event_log=self.event_log,
         )
         self._mirror_backoff.started()
 

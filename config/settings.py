@@ -86,6 +86,8 @@ class Settings:
     # an account is compacted once it has this many slices; how often compaction runs
     compaction_min_slices: int = 32
     compaction_interval_seconds: float = 60.0
+    # live commits gathered this long into one mirror pack file and transaction (the log is replayed after a crash)
+    mirror_flush_seconds: float = 0.25
     # log level: debug, info, warning or error
     log_level: str = "info"
     # log format: text or json

@@ -167,15 +167,19 @@ class CarStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def write_slices(self, writes: Sequence[SliceWrite]) -> None:
+    def write_slices(self, writes: Sequence[SliceWrite], *, mirror_seq: int | None = None) -> None:
         """Store the writes as slices of one new pack file; on return every one is durable and readable.
 
         One file, one fsync (and one of its directory) and one metadata transaction for the
         whole batch. Revs are not compared (the verifier does that): each account's head
-        becomes its last write in the batch.
+        becomes its last write in the batch. ``mirror_seq``, when given, is recorded in the
+        same transaction (``mirror_seq()``): the relay seq this write brings the mirror up to.
         """
         self._check_open()
         if not writes:
+            if mirror_seq is not None:
+                with self._db.atomic():
+                    q.set_state(self._db, q.MIRROR_SEQ_KEY, str(mirror_seq))
             return
         for w in writes:
             self._check_rev(w.rev)
@@ -194,6 +198,8 @@ class CarStore:
         with self._db.atomic():
             q.insert_slices(self._db, rows)
             q.upsert_repos(self._db, list(heads.values()), reset=False)
+            if mirror_seq is not None:
+                q.set_state(self._db, q.MIRROR_SEQ_KEY, str(mirror_seq))
             q.delete_pending(self._db, token)
 
     def replace_repo(self, write: SliceWrite) -> None:
@@ -223,6 +229,11 @@ class CarStore:
         return compact_account(self, did)
 
     # -- reading ---------------------------------------------------------------------------
+
+    def mirror_seq(self) -> int | None:
+        """The relay seq up to which the live mirror applied the event log (``None``: never recorded)."""
+        value = q.get_state(self._db, q.MIRROR_SEQ_KEY)
+        return None if value is None else int(value)
 
     def head(self, did: str) -> RepoHead | None:
         """The account's last written commit, or ``None`` when the mirror has no repo for it."""

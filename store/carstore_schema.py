@@ -1,6 +1,6 @@
 """The carstore's metadata database: its own migrations, the named raw-SQL queries on it, its value types.
 
-Three tables, in the database ``CARSTORE_DATABASE_URL`` names (by default a second SQLite file;
+Four tables, in the database ``CARSTORE_DATABASE_URL`` names (by default a second SQLite file;
 it may be the relay's main database: the carstore records its migrations in a table of its own,
 ``VERSION_TABLE``):
 
@@ -15,6 +15,8 @@ it may be the relay's main database: the carstore records its migrations in a ta
   (JSON ``[[did, path], ...]``; for a pack, the did of its first slice); the transaction
   recording its slices deletes it. A row left by a crash names exactly the files that may be
   orphans: those no slice row names.
+- ``car_state``: named values; ``mirror_seq`` is the relay seq up to which the live mirror has
+  applied the event log (written in the same transaction as the slices of that flush).
 
 Multi-row statements are built per batch (one statement per up to ``_CHUNK`` rows), which
 costs the same on SQLite as ``executemany`` and saves a round trip per row on PostgreSQL.
@@ -80,7 +82,13 @@ CARSTORE_MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX car_slice_path_idx ON car_slice (path)",
         ),
     ),
+    Migration(
+        3,
+        "carstore: named values (the relay seq the mirror has applied up to)",
+        ("CREATE TABLE car_state (key TEXT PRIMARY KEY, value TEXT NOT NULL)",),
+    ),
 )
+MIRROR_SEQ_KEY = "mirror_seq"
 
 # slice kinds
 KIND_COMMIT = 0  # one commit's blocks, as received
@@ -178,6 +186,19 @@ def upsert_repos(db: peewee.Database, heads: Sequence[tuple[str, str, bytes, byt
         heads,
         " ON CONFLICT (did) DO UPDATE SET rev = excluded.rev, commit_cid = excluded.commit_cid,"
         f" data_cid = excluded.data_cid, slice_count = {count}, updated_at = excluded.updated_at",
+    )
+
+
+def get_state(db: peewee.Database, key: str) -> str | None:
+    r = fetchone(db, "SELECT value FROM car_state WHERE key = ?", (key,))
+    return None if r is None else str(r[0])
+
+
+def set_state(db: peewee.Database, key: str, value: str) -> None:
+    execute(
+        db,
+        "INSERT INTO car_state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
     )
 
 

@@ -132,3 +132,34 @@ def test_mirror_follows_commits_backfills_first_seen_and_gaps(tmp_path: Path, db
         assert_mirrors(relay, bob)  # others unaffected
     finally:
         assert relay.stop() == 0, relay.log()
+
+
+def test_mirror_replays_the_event_log_after_a_kill(tmp_path: Path, db_url: str, plc: Any, host: Any) -> None:
+    """Slices gathered but not yet flushed when the relay dies are read back from the event log.
+
+    The flush interval is an hour, so the commits exist only in the event log (the firehose has
+    sent them) when the relay is killed; after the restart the mirror has them all without a
+    single getRepo fetch, and one more live commit follows them as a slice.
+    """
+    env = {"SKYRELAY_MIRROR_FLUSH_SECONDS": "3600"}
+    relay = RelayProcess(tmp_path / "relay", database_url=db_url, plc_url=plc.url, extra_env=env).start()
+    feed = Feed(host)
+    alice = make_writer(plc, host)
+    try:
+        relay.request_crawl(host.hostname)
+        wait_until(lambda: host.status()["subscribers"] == 1, 20, "relay to subscribe")
+        feed.push(feed.commit(alice, []), *(feed.commit(alice, [post(i)]) for i in range(12)))
+        wait_until(lambda: relay.metric("skyrelay_events_accepted_total") >= 13, 30, "the commits to be logged")
+        assert latest_rev(relay, alice.did) is None  # nothing flushed yet: only the log has them
+    finally:
+        relay.kill9()
+    relay = RelayProcess(tmp_path / "relay", database_url=db_url, plc_url=plc.url).start()
+    try:
+        wait_until(lambda: latest_rev(relay, alice.did) == alice.rev, 30, "the replayed mirror")
+        assert relay.metric("skyrelay_mirror_replayed_events_total") >= 13
+        feed.push(feed.commit(alice, [post(99)]))
+        assert_mirrors(relay, alice)
+        assert alice.did not in host.repo_fetches()
+        assert relay.metric("skyrelay_mirror_backfills_total") == 0
+    finally:
+        relay.stop()
