@@ -71,7 +71,7 @@ class Settings:
     # processes that run upstream subscribers and verification; 0 runs them in the relay process
     ingest_workers: int = 0
     # how long the sequencer gathers events before one fsync and broadcast (0: flush at once)
-    sequencer_batch_window_seconds: float = 0.001
+    sequencer_batch_window_seconds: float = 0.005
     # seconds between upstream cursor flushes to the database
     cursor_flush_seconds: float = 5.0
     # seconds an identity (DID document) stays fresh in the cache

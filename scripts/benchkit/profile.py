@@ -21,6 +21,8 @@ PROFILE_HZ = 200
 def py_spy_record(pid: int, path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """``py-spy record`` of ``pid`` and its subprocesses (raw stacks to ``path``) while the block runs."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        raise SystemExit("--profile needs py-spy: .venv/bin/pip install -e '.[bench]'")
     profiler = subprocess.Popen(
         [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", str(PROFILE_HZ),
          "--nonblocking", "--threads", "--subprocesses", "--output", str(path)],
