@@ -49,7 +49,7 @@ from actors.metrics import (
 from protocol.car import read_car
 from protocol.commit import decode_commit
 from protocol.errors import ProtocolError
-from protocol.frames import AccountEvent, CommitEvent, SyncEvent, decode_frame, resequence
+from protocol.frames import AccountEvent, CommitEvent, SyncEvent, decode_frame, resequenced
 from store.accounts import ACTIVE, TAKENDOWN, THROTTLED, load_account, takendown_dids, throttled_dids, upsert_accounts
 from store.db import TRANSIENT_DB_ERRORS
 from store.eventlog import EventLog, EventLogWriteError, LogRecord
@@ -243,11 +243,16 @@ class Sequencer(pykka.ThreadingActor):
         records = []
         out = []
         seq = self._last_seq
+        mirrored: list[MirrorEvent] = []
         for item in batch:
             seq += 1
-            frame = resequence(item.frame, seq)
+            frame, body = resequenced(item.frame, seq)  # the one decode of the frame in this process
             records.append(LogRecord(seq, now, item.host_id, item.upstream_seq, frame))
             out.append((seq, frame))
+            if self.mirror is not None:
+                event = mirror_event(item, seq, body)
+                if event is not None:
+                    mirrored.append(event)
         self._append_durably(records)
         if tracing.ENABLED:
             tracing.events_durable(batch, self._last_seq + 1, now)
@@ -276,15 +281,12 @@ class Sequencer(pykka.ThreadingActor):
             INGEST_TO_DURABLE.observe(done - item.received_at)
         for kind, count in kinds.items():
             EVENTS_ACCEPTED.labels(kind).inc(count)
-        if self.mirror is not None:
-            first = seq - len(batch) + 1
-            mirrored = tuple(e for e in (mirror_event(item, n) for n, item in enumerate(batch, first)) if e is not None)
-            if mirrored:
-                # the mirror's inbox is bounded by waiting here: our own inbox then fills up and
-                # the subscribers stop reading their hosts (the firehose slows to the disk's pace)
-                while self.mirror.backlog() > MIRROR_MAX_BACKLOG:
-                    gevent.sleep(0.005)
-                self.mirror.tell(MirrorBatch(mirrored))
+        if self.mirror is not None and mirrored:
+            # the mirror's inbox is bounded by waiting here: our own inbox then fills up and
+            # the subscribers stop reading their hosts (the firehose slows to the disk's pace)
+            while self.mirror.backlog() > MIRROR_MAX_BACKLOG:
+                gevent.sleep(0.005)
+            self.mirror.tell(MirrorBatch(tuple(mirrored)))
         SEQUENCED_BATCH.observe(len(batch))
         LAST_SEQ.set(seq)
 
@@ -360,11 +362,15 @@ class Sequencer(pykka.ThreadingActor):
             self._writer.join()
 
 
-def mirror_event(item: PersistEvent, seq: int = 0) -> MirrorEvent | None:
-    """What the repo mirror needs of a durable event with relay seq ``seq`` (None for events it ignores)."""
+def mirror_event(item: PersistEvent, seq: int = 0, body: dict[str, Any] | None = None) -> MirrorEvent | None:
+    """What the repo mirror needs of a durable event with relay seq ``seq`` (None for events it ignores).
+
+    ``body`` is the frame's decoded body when the caller has it (the sequencer's resequencing).
+    """
     account = item.account
     if item.kind == "#commit":
-        body = libipld.decode_dag_cbor_multi(item.frame)[1]
+        if body is None:
+            body = libipld.decode_dag_cbor_multi(item.frame)[1]
         return MirrorEvent(
             did=body["repo"],
             kind="#commit",

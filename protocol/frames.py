@@ -314,12 +314,17 @@ def resequence(frame: bytes, seq: int) -> bytes:
     every byte string in a repo event body that parses as a CID is a link (``blocks`` is a CAR,
     which never parses as one). Never use it on arbitrary upstream bytes (see HACKING.md).
     """
+    return resequenced(frame, seq)[0]
+
+
+def resequenced(frame: bytes, seq: int) -> tuple[bytes, dict[str, Any]]:
+    """``resequence`` that also returns the decoded body (with the new seq): one decode serves both."""
     try:
         header, body = libipld.decode_dag_cbor_multi(frame)
     except (ValueError, RecursionError, TypeError) as exc:
         raise FrameError(f"cannot resequence: {exc}", reason="bad_cbor") from None
     body["seq"] = seq
-    return bytes(libipld.encode_dag_cbor(header)) + bytes(libipld.encode_dag_cbor(body))
+    return bytes(libipld.encode_dag_cbor(header)) + bytes(libipld.encode_dag_cbor(body)), body
 
 
 def error_frame(error: str, message: str | None = None) -> bytes:
