@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from actors.crawl import CrawlRefused
-from actors.spider import Spider, SpiderConfig, dids_in
+from actors.spider import Spider, SpiderConfig
 from store.db import open_database
 from store.migrations import apply_migrations
 
@@ -47,16 +47,6 @@ def db(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def did(n: int) -> str:
     return "did:plc:" + format(n, "024x").translate(str.maketrans("0189", "abcd"))
-
-
-def test_record_walk_finds_dids_anywhere_without_a_lexicon() -> None:
-    record = {"$type": "x.y", "subject": did(1), "nested": [{"deep": {"v": did(2)}}, "did:web:example.com"],
-              "text": "not did:plc:" + "a" * 24, "bad": "did:plc:short", "n": 3}  # fmt: skip
-    assert sorted(dids_in(record)) == sorted([did(1), did(2), "did:web:example.com"])
-    deep: object = did(3)
-    for _ in range(100):
-        deep = [deep]
-    assert list(dids_in(deep)) == []  # bounded depth
 
 
 def test_hostile_endpoints_are_refused_once_and_never_retried(db, caplog) -> None:  # type: ignore[no-untyped-def]
