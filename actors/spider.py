@@ -149,8 +149,12 @@ class Spider:
         STEPS.labels("offered").inc()
         self._work.set()
 
-    def offer_moved(self, did: str) -> None:
-        """``did`` may have moved to another PDS: look again, at most once per ``recheck_moved_seconds``."""
+    def offer_moved(self, did: str, reason: str = "wrong_host") -> None:
+        """``did`` may have moved to another PDS: look again, at most once per ``recheck_moved_seconds``.
+
+        ``reason``: ``wrong_host`` (an event dropped) or ``identity`` (an ``#identity`` sequenced).
+        """
+        STEPS.labels(f"moved_hint_{reason}").inc()
         now = time.monotonic()
         last = self._moved_at.get(did)
         if last is not None and now - last < self.config.recheck_moved_seconds:
@@ -186,7 +190,7 @@ class Spider:
             if "#identity" in map(_kind, batch):
                 for item in batch:
                     if item.kind == "#identity" and item.account is not None:
-                        self.offer_moved(item.account.did)
+                        self.offer_moved(item.account.did, "identity")
         fresh = self._seen.fresh(scan_dids(b"".join(b"".join(map(_frame, batch)) for batch in batches)))
         if not fresh:
             return

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import gevent
 import libipld
 import pytest
 from prometheus_client import REGISTRY
@@ -88,3 +90,31 @@ def test_a_new_host_is_subscribed_and_a_full_queue_drops(db) -> None:  # type: i
     spider.handle(did(10), None, (block,))
     assert subscribed == ["far.example.com"]
     assert FAR in directory.lookups
+
+
+class Refreshing(Directory):
+    def refresh(self, did: str) -> Ident:
+        return self.resolve(did)
+
+
+def test_a_moved_hint_is_rechecked_once_per_window_and_a_new_host_is_subscribed(db) -> None:  # type: ignore[no-untyped-def]
+    directory = Refreshing({FAR: "https://moved.example.com", did(1): "https://moved.example.com"})
+    subscribed: list[str] = []
+    config = SpiderConfig(lookups_per_second=1000, recheck_moved_seconds=3600, moved_queue_size=1)
+    spider = Spider(db, directory, lambda h: None, subscribed.append, config)
+    recent, full = steps("moved_recent"), steps("moved_dropped_queue_full")
+    spider.offer_moved(FAR)
+    spider.offer_moved(FAR)  # within the window: not looked up again
+    spider.offer_moved(did(1), "identity")  # the moved queue (size 1) is full
+    assert steps("moved_recent") - recent == 1
+    assert steps("moved_dropped_queue_full") - full == 1
+    spider.offer(did(2))  # offered after the hint, served before it: the DID queue comes first
+    spider.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not subscribed and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+    finally:
+        spider.stop()
+    assert subscribed == ["moved.example.com"]
+    assert directory.lookups == [did(2), FAR]
