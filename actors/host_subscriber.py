@@ -27,7 +27,7 @@ from actors.host_activity import HostActivity, HostLink
 from actors.host_events import host_changed
 from actors.host_progress import HostProgress
 from actors.host_rate import HostWindows, WindowLimits, window_limits, with_overrides
-from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, PersistEvent, SubscriberCrashed
+from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, MovedHint, PersistEvent, SubscriberCrashed
 from actors.messages_control import SetSubscriberLimits, unknown_message
 from actors.metrics import (
     ACCOUNTS_RESYNC,
@@ -345,6 +345,8 @@ class HostSubscriber(pykka.ThreadingActor):
             trace.mark()  # verified
         if not isinstance(verdict, Accepted):
             self._drop(verdict.reason, event.seq, did, verdict.detail[:200])
+            if verdict.reason == "wrong_host" and did:  # it may have moved to a host we do not follow
+                self.sequencer.tell(MovedHint(did))
             self._skip_past(event.seq)
             return
         if verdict.new_account:

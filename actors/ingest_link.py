@@ -3,7 +3,8 @@
 Over a local socket pair, each message is a 4-byte big-endian length and a DAG-CBOR list
 ``[kind, payload]``. Worker -> relay: ``events`` (batches of verified events with their
 account state), ``traces`` (timings of a coming batch's sampled events, see ``actors.tracing``),
-``cursors`` (upstream progress), ``tree`` (a reply). Relay -> worker:
+``cursors`` (upstream progress), ``moved`` (DIDs dropped as ``wrong_host``, for the
+spider), ``tree`` (a reply). Relay -> worker:
 ``start_host``, ``stop_host``, ``get_tree``, ``quit``, and the control plane's
 (``actors.messages_control``): ``restart_host`` (hostname), ``host_limits`` ([hostname,
 account limit, events/s]), ``forget_account`` (did). A worker re-reads all such state from

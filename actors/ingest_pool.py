@@ -27,7 +27,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from actors import tracing
 from actors.backoff import Backoff
 from actors.ingest_link import LinkClosed, decode_cursors, decode_events, recv_message, send_message
-from actors.messages import GetTree, StartHost, StopHost, WriteBehind
+from actors.messages import GetTree, MovedHint, StartHost, StopHost, WriteBehind
 from actors.messages_control import ApplyHostLimits, ForgetAccount, RestartHost, unknown_message
 from actors.metrics import CHILD_RESTARTS
 from config.settings import Settings, settings_to_json
@@ -181,6 +181,9 @@ class IngestPool:
                 elif kind == "cursors":
                     for cursor in decode_cursors(payload):
                         self.sequencer.tell(cursor)
+                elif kind == "moved":  # wrong_host DIDs, for the spider's moved queue
+                    for did in payload:
+                        self.sequencer.tell(MovedHint(str(did)))
                 elif kind == "tree" and worker.tree is not None:
                     worker.tree.set(payload)
                 else:

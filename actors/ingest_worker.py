@@ -38,8 +38,9 @@ from actors.ingest_link import (  # noqa: E402
     recv_message,
     send_message,
 )
-from actors.messages import AdvanceCursor, GetTree, PersistEvent, StartHost, StopHost  # noqa: E402
+from actors.messages import AdvanceCursor, GetTree, MovedHint, PersistEvent, StartHost, StopHost  # noqa: E402
 from actors.messages_control import ApplyHostLimits, ForgetAccount, RestartHost, unknown_message  # noqa: E402
+from actors.metrics import MOVED_HINTS_DROPPED  # noqa: E402
 from actors.outbound import OutboundClient  # noqa: E402
 from actors.stack_dump import install_stack_dump  # noqa: E402
 from actors.verify import Verifier, VerifyLimits  # noqa: E402
@@ -52,6 +53,7 @@ from store.hosts import banned_domains  # noqa: E402
 log = logging.getLogger(__name__)
 BATCH_EVENTS = 256
 BATCH_SECONDS = 0.002
+MAX_MOVED_HINTS = 1024  # wrong_host DIDs waiting for the next send; more are dropped (and counted)
 
 
 class _Inbox:
@@ -69,6 +71,7 @@ class RemoteSequencer:
         self.sock = sock
         self.pending: list[PersistEvent] = []
         self.cursors: list[AdvanceCursor] = []
+        self.moved: dict[str, None] = {}  # wrong_host DIDs for the relay's spider, deduplicated
         self.actor_inbox = _Inbox(self)
         self._wake = gevent.event.Event()
         self.closed = gevent.event.Event()
@@ -81,6 +84,11 @@ class RemoteSequencer:
                 self._wake.set()
         elif isinstance(message, AdvanceCursor):
             self.cursors.append(message)
+        elif isinstance(message, MovedHint):
+            if len(self.moved) < MAX_MOVED_HINTS:
+                self.moved[message.did] = None
+            else:
+                MOVED_HINTS_DROPPED.inc()
 
     def _run(self) -> None:
         try:
@@ -101,6 +109,9 @@ class RemoteSequencer:
         if self.cursors:
             cursors, self.cursors = self.cursors, []
             send_message(self.sock, "cursors", encode_cursors(cursors))
+        if self.moved:
+            moved, self.moved = list(self.moved), {}
+            send_message(self.sock, "moved", moved)
 
 
 def run(settings: Settings, sock: socket.socket, index: int) -> int:

@@ -40,6 +40,16 @@ class AdvanceCursor:
 
 
 @dataclass(frozen=True, slots=True)
+class MovedHint:
+    """A subscriber to the sequencer: ``did``'s event was dropped as ``wrong_host`` (it may have moved).
+
+    Passed on to the spider's moved queue; it travels the ingest link as a ``moved`` message.
+    """
+
+    did: str
+
+
+@dataclass(frozen=True, slots=True)
 class FlushBatch:
     """Sequencer to itself: write what has accumulated."""
 

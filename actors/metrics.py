@@ -15,6 +15,9 @@ SEQUENCER_DROPPED = Counter(
 VERIFY_WARNINGS = Counter(
     "skyrelay_verify_warnings_total", "Events accepted in lenient mode despite a failed check", ["host", "reason"]
 )
+MOVED_HINTS_DROPPED = Counter(
+    "skyrelay_ingest_moved_hints_dropped_total", "wrong_host DIDs an ingest worker dropped before sending them on"
+)
 ACCOUNTS_RESYNC = Counter("skyrelay_accounts_marked_resync_total", "Accounts marked for re-sync after a gap")
 SEQUENCED_BATCH = Histogram(
     "skyrelay_sequencer_batch_events", "Events per durable batch", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)

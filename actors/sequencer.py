@@ -32,7 +32,7 @@ from actors.account_announce import RELAY_HOST_ID, announcement
 from actors.accounts import AccountState
 from actors.backoff import RetryPolicy, retry
 from actors.blocking import off_loop
-from actors.messages import AdvanceCursor, FlushBatch, PersistEvent, Tick, WriteBehind
+from actors.messages import AdvanceCursor, FlushBatch, MovedHint, PersistEvent, Tick, WriteBehind
 from actors.messages_broadcast import Broadcast
 from actors.messages_control import SetAccountStatus, unknown_message
 from actors.messages_mirror import MirrorBatch, MirrorEvent
@@ -84,9 +84,11 @@ class Sequencer(pykka.ThreadingActor):
         retry_policy: RetryPolicy | None = None,
         discovered: Any = None,
         default_account_limit: int = 100_000,
+        moved: Any = None,
     ) -> None:
         super().__init__()
         self.discovered = discovered  # the spider's non-blocking offer of each durable batch, or None
+        self.moved = moved  # the spider's non-blocking offer of a DID dropped as wrong_host, or None
         self.default_account_limit = default_account_limit  # for hosts without their own (at-limit gauge)
         self.retry_policy = retry_policy or RetryPolicy()
         self.mirror = mirror  # told each durable batch's repo events (None: no repo mirror)
@@ -147,6 +149,9 @@ class Sequencer(pykka.ThreadingActor):
                         log.info("event log pruned records=%d first_seq=%d", removed, self.log.first_seq)
             case SetAccountStatus():
                 return self._set_status(message.did, message.status)
+            case MovedHint():
+                if self.moved is not None:
+                    self.moved(message.did)
             case _:
                 unknown_message("sequencer", message)
         return None

@@ -1,36 +1,46 @@
 """Spidering: DIDs the relay meets lead it to PDS hosts it does not follow yet, which it then crawls.
 
-``offer_durable(batch)`` is called by the sequencer with every durable batch (``#commit``,
-``#sync``, ``#identity``, ``#account``: each counts as meeting its DID; a commit's blocks are
-walked too), whether or not the repo mirror runs; ``offer(did, None, blocks)`` by the repo
-mirror with every fetched repo. Neither blocks: an offer goes to a bounded queue, or is
-dropped and counted when the queue is full; frames are decoded by the worker, not the caller.
-A worker greenlet takes offers one at a time, off the verification path: it reads every
-block of ``car`` as DAG-CBOR and walks the decoded values (no Lexicon) for strings of the
-form ``did:plc:...`` or ``did:web:...``; each DID not seen recently and not a known account is resolved (at most
-``lookups_per_second``); a PDS host that the relay does not know goes through the shared requestCrawl checks (bans, the
-new-hosts-per-day limit, the probe through the outbound client) and is subscribed to.
+Three ways in, none of which blocks or does per-event work for its caller:
 
-A host refused once (banned, private, not https, unreachable, not a PDS) is remembered,
+- ``offer_durable(batch)``: the sequencer's hook, called with every durable batch. It only
+  appends the batch to a bounded backlog (dropped and counted past ``scan_backlog_events``).
+  The scanner greenlet joins the frames of waiting batches and finds every DID in them with
+  one byte scan (``actors.spider_scan``: whole CBOR text strings ``did:plc:...``/``did:web:...``,
+  in the event itself and in every block of its CAR, without decoding anything and without
+  a Lexicon); DIDs it has seen recently (a bounded two-generation set) are skipped, new ones
+  go to the bounded DID queue (``dropped_queue_full`` when full). The DID of each
+  ``#identity`` event is also a *moved* hint (below).
+- ``offer(did, car, blocks)``: the repo mirror's, with every fetched repo (scanned by the worker).
+- ``offer_moved(did)``: a hint that a known account may have moved: its events were dropped as
+  ``wrong_host`` (the sender is not its PDS any more), or it sent an ``#identity``. A second,
+  lower-priority queue; each DID is re-resolved (fresh, not from the cache) at most once per
+  ``recheck_moved_seconds``.
+
+A worker greenlet takes DIDs off the queues (the DID queue first): a DID not known as an
+account is resolved (at most ``lookups_per_second`` look-ups, moved hints included); a PDS
+host that the relay does not know goes through the shared requestCrawl checks (bans, the
+new-hosts-per-day limit, the probe through the outbound client) and is subscribed to. A
+host refused once (banned, private, not https, unreachable, not a PDS) is remembered,
 counted and logged once, and not probed again in this process: no retry loop.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-import re
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import gevent
-import gevent.queue
-import libipld
+import gevent.event
 from prometheus_client import Counter
 
 from actors.crawl import CrawlRefused, normalize_hostname
+from actors.spider_scan import scan_dids
 from protocol.car import read_car
 from store.enumeration import known_dids
 from store.hosts import get_host
@@ -38,11 +48,9 @@ from store.hosts import get_host
 log = logging.getLogger(__name__)
 
 STEPS = Counter("skyrelay_spider_steps_total", "Spider steps, by outcome", ["outcome"])
-_DID = re.compile(r"^did:(plc:[a-z2-7]{24}|web:[a-zA-Z0-9._%:-]{1,253})$")
-MAX_WALK_DEPTH = 32
 MAX_DIDS_PER_OFFER = 256
-_Offer = tuple[str, bytes | None, tuple[bytes, ...]]  # did (or a durable frame's kind), a CAR or frame, blocks
-_FRAME_KINDS = frozenset({"#commit", "#sync", "#identity", "#account"})
+_frame = attrgetter("frame")
+_kind = attrgetter("kind")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,35 +60,9 @@ class SpiderConfig:
     remember_dids: int = 1_000_000
     remember_hosts: int = 100_000
     allow_insecure_hosts: bool = False
-
-
-def dids_in(value: Any, depth: int = 0) -> Iterator[str]:
-    """Every string of the form ``did:plc:...``/``did:web:...`` anywhere in a decoded DAG-CBOR value."""
-    if depth > MAX_WALK_DEPTH:
-        return
-    if isinstance(value, str):
-        if value.startswith("did:") and _DID.match(value):
-            yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from dids_in(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            yield from dids_in(item, depth + 1)
-
-
-def frame_did_and_car(frame: bytes) -> tuple[str, bytes | None]:
-    """The DID a durable frame is about and its CAR (commits and syncs), or ``("", None)``."""
-    try:
-        body = libipld.decode_dag_cbor_multi(frame)[1]
-    except Exception:  # our own re-encoded frame; unreadable means a bug elsewhere, not an input
-        STEPS.labels("frame_unreadable").inc()
-        return "", None
-    did = body.get("repo") or body.get("did") if isinstance(body, dict) else None
-    if not isinstance(did, str) or not _DID.match(did):
-        return "", None
-    car = body.get("blocks")
-    return did, car if isinstance(car, bytes) else None
+    recheck_moved_seconds: float = 60.0
+    moved_queue_size: int = 1_000
+    scan_backlog_events: int = 20_000
 
 
 class _Lru:
@@ -99,6 +81,26 @@ class _Lru:
         return True
 
 
+class _Seen:
+    """DIDs met recently, in two generations (set operations only, no per-DID bookkeeping)."""
+
+    def __init__(self, size: int) -> None:
+        self.half = max(1, size // 2)
+        self.current: set[bytes] = set()
+        self.previous: set[bytes] = set()
+
+    def fresh(self, found: set[bytes]) -> set[bytes]:
+        """Those of ``found`` not met recently; the others are kept in the current generation."""
+        fresh = found.difference(self.current, self.previous)
+        self.current |= found & self.previous
+        return fresh
+
+    def add(self, did: bytes) -> None:
+        self.current.add(did)
+        if len(self.current) >= self.half:
+            self.previous, self.current = self.current, set()
+
+
 class Spider:
     def __init__(self, db: Any, directory: Any, check: Callable[[str], None], subscribe: Callable[[str], None],
                  config: SpiderConfig) -> None:  # fmt: skip
@@ -107,50 +109,133 @@ class Spider:
         self.check = check  # the requestCrawl checks; raises CrawlRefused
         self.subscribe = subscribe
         self.config = config
-        self._queue: gevent.queue.Queue[_Offer] = gevent.queue.Queue(config.queue_size)
-        self._dids = _Lru(config.remember_dids)
+        self._batches: deque[Sequence[Any]] = deque()  # durable batches waiting for the scanner
+        self._backlog = 0  # events in _batches
+        self._queue: deque[tuple[str, bytes | None, tuple[bytes, ...]]] = deque()  # did, a CAR, blocks
+        self._moved: deque[str] = deque()
+        self._moved_at: OrderedDict[str, float] = OrderedDict()  # did -> when last offered as moved
+        self._seen = _Seen(config.remember_dids)
+        self._dids = _Lru(config.remember_dids)  # DIDs the worker handled (known, resolved or not)
         self._hosts = _Lru(config.remember_hosts)  # hosts seen: followed, known or refused
-        self._worker: gevent.Greenlet | None = None
+        self._scan_wake = gevent.event.Event()
+        self._work = gevent.event.Event()
+        self._greenlets: list[gevent.Greenlet] = []
         self._next_lookup = 0.0
 
     def start(self) -> Spider:
-        self._worker = gevent.spawn(self._run)
+        self._greenlets = [gevent.spawn(self._scan_loop), gevent.spawn(self._run)]
         return self
 
     def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.kill(block=False)
+        for greenlet in self._greenlets:
+            greenlet.kill(block=False)
+
+    # -- offers (never block) --------------------------------------------------------------------
+    def offer_durable(self, batch: Sequence[Any]) -> None:
+        """The sequencer's hook: keep a reference to the batch for the scanner, or drop it when the backlog is full."""
+        if self._backlog + len(batch) > self.config.scan_backlog_events:
+            STEPS.labels("dropped_scan_backlog").inc(len(batch))
+            return
+        self._backlog += len(batch)
+        self._batches.append(batch)
+        self._scan_wake.set()
 
     def offer(self, did: str, car: bytes | None = None, blocks: tuple[bytes, ...] = ()) -> None:
-        """Never blocks: queued, or dropped and counted when the queue is full (``blocks``: a fetched repo's)."""
-        try:
-            self._queue.put_nowait((did, car, blocks))
-            STEPS.labels("offered").inc()
-        except gevent.queue.Full:
+        """Queued, or dropped and counted when the queue is full (``blocks``: a fetched repo's)."""
+        if len(self._queue) >= self.config.queue_size:
             STEPS.labels("dropped_queue_full").inc()
+            return
+        self._queue.append((did, car, blocks))
+        STEPS.labels("offered").inc()
+        self._work.set()
 
-    def offer_durable(self, batch: Sequence[Any]) -> None:
-        """Never blocks: each durable event (``PersistEvent``) of ``batch`` queued as its frame, or dropped."""
-        for item in batch:
-            if item.kind in _FRAME_KINDS:
-                self.offer(item.kind, item.frame)
+    def offer_moved(self, did: str, reason: str = "wrong_host") -> None:
+        """``did`` may have moved to another PDS: look again, at most once per ``recheck_moved_seconds``.
 
+        ``reason``: ``wrong_host`` (an event dropped) or ``identity`` (an ``#identity`` sequenced).
+        """
+        STEPS.labels(f"moved_hint_{reason}").inc()
+        now = time.monotonic()
+        last = self._moved_at.get(did)
+        if last is not None and now - last < self.config.recheck_moved_seconds:
+            STEPS.labels("moved_recent").inc()
+            return
+        if len(self._moved) >= self.config.moved_queue_size:
+            STEPS.labels("moved_dropped_queue_full").inc()
+            return
+        self._moved_at[did] = now
+        self._moved_at.move_to_end(did)
+        while len(self._moved_at) > self.config.remember_hosts:
+            self._moved_at.popitem(last=False)
+        self._moved.append(did)
+        STEPS.labels("moved_offered").inc()
+        self._work.set()
+
+    # -- the scanner -------------------------------------------------------------------------------
+    def _scan_loop(self) -> None:
+        while True:
+            self._scan_wake.wait()
+            self._scan_wake.clear()
+            try:
+                self.scan_pending()
+            except Exception:  # a bug: logged; the scanner goes on with the next batches
+                log.exception("spider scan failed")
+
+    def scan_pending(self) -> None:
+        """Scan every waiting batch: new DIDs to the DID queue, ``#identity`` DIDs to the moved queue."""
+        batches, self._batches, self._backlog = self._batches, deque(), 0
+        if not batches:
+            return
+        for batch in batches:
+            if "#identity" in map(_kind, batch):
+                for item in batch:
+                    if item.kind == "#identity" and item.account is not None:
+                        self.offer_moved(item.account.did, "identity")
+        fresh = self._seen.fresh(scan_dids(b"".join(b"".join(map(_frame, batch)) for batch in batches)))
+        if not fresh:
+            return
+        queued = 0
+        for did in itertools.islice(fresh, max(0, self.config.queue_size - len(self._queue))):
+            self._seen.add(did)  # the others are not remembered: offered again when met again
+            self._queue.append((did.decode(), None, ()))
+            queued += 1
+        if queued:
+            STEPS.labels("offered").inc(queued)
+            self._work.set()
+        if queued < len(fresh):
+            STEPS.labels("dropped_queue_full").inc(len(fresh) - queued)
+
+    # -- the worker --------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            did, car, blocks = self._queue.get()
+            if not self._queue and not self._moved:
+                self._work.clear()
+                self._work.wait()
             try:
-                if did in _FRAME_KINDS:  # a durable event's frame, decoded here, off the sequencer
-                    did, car = frame_did_and_car(car or b"")
-                    if not did:
-                        continue
-                self.handle(did, car, blocks)
+                if self._queue:
+                    self._handle_queued()
+                elif self._moved:
+                    self.recheck_moved(self._moved.popleft())
             except Exception:  # a bug: logged; the spider goes on with the next offer
-                log.exception("spider step failed did=%s", did)
-            gevent.sleep(0)  # let ingest run between offers
+                log.exception("spider step failed")
+            gevent.sleep(0)  # let ingest run between steps
+
+    def _handle_queued(self) -> None:
+        """Up to ``MAX_DIDS_PER_OFFER`` plain DIDs at once (one SQL look-up), or one offer with blocks."""
+        did, car, blocks = self._queue.popleft()
+        if car or blocks:
+            self.handle(did, car, blocks)
+            return
+        dids = [did]
+        while self._queue and len(dids) < MAX_DIDS_PER_OFFER and not (self._queue[0][1] or self._queue[0][2]):
+            dids.append(self._queue.popleft()[0])
+        self._handle_dids(dids)
 
     def handle(self, did: str, car: bytes | None, blocks: tuple[bytes, ...] = ()) -> None:
-        found = dict.fromkeys([did, *self._dids_of(car, blocks)])
-        fresh = [d for d in found if self._dids.add(d)][:MAX_DIDS_PER_OFFER]
+        self._handle_dids([did, *self._dids_of(car, blocks)])
+
+    def _handle_dids(self, dids: list[str]) -> None:
+        fresh = [d for d in dict.fromkeys(dids) if self._dids.add(d)][:MAX_DIDS_PER_OFFER]
         if not fresh:
             return
         with self.db.connection_context():
@@ -166,20 +251,16 @@ class Spider:
                 blocks = (*blocks, *read_car(car).blocks.values())
             except Exception:  # verified upstream already; a CAR we cannot read gives no DIDs
                 STEPS.labels("car_unreadable").inc()
-        out: list[str] = []
-        for block in blocks:
-            try:
-                value = libipld.decode_dag_cbor(block)
-            except Exception:
-                continue
-            out.extend(dids_in(value))
-        return out
+        return [did.decode() for did in scan_dids(b"".join(blocks))]
 
-    def _follow_did(self, did: str) -> None:
+    def _wait_for_lookup(self) -> None:
         wait = self._next_lookup - time.monotonic()
         if wait > 0:
             gevent.sleep(wait)
         self._next_lookup = time.monotonic() + 1.0 / self.config.lookups_per_second
+
+    def _follow_did(self, did: str) -> None:
+        self._wait_for_lookup()
         STEPS.labels("did_resolved").inc()
         try:
             endpoint = self.directory.resolve(did).pds_endpoint
@@ -190,13 +271,31 @@ class Spider:
         if not endpoint:
             STEPS.labels("no_pds_endpoint").inc()
             return
+        self._follow_endpoint(did, endpoint, "")
+
+    def recheck_moved(self, did: str) -> None:
+        """A moved hint: fetch ``did``'s document again; a PDS we do not follow is crawled as usual."""
+        self._wait_for_lookup()
+        STEPS.labels("moved_resolved").inc()
+        try:
+            endpoint = self.directory.refresh(did).pds_endpoint
+        except Exception as exc:  # counted; logged at most once per DID per recheck window
+            STEPS.labels("moved_unresolved").inc()
+            log.info("spider moved did unresolved did=%s error=%s", did, type(exc).__name__)
+            return
+        if not endpoint:
+            STEPS.labels("moved_no_pds_endpoint").inc()
+            return
+        self._follow_endpoint(did, endpoint, " via=moved")
+
+    def _follow_endpoint(self, did: str, endpoint: str, via: str) -> None:
         try:
             hostname = normalize_hostname(endpoint, insecure=self.config.allow_insecure_hosts).hostname
         except CrawlRefused as exc:
             if self._hosts.add(endpoint):
                 STEPS.labels("host_refused").inc()
-                log.info("spider host refused endpoint=%.200s did=%s error=InvalidRequest reason=%s",
-                         endpoint, did, exc.message)  # fmt: skip
+                log.info("spider host refused endpoint=%.200s did=%s error=InvalidRequest reason=%s%s",
+                         endpoint, did, exc.message, via)  # fmt: skip
             return
         if not self._hosts.add(hostname):
             STEPS.labels("host_seen").inc()
@@ -209,8 +308,8 @@ class Spider:
             self.check(hostname)
         except CrawlRefused as exc:
             STEPS.labels("host_refused").inc()
-            log.info("spider host refused host=%s did=%s error=%s", hostname, did, exc.error)
+            log.info("spider host refused host=%s did=%s error=%s%s", hostname, did, exc.error, via)
             return
         self.subscribe(hostname)
         STEPS.labels("host_subscribed").inc()
-        log.info("spider discovered host host=%s did=%s", hostname, did)
+        log.info("spider discovered host host=%s did=%s%s", hostname, did, via)

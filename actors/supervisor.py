@@ -148,6 +148,7 @@ class RelaySupervisor:
             mirror=self.mirror if self.carstore is not None else None,
             retry_policy=self.retry_policy,
             discovered=self._offer_batch_to_spider,
+            moved=self._offer_moved_to_spider,
             default_account_limit=self.settings.default_host_account_limit,
         )
         self._start_identity()
@@ -210,6 +211,10 @@ class RelaySupervisor:
     def _offer_batch_to_spider(self, batch: list[Any]) -> None:
         if self.spider is not None:  # every durable event, mirror or not; the mirror offers only fetched repos
             self.spider.offer_durable(batch)
+
+    def _offer_moved_to_spider(self, did: str) -> None:
+        if self.spider is not None:  # wrong_host drops, in process or from an ingest worker
+            self.spider.offer_moved(did)
 
     def _start_identity(self) -> None:
         if self._stopping:

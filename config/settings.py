@@ -196,6 +196,8 @@ class Settings:
     fanout_proxy_timeout_seconds: float = 30.0
     # largest response body a proxied read may stream back; larger ones are refused (502) or cut
     fanout_proxy_max_body_bytes: int = 256 * 1024 * 1024
+    # seconds before the spider re-resolves a DID hinted as moved (wrong_host drop, #identity) again
+    spider_recheck_moved_seconds: float = 60.0
 
     def admin_passwords(self) -> tuple[str, ...]:
         """Every accepted admin password (empty: the admin API is off)."""

@@ -54,7 +54,9 @@ class Services:
         if settings.spider_enabled:  # discovery shares the requestCrawl checks through the control plane
             relay.spider = Spider(relay.db, relay.directory, self._spider_check, self.control.subscribe,
                                   SpiderConfig(settings.spider_queue_size, settings.spider_lookups_per_second,
-                                               allow_insecure_hosts=settings.allow_insecure_hosts)).start()  # fmt: skip
+                                               allow_insecure_hosts=settings.allow_insecure_hosts,
+                                               recheck_moved_seconds=settings.spider_recheck_moved_seconds),
+                                  ).start()  # fmt: skip
 
     def _spider_check(self, hostname: str) -> None:
         self.control.check_crawl(hostname, public=False, new_host_limit=True)

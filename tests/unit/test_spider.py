@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import gevent
 import libipld
 import pytest
 from prometheus_client import REGISTRY
 
 from actors.crawl import CrawlRefused
-from actors.spider import Spider, SpiderConfig, dids_in
+from actors.spider import Spider, SpiderConfig
 from store.db import open_database
 from store.migrations import apply_migrations
 
@@ -47,16 +49,6 @@ def db(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def did(n: int) -> str:
     return "did:plc:" + format(n, "024x").translate(str.maketrans("0189", "abcd"))
-
-
-def test_record_walk_finds_dids_anywhere_without_a_lexicon() -> None:
-    record = {"$type": "x.y", "subject": did(1), "nested": [{"deep": {"v": did(2)}}, "did:web:example.com"],
-              "text": "not did:plc:" + "a" * 24, "bad": "did:plc:short", "n": 3}  # fmt: skip
-    assert sorted(dids_in(record)) == sorted([did(1), did(2), "did:web:example.com"])
-    deep: object = did(3)
-    for _ in range(100):
-        deep = [deep]
-    assert list(dids_in(deep)) == []  # bounded depth
 
 
 def test_hostile_endpoints_are_refused_once_and_never_retried(db, caplog) -> None:  # type: ignore[no-untyped-def]
@@ -98,3 +90,31 @@ def test_a_new_host_is_subscribed_and_a_full_queue_drops(db) -> None:  # type: i
     spider.handle(did(10), None, (block,))
     assert subscribed == ["far.example.com"]
     assert FAR in directory.lookups
+
+
+class Refreshing(Directory):
+    def refresh(self, did: str) -> Ident:
+        return self.resolve(did)
+
+
+def test_a_moved_hint_is_rechecked_once_per_window_and_a_new_host_is_subscribed(db) -> None:  # type: ignore[no-untyped-def]
+    directory = Refreshing({FAR: "https://moved.example.com", did(1): "https://moved.example.com"})
+    subscribed: list[str] = []
+    config = SpiderConfig(lookups_per_second=1000, recheck_moved_seconds=3600, moved_queue_size=1)
+    spider = Spider(db, directory, lambda h: None, subscribed.append, config)
+    recent, full = steps("moved_recent"), steps("moved_dropped_queue_full")
+    spider.offer_moved(FAR)
+    spider.offer_moved(FAR)  # within the window: not looked up again
+    spider.offer_moved(did(1), "identity")  # the moved queue (size 1) is full
+    assert steps("moved_recent") - recent == 1
+    assert steps("moved_dropped_queue_full") - full == 1
+    spider.offer(did(2))  # offered after the hint, served before it: the DID queue comes first
+    spider.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not subscribed and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+    finally:
+        spider.stop()
+    assert subscribed == ["moved.example.com"]
+    assert directory.lookups == [did(2), FAR]

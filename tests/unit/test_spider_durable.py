@@ -12,7 +12,7 @@ import libipld
 
 from actors.messages import PersistEvent, WriteBehind
 from actors.sequencer import Sequencer, recover
-from actors.spider import Spider, SpiderConfig, frame_did_and_car
+from actors.spider import Spider, SpiderConfig
 from protocol.car import write_car
 from protocol.cid import cid_for_dag_cbor
 from protocol.frames import IdentityEvent, SyncEvent, encode_frame
@@ -76,9 +76,3 @@ def test_firehose_only_relay_spiders_identity_and_sync_events(tmp_path: Path) ->
         spider.stop()
     assert sorted(subscribed) == ["far.example.com", "met.example.com"]
     assert MET in directory.lookups and FAR in directory.lookups
-
-
-def test_frame_did_and_car_reads_our_own_frames_and_ignores_garbage() -> None:
-    assert frame_did_and_car(encode_frame(IdentityEvent(seq=1, did=MET, time=TIME), 0)) == (MET, None)
-    assert frame_did_and_car(b"\xff\x00garbage") == ("", None)
-    assert frame_did_and_car(encode_frame(IdentityEvent(seq=1, did="did:bad:x", time=TIME), 0)) == ("", None)
