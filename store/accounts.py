@@ -53,8 +53,14 @@ def list_accounts(db: peewee.Database, *, after_did: str = "", limit: int = 500)
 
 
 def upsert_accounts(db: peewee.Database, rows: Iterable[AccountRow]) -> None:
-    """Insert or update many accounts in one batched statement (caller holds the transaction)."""
+    """Insert or update many accounts in one batched statement (caller holds the transaction).
+
+    Rows are written in DID order: two transactions upserting overlapping accounts (the
+    write-behind and a status write-through) then lock them in the same order and cannot
+    deadlock on PostgreSQL.
+    """
     now = time.time()
+    rows = sorted(rows, key=lambda r: r.did)
     executemany(
         db,
         "INSERT INTO account (did, host_id, status, upstream_status, rev, commit_cid, data_cid, needs_resync,"

@@ -37,6 +37,29 @@ class StoreError(Exception):
 TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (peewee.OperationalError, peewee.InterfaceError)
 
 
+class _DriverErrors(peewee.ExceptionWrapper):
+    """peewee's driver-error mapping for raw driver calls (``store.sql.executemany``), walking the error's classes.
+
+    ``execute_sql`` maps driver errors to peewee's; a raw ``cursor.executemany`` did not, so a
+    PostgreSQL ``DeadlockDetected`` in a batched write escaped the retry of transient errors
+    (``TRANSIENT_DB_ERRORS``) and killed the sequencer.
+    """
+
+    __slots__ = ()
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        if exc_type is None or issubclass(exc_type, peewee.PeeweeException):
+            return
+        for base in exc_type.__mro__:
+            new_type = self.exceptions.get(base.__name__)
+            if new_type is not None:
+                raise new_type(exc_value, *exc_value.args).with_traceback(traceback)
+
+
+# ``with DRIVER_ERRORS:`` around raw driver calls
+DRIVER_ERRORS = _DriverErrors(peewee.EXCEPTIONS)  # type: ignore[attr-defined]
+
+
 class _PooledPostgres(PooledPostgresqlDatabase):
     """A pool that lets go of a connection the server has closed (a restart), instead of reusing it.
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import peewee
 
-from store.db import is_postgres
+from store.db import DRIVER_ERRORS, is_postgres
 
 
 def sql(db: peewee.Database, statement: str) -> str:
@@ -38,7 +38,8 @@ def executemany(db: peewee.Database, statement: str, rows: Iterable[Sequence[Any
     if not rows:
         return
     cursor = db.cursor()
-    cursor.executemany(sql(db, statement), rows)
+    with DRIVER_ERRORS:  # driver errors as peewee's, as execute_sql raises them
+        cursor.executemany(sql(db, statement), rows)
 
 
 def to_bytes(value: Any) -> bytes | None:
