@@ -89,6 +89,17 @@ def _native_rlock() -> object:
     return _thread.RLock()
 
 
+def native_lock() -> Any:
+    """A real OS-thread lock, for state that greenlets and gevent's thread pool share (never a gevent lock)."""
+    if "gevent.monkey" in sys.modules:
+        from gevent import monkey
+
+        return monkey.get_original("_thread", "allocate_lock")()
+    import _thread
+
+    return _thread.allocate_lock()
+
+
 def _shareable_with_threads(db: peewee.Database) -> peewee.Database:
     """Make ``db`` safe to use from greenlets and from gevent's thread pool at once.
 

@@ -1,0 +1,152 @@
+"""A full repo CAR streamed from the slice files: the header first, then each block read as it is sent.
+
+The bytes are those of ``carstore_compact.assemble_repo_car`` (canonical order, so the same
+before and after compaction), in bounded memory:
+
+- a lone compacted slice is that CAR already: its byte range is copied in chunks;
+- otherwise ``open_stream`` (the first step, before any byte is sent) indexes the live slices
+  (``carstore_index``, usually cached), opens every file they are in, walks the MST reading the
+  nodes only, and checks that every record it names is there: a damaged mirror is an error
+  before the answer starts, and the total length is known (a Content-Length). Sending then
+  reads the blocks in that order, ``CHUNK_BYTES`` at a time, each hash-checked. What is held is
+  the index and the order (a CID reference and a location per block), never the block bytes.
+
+Files are opened before the walk, so a compaction or replace that unlinks them meanwhile does
+not disturb the stream: it sends the snapshot it started with. An account whose live slices
+span more than ``MAX_OPEN_FILES`` files (a mirror far behind on compaction) is assembled in
+memory instead, as before.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from protocol.car import write_car
+from protocol.cid import cid_to_str, encode_varint
+from protocol.commit import decode_commit
+from protocol.errors import MissingBlock
+from protocol.mst_node import parse_node
+from store.carstore_compact import read_live, repo_car_bytes
+from store.carstore_index import BlockReader, IndexCache, Location
+from store.carstore_schema import KIND_COMPACTED, CarStoreError, SliceRow
+
+if TYPE_CHECKING:
+    from store.carstore import CarStore
+
+CHUNK_BYTES = 256 * 1024  # bytes read (and handed to the socket) at a time
+MAX_OPEN_FILES = 256  # files one stream may hold open; past it the CAR is assembled in memory
+
+
+class RepoStream:
+    """``length`` bytes handed out by ``next_chunk()`` (``b""`` at the end); ``close()`` releases the files."""
+
+    def __init__(self, length: int, chunks: Iterator[bytes], close: Callable[[], None]) -> None:
+        self.length = length
+        self._chunks = chunks
+        self._close = close
+        self.sent = 0
+
+    def next_chunk(self) -> bytes:
+        chunk = next(self._chunks, b"")
+        self.sent += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        close, self._close = self._close, lambda: None
+        close()
+
+
+def _bytes_stream(data: bytes) -> RepoStream:
+    view = memoryview(data)
+    chunks = (bytes(view[i : i + CHUNK_BYTES]) for i in range(0, len(data), CHUNK_BYTES))
+    return RepoStream(len(data), chunks, lambda: None)
+
+
+def _file_range(path: str, offset: int, size: int) -> RepoStream:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def chunks() -> Iterator[bytes]:
+        at, left = offset, size
+        while left:
+            part = os.pread(fd, min(CHUNK_BYTES, left), at)
+            if not part:
+                raise CarStoreError(f"slice file {path} ends before byte {offset + size}")
+            at, left = at + len(part), left - len(part)
+            yield part
+
+    return RepoStream(size, chunks(), lambda: os.close(fd))
+
+
+def canonical_order(reader: BlockReader, commit_cid: bytes) -> list[tuple[bytes, Location]]:
+    """Every block the commit reaches, in canonical order, reading only the commit and the MST nodes."""
+    where = reader.index.where
+    loc = where.get(commit_cid)
+    if loc is None:
+        raise MissingBlock(f"commit {cid_to_str(commit_cid)} is not among the blocks")
+    order: list[tuple[bytes, Location]] = [(commit_cid, loc)]
+    seen = {commit_cid}
+    # (cid, is an MST node): a node, its left subtree, then for each entry its record and right subtree
+    stack: list[tuple[bytes | None, bool]] = [(decode_commit(reader.read(commit_cid, loc)).data, True)]
+    while stack:
+        cid, is_node = stack.pop()
+        if cid is None or cid in seen:
+            continue
+        loc = where.get(cid)
+        if loc is None:
+            raise MissingBlock(f"{'node' if is_node else 'record'} {cid_to_str(cid)} is not among the blocks")
+        seen.add(cid)
+        order.append((cid, loc))
+        if is_node:
+            left, _, entries, _ = parse_node(reader.read(cid, loc))
+            after: list[tuple[bytes | None, bool]] = [(left, True)]
+            for entry in entries:
+                after += [(entry["v"], False), (entry["t"], True)]
+            stack.extend(reversed(after))
+    return order
+
+
+def _block_chunks(reader: BlockReader, header: bytes, order: list[tuple[bytes, Location]]) -> Iterator[bytes]:
+    parts, size = [header], len(header)
+    for cid, loc in order:
+        data = reader.read(cid, loc)
+        parts += (encode_varint(len(cid) + len(data)), cid, data)
+        size += len(data) + len(cid) + 2
+        if size >= CHUNK_BYTES:
+            yield b"".join(parts)
+            parts, size = [], 0
+    if parts:
+        yield b"".join(parts)
+
+
+def open_stream(store: CarStore, cache: IndexCache, did: str) -> RepoStream | None:
+    """The account's full repo CAR as a stream, or ``None`` when the mirror has no slice of it."""
+    root = store._root
+
+    def start(rows: list[SliceRow]) -> RepoStream | None:
+        if not rows:
+            return None
+        if len(rows) == 1 and rows[0].kind == KIND_COMPACTED:
+            row = rows[0]
+            return _file_range(os.path.join(root, row.path), row.byte_offset, row.byte_size)
+        commit = rows[-1].commit_cid
+        index = cache.index(root, did, rows)
+        if len(index.paths) > MAX_OPEN_FILES:
+            reader = BlockReader(root, index)
+            try:
+                return _bytes_stream(repo_car_bytes(reader, commit))
+            finally:
+                reader.close()
+        reader = BlockReader(root, index, keep=False)
+        try:
+            reader.open_all()
+            order = canonical_order(reader, commit)
+        except BaseException:
+            reader.close()
+            raise
+        header = write_car([commit], [])
+        length = len(header) + sum(len(encode_varint(len(c) + loc[2])) + len(c) + loc[2] for c, loc in order)
+        return RepoStream(length, _block_chunks(reader, header, order), reader.close)
+
+    return read_live(store._db, did, start)
