@@ -1,25 +1,28 @@
-"""Where every block of an account's live slices lies: a per-account index built by scanning slice files, cached.
+"""Where every block of an account's live slices lies: an index per slice, built by scanning its file, cached.
 
 A slice is a CAR v1 at a byte range of a file; scanning it reads each section's length and CID
-and skips the block bytes, in 1 MiB windows, so memory is the index (about 150 bytes a block)
-and one window, never the slice. ``BlockIndex.where`` maps a CID to (file number, offset, length)
-of its block bytes; later slices win, as in ``carstore_compact.blocks_of``.
+and skips the block bytes, in 1 MiB windows. A ``SliceIndex`` holds, sorted by key (the last 8
+bytes of the CID's digest), each block's offset and length in three ``array``s: 22 bytes a
+block, whatever the blocks' size. An account's ``BlockIndex`` is its live slices' indexes,
+looked up newest first (a block in several slices has the same bytes in each).
 
-``IndexCache`` keeps the indexes of recently read accounts (least recently used go first, at
-most ``max_blocks`` entries in all). An index is valid for exactly the live slice ids it was
-built from: a new slice on top extends a copy of it (only the new slices are scanned); any
-other change (compaction, replace, delete) rebuilds it. Its lock is a native one: the cache is
-used from gevent's thread pool and from greenlets alike (see HACKING: no gevent lock may be
-shared with the pool).
+``IndexCache`` keeps slice indexes by slice id (a slice never changes; a compaction or replace
+makes new slices), least recently used dropped first past ``max_blocks`` entries: a proof of a
+hot account scans nothing, and a new commit's slice is the only thing scanned after it. Its
+lock is a native one: the cache is used from gevent's thread pool and from greenlets alike
+(see HACKING: no gevent lock may be shared with the pool).
 
 ``BlockReader`` reads blocks through an index with ``pread`` on files it keeps open until
-``close()``; every block read is hash-checked against its CID. An open file stays readable after
-a compaction unlinks it, so a reader that opened its files serves one consistent snapshot.
+``close()``; every block read is hash-checked against its full CID (a key clash fails there).
+An open file stays readable after a compaction unlinks it, so a reader that opened its files
+serves one consistent snapshot.
 """
 
 from __future__ import annotations
 
 import os
+from array import array
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,20 +33,52 @@ from store.carstore_schema import CarStoreError, SliceRow
 from store.db import native_lock
 
 WINDOW_BYTES = 1 << 20  # bytes read at a time while scanning a slice
-MAX_CACHED_BLOCKS = 250_000  # index entries kept across reads (all accounts), about 40 MB
+MAX_CACHED_BLOCKS = 2_000_000  # slice index entries kept across reads (all accounts), 22 bytes each
 _SECTION_HEAD = 64  # a section's length varint and CID fit in this many bytes
 _CID_LEN = 36
 
 Location = tuple[int, int, int]  # file number, offset of the block bytes, their length
 
 
+def block_key(cid: bytes) -> int:
+    """A CID's index key: the last 8 bytes of its digest (a clash is caught by the read's hash check)."""
+    return int.from_bytes(cid[-8:], "big")
+
+
+@dataclass(frozen=True, slots=True)
+class SliceIndex:
+    """One slice's blocks: keys sorted, with the offset and length of each block's bytes (22 bytes a block)."""
+
+    path: str
+    keys: array[int]
+    offsets: array[int]
+    lengths: array[int]
+
+    def find(self, key: int) -> tuple[int, int] | None:
+        i = bisect_left(self.keys, key)
+        if i < len(self.keys) and self.keys[i] == key:
+            return self.offsets[i], self.lengths[i]
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class BlockIndex:
-    """The blocks of one set of live slices (``slice_ids``, oldest first) and where each lies."""
+    """The blocks of one set of live slices, looked up newest slice first."""
 
-    slice_ids: tuple[int, ...]
+    slices: tuple[SliceIndex, ...]  # newest first
     paths: tuple[str, ...]  # file number -> path under the slices root
-    where: dict[bytes, Location]
+    numbers: tuple[int, ...]  # file number of each slice in ``slices``
+
+    def find(self, cid: bytes) -> Location | None:
+        key = block_key(cid)
+        for n, part in zip(self.numbers, self.slices, strict=True):
+            found = part.find(key)
+            if found is not None:
+                return n, found[0], found[1]
+        return None
+
+    def __len__(self) -> int:
+        return sum(len(part.keys) for part in self.slices)
 
 
 def _cid_length(buf: bytes, pos: int) -> int:
@@ -56,8 +91,9 @@ def _cid_length(buf: bytes, pos: int) -> int:
     return pos - start + size
 
 
-def scan_slice(root: str, row: SliceRow, file_no: int, where: dict[bytes, Location]) -> None:
-    """Add every block of slice ``row`` to ``where`` (``FileNotFoundError`` when its file went away)."""
+def scan_slice(root: str, row: SliceRow) -> SliceIndex:
+    """The index of slice ``row`` (``FileNotFoundError`` when its file went away)."""
+    keys, offsets, lengths = array("Q"), array("Q"), array("I")
     fd = os.open(os.path.join(root, row.path), os.O_RDONLY | os.O_CLOEXEC)
     try:
         end = row.byte_offset + row.byte_size
@@ -73,66 +109,55 @@ def scan_slice(root: str, row: SliceRow, file_no: int, where: dict[bytes, Locati
             cid_len = _cid_length(buf, j)
             if length <= cid_len or buf_at + j + length > end:
                 raise CarStoreError(f"slice file {row.path} has a bad section at byte {pos}")
-            where[buf[j : j + cid_len]] = (file_no, buf_at + j + cid_len, length - cid_len)
+            keys.append(int.from_bytes(buf[j + cid_len - 8 : j + cid_len], "big"))
+            offsets.append(buf_at + j + cid_len)
+            lengths.append(length - cid_len)
             pos = buf_at + j + length
     finally:
         os.close(fd)
-
-
-def build_index(root: str, rows: Sequence[SliceRow], base: BlockIndex | None = None) -> BlockIndex:
-    """The index of ``rows``; with ``base`` (an index of a prefix of them) only the rest is scanned."""
-    paths = list(base.paths) if base else []
-    numbers = {p: n for n, p in enumerate(paths)}
-    where = dict(base.where) if base else {}
-    for row in rows[len(base.slice_ids) if base else 0 :]:
-        if row.path not in numbers:
-            numbers[row.path] = len(paths)
-            paths.append(row.path)
-        scan_slice(root, row, numbers[row.path], where)
-    return BlockIndex(tuple(r.id for r in rows), tuple(paths), where)
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return SliceIndex(row.path, array("Q", (keys[i] for i in order)), array("Q", (offsets[i] for i in order)),
+                      array("I", (lengths[i] for i in order)))  # fmt: skip
 
 
 class IndexCache:
-    """Block indexes of recently read accounts, at most ``max_blocks`` entries in all."""
+    """Indexes of recently read slices (by slice id: a slice never changes), at most ``max_blocks`` entries in all."""
 
     def __init__(self, max_blocks: int = MAX_CACHED_BLOCKS) -> None:
         self.max_blocks = max_blocks
         self._lock = native_lock()
-        self._indexes: OrderedDict[str, BlockIndex] = OrderedDict()
+        self._slices: OrderedDict[int, SliceIndex] = OrderedDict()
         self._size = 0
 
     def index(self, root: str, did: str, rows: Sequence[SliceRow]) -> BlockIndex:
-        """The index of ``did``'s live slices ``rows``, from the cache, extended, or built."""
-        ids = tuple(r.id for r in rows)
-        with self._lock:
-            cached = self._indexes.get(did)
-            if cached is not None:
-                self._indexes.move_to_end(did)
-        if cached is not None and cached.slice_ids == ids:
-            return cached
-        prefix = cached is not None and ids[: len(cached.slice_ids)] == cached.slice_ids
-        index = build_index(root, rows, cached if prefix else None)
-        self._put(did, index)
-        return index
+        """The index of ``did``'s live slices ``rows`` (oldest first), scanning those not cached."""
+        parts: list[SliceIndex] = []
+        for row in reversed(rows):
+            with self._lock:
+                part = self._slices.get(row.id)
+                if part is not None:
+                    self._slices.move_to_end(row.id)
+            if part is None:
+                part = scan_slice(root, row)
+                self._put(row.id, part)
+            parts.append(part)
+        numbers: dict[str, int] = {}
+        for part in parts:
+            numbers.setdefault(part.path, len(numbers))
+        return BlockIndex(tuple(parts), tuple(numbers), tuple(numbers[p.path] for p in parts))
 
-    def _put(self, did: str, index: BlockIndex) -> None:
+    def _put(self, slice_id: int, part: SliceIndex) -> None:
+        size = len(part.keys)
+        if size > self.max_blocks:
+            return  # too big to keep: built for this read only
         with self._lock:
-            old = self._indexes.pop(did, None)
-            if old is not None:
-                self._size -= len(old.where)
-            if len(index.where) > self.max_blocks:
-                return  # too big to keep: built for this read only
-            self._indexes[did] = index
-            self._size += len(index.where)
+            if slice_id in self._slices:
+                return
+            self._slices[slice_id] = part
+            self._size += size
             while self._size > self.max_blocks:
-                _, gone = self._indexes.popitem(last=False)
-                self._size -= len(gone.where)
-
-    def forget(self, did: str) -> None:
-        with self._lock:
-            old = self._indexes.pop(did, None)
-            if old is not None:
-                self._size -= len(old.where)
+                _, gone = self._slices.popitem(last=False)
+                self._size -= len(gone.keys)
 
 
 class BlockReader(Mapping[bytes, bytes]):
@@ -172,7 +197,7 @@ class BlockReader(Mapping[bytes, bytes]):
         kept = self._kept
         if kept is not None and cid in kept:
             return kept[cid]
-        where = self.index.where.get(cid)
+        where = self.index.find(cid)
         if where is None:
             raise KeyError(cid)
         data = self.read(cid, where)
@@ -181,13 +206,13 @@ class BlockReader(Mapping[bytes, bytes]):
         return data
 
     def __contains__(self, cid: object) -> bool:
-        return cid in self.index.where
+        return isinstance(cid, bytes) and self.index.find(cid) is not None
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self.index.where)
+        raise TypeError("the blocks of an index are looked up, not listed")
 
     def __len__(self) -> int:
-        return len(self.index.where)
+        return len(self.index)
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}

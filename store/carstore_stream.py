@@ -5,11 +5,12 @@ before and after compaction), in bounded memory:
 
 - a lone compacted slice is that CAR already: its byte range is copied in chunks;
 - otherwise ``open_stream`` (the first step, before any byte is sent) indexes the live slices
-  (``carstore_index``, usually cached), opens every file they are in, walks the MST reading the
-  nodes only, and checks that every record it names is there: a damaged mirror is an error
-  before the answer starts, and the total length is known (a Content-Length). Sending then
-  reads the blocks in that order, ``CHUNK_BYTES`` at a time, each hash-checked. What is held is
-  the index and the order (a CID reference and a location per block), never the block bytes.
+  (``carstore_index``: 22 bytes a block, usually cached), opens every file they are in, walks
+  the MST reading the nodes only, and checks that every record it names is there: a damaged
+  mirror is an error before the answer starts, and the total length is known (a
+  Content-Length). Sending walks the tree again, reading each block as it comes,
+  ``CHUNK_BYTES`` at a time, each hash-checked. Held: the index, 8 bytes per record during the
+  measuring walk (to find records sent twice, which go once), the walk's stack; never the blocks.
 
 Files are opened before the walk, so a compaction or replace that unlinks them meanwhile does
 not disturb the stream: it sends the snapshot it started with. An account whose live slices
@@ -20,7 +21,9 @@ memory instead, as before.
 from __future__ import annotations
 
 import os
+from array import array
 from collections.abc import Callable, Iterator
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from protocol.car import write_car
@@ -29,7 +32,7 @@ from protocol.commit import decode_commit
 from protocol.errors import MissingBlock
 from protocol.mst_node import parse_node
 from store.carstore_compact import read_live, repo_car_bytes
-from store.carstore_index import BlockReader, IndexCache, Location
+from store.carstore_index import BlockReader, IndexCache, Location, block_key
 from store.carstore_schema import KIND_COMPACTED, CarStoreError, SliceRow
 
 if TYPE_CHECKING:
@@ -79,38 +82,76 @@ def _file_range(path: str, offset: int, size: int) -> RepoStream:
     return RepoStream(size, chunks(), lambda: os.close(fd))
 
 
-def canonical_order(reader: BlockReader, commit_cid: bytes) -> list[tuple[bytes, Location]]:
-    """Every block the commit reaches, in canonical order, reading only the commit and the MST nodes."""
-    where = reader.index.where
-    loc = where.get(commit_cid)
+def _walk(reader: BlockReader, commit_cid: bytes, dups: set[int]) -> Iterator[tuple[bytes, Location, bytes | None]]:
+    """(CID, location, bytes when read) of every block the commit reaches, in canonical order.
+
+    Reads the commit and the MST nodes only; ``MissingBlock`` for any block not in the index. A
+    record whose key is in ``dups`` (records with the same CID) is yielded the first time only.
+    """
+    index = reader.index
+    loc = index.find(commit_cid)
     if loc is None:
         raise MissingBlock(f"commit {cid_to_str(commit_cid)} is not among the blocks")
-    order: list[tuple[bytes, Location]] = [(commit_cid, loc)]
-    seen = {commit_cid}
+    data = reader.read(commit_cid, loc)
+    yield commit_cid, loc, data
+    seen: set[int] = set()
     # (cid, is an MST node): a node, its left subtree, then for each entry its record and right subtree
-    stack: list[tuple[bytes | None, bool]] = [(decode_commit(reader.read(commit_cid, loc)).data, True)]
+    stack: list[tuple[bytes | None, bool]] = [(decode_commit(data).data, True)]
     while stack:
         cid, is_node = stack.pop()
-        if cid is None or cid in seen:
+        if cid is None:
             continue
-        loc = where.get(cid)
+        if not is_node and dups:
+            key = block_key(cid)
+            if key in dups:
+                if key in seen:
+                    continue
+                seen.add(key)
+        loc = index.find(cid)
         if loc is None:
             raise MissingBlock(f"{'node' if is_node else 'record'} {cid_to_str(cid)} is not among the blocks")
-        seen.add(cid)
-        order.append((cid, loc))
-        if is_node:
-            left, _, entries, _ = parse_node(reader.read(cid, loc))
-            after: list[tuple[bytes | None, bool]] = [(left, True)]
-            for entry in entries:
-                after += [(entry["v"], False), (entry["t"], True)]
-            stack.extend(reversed(after))
-    return order
-
-
-def _block_chunks(reader: BlockReader, header: bytes, order: list[tuple[bytes, Location]]) -> Iterator[bytes]:
-    parts, size = [header], len(header)
-    for cid, loc in order:
+        if not is_node:
+            yield cid, loc, None
+            continue
         data = reader.read(cid, loc)
+        yield cid, loc, data
+        left, _, entries, _ = parse_node(data)
+        after: list[tuple[bytes | None, bool]] = [(left, True)]
+        for entry in entries:
+            after += [(entry["v"], False), (entry["t"], True)]
+        stack.extend(reversed(after))
+
+
+def _section(cid: bytes, loc: Location) -> int:
+    """Bytes of a block's CAR section: length varint, CID, block."""
+    return len(encode_varint(len(cid) + loc[2])) + len(cid) + loc[2]
+
+
+def measure(reader: BlockReader, commit_cid: bytes) -> tuple[int, set[int]]:
+    """The length of the blocks' CAR sections, and the keys of records that occur more than once.
+
+    Held meanwhile: 8 bytes per record (their keys), then a sort of them; never the blocks.
+    """
+    total, records = 0, array("Q")
+    for cid, loc, data in _walk(reader, commit_cid, set()):
+        total += _section(cid, loc)
+        if data is None:
+            records.append(block_key(cid))
+    ordered = sorted(records)
+    dups = {k for k, nxt in pairwise(ordered) if k == nxt}
+    del ordered, records
+    if dups:  # the same record under two keys: sent once, as the in-memory assembly does
+        total = sum(
+            len(encode_varint(len(c) + loc[2])) + len(c) + loc[2] for c, loc, _ in _walk(reader, commit_cid, dups)
+        )
+    return total, dups
+
+
+def _block_chunks(reader: BlockReader, header: bytes, commit_cid: bytes, dups: set[int]) -> Iterator[bytes]:
+    parts, size = [header], len(header)
+    for cid, loc, data in _walk(reader, commit_cid, dups):
+        if data is None:
+            data = reader.read(cid, loc)
         parts += (encode_varint(len(cid) + len(data)), cid, data)
         size += len(data) + len(cid) + 2
         if size >= CHUNK_BYTES:
@@ -141,12 +182,11 @@ def open_stream(store: CarStore, cache: IndexCache, did: str) -> RepoStream | No
         reader = BlockReader(root, index, keep=False)
         try:
             reader.open_all()
-            order = canonical_order(reader, commit)
+            length, dups = measure(reader, commit)
         except BaseException:
             reader.close()
             raise
         header = write_car([commit], [])
-        length = len(header) + sum(len(encode_varint(len(c) + loc[2])) + len(c) + loc[2] for c, loc in order)
-        return RepoStream(length, _block_chunks(reader, header, order), reader.close)
+        return RepoStream(len(header) + length, _block_chunks(reader, header, commit, dups), reader.close)
 
     return read_live(store._db, did, start)

@@ -135,3 +135,16 @@ def test_proofs_follow_the_index_as_slices_change(relay: Relay, alice: RepoWrite
 
 def live(relay: Relay) -> list[SliceRow]:
     return live_slices(relay.car_db, ALICE)
+
+
+def test_the_same_record_under_several_keys_is_sent_once(relay: Relay) -> None:
+    w = RepoWriter(ALICE, KEY)
+    same = post(5)
+    relay.commit(w, [Write("create", f"app.bsky.feed.post/3k{n:011d}", same) for n in range(3)])
+    relay.commit(w, [Write("create", f"app.bsky.feed.post/3k{n:011d}", post(n)) for n in range(3, 40)])
+    relay.commit(w, [Write("create", "app.bsky.feed.post/3k99999999999", same)])
+    relay.account(ALICE, w=w)
+    car = check(relay, w)
+    assert len(read_car(car).blocks) < len(w.records) + 10  # the shared record once
+    relay.store.compact(ALICE)
+    assert check(relay, w) == car
