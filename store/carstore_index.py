@@ -1,16 +1,16 @@
 """Where every block of an account's live slices lies: an index per slice, built by scanning its file, cached.
 
 A slice is a CAR v1 at a byte range of a file; scanning it reads each section's length and CID
-and skips the block bytes, in 1 MiB windows. A ``SliceIndex`` holds, sorted by key (the last 8
-bytes of the CID's digest), each block's offset and length in three ``array``s: 22 bytes a
-block, whatever the blocks' size. An account's ``BlockIndex`` is its live slices' indexes,
-looked up newest first (a block in several slices has the same bytes in each).
+and skips the block bytes, in 1 MiB windows. An account's ``BlockIndex`` holds, sorted by key
+(the last 8 bytes of the CID's digest), each block's file, offset and length in four
+``array``s: 24 bytes a block, whatever the blocks' size; a look-up is one binary search.
 
-``IndexCache`` keeps slice indexes by slice id (a slice never changes; a compaction or replace
-makes new slices), least recently used dropped first past ``max_blocks`` entries: a proof of a
-hot account scans nothing, and a new commit's slice is the only thing scanned after it. Its
-lock is a native one: the cache is used from gevent's thread pool and from greenlets alike
-(see HACKING: no gevent lock may be shared with the pool).
+``IndexCache`` keeps the indexes of recently read accounts (least recently used dropped first
+past ``max_blocks`` entries). An index is valid for exactly the live slice ids it was built
+from: slices added on top (new commits) are scanned and merged into a copy; any other change
+(compaction, replace, delete) rebuilds it. Its lock is a native one: the cache is used from
+gevent's thread pool and from greenlets alike (see HACKING: no gevent lock may be shared with
+the pool).
 
 ``BlockReader`` reads blocks through an index with ``pread`` on files it keeps open until
 ``close()``; every block read is hash-checked against its full CID (a key clash fails there).
@@ -33,7 +33,7 @@ from store.carstore_schema import CarStoreError, SliceRow
 from store.db import native_lock
 
 WINDOW_BYTES = 1 << 20  # bytes read at a time while scanning a slice
-MAX_CACHED_BLOCKS = 2_000_000  # slice index entries kept across reads (all accounts), 22 bytes each
+MAX_CACHED_BLOCKS = 1_000_000  # index entries kept across reads (all accounts), 24 bytes each
 _SECTION_HEAD = 64  # a section's length varint and CID fit in this many bytes
 _CID_LEN = 36
 
@@ -46,39 +46,30 @@ def block_key(cid: bytes) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class SliceIndex:
-    """One slice's blocks: keys sorted, with the offset and length of each block's bytes (22 bytes a block)."""
+class BlockIndex:
+    """The blocks of one set of live slices (``slice_ids``, oldest first): keys sorted, then where each lies.
 
-    path: str
+    Among equal keys the newest slice's block comes first (a block in several slices has the
+    same bytes in each; the newest file is the likeliest to stay).
+    """
+
+    slice_ids: tuple[int, ...]
+    paths: tuple[str, ...]  # file number -> path under the slices root
     keys: array[int]
+    files: array[int]
     offsets: array[int]
     lengths: array[int]
 
-    def find(self, key: int) -> tuple[int, int] | None:
-        i = bisect_left(self.keys, key)
-        if i < len(self.keys) and self.keys[i] == key:
-            return self.offsets[i], self.lengths[i]
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class BlockIndex:
-    """The blocks of one set of live slices, looked up newest slice first."""
-
-    slices: tuple[SliceIndex, ...]  # newest first
-    paths: tuple[str, ...]  # file number -> path under the slices root
-    numbers: tuple[int, ...]  # file number of each slice in ``slices``
-
     def find(self, cid: bytes) -> Location | None:
         key = block_key(cid)
-        for n, part in zip(self.numbers, self.slices, strict=True):
-            found = part.find(key)
-            if found is not None:
-                return n, found[0], found[1]
+        keys = self.keys
+        i = bisect_left(keys, key)
+        if i < len(keys) and keys[i] == key:
+            return self.files[i], self.offsets[i], self.lengths[i]
         return None
 
     def __len__(self) -> int:
-        return sum(len(part.keys) for part in self.slices)
+        return len(self.keys)
 
 
 def _cid_length(buf: bytes, pos: int) -> int:
@@ -91,9 +82,9 @@ def _cid_length(buf: bytes, pos: int) -> int:
     return pos - start + size
 
 
-def scan_slice(root: str, row: SliceRow) -> SliceIndex:
-    """The index of slice ``row`` (``FileNotFoundError`` when its file went away)."""
-    keys, offsets, lengths = array("Q"), array("Q"), array("I")
+def scan_slice(root: str, row: SliceRow, file_no: int, out: tuple[array[int], ...]) -> None:
+    """Append slice ``row``'s blocks to ``out`` (keys, files, offsets, lengths); ``FileNotFoundError`` if gone."""
+    keys, files, offsets, lengths = out
     fd = os.open(os.path.join(root, row.path), os.O_RDONLY | os.O_CLOEXEC)
     try:
         end = row.byte_offset + row.byte_size
@@ -110,54 +101,64 @@ def scan_slice(root: str, row: SliceRow) -> SliceIndex:
             if length <= cid_len or buf_at + j + length > end:
                 raise CarStoreError(f"slice file {row.path} has a bad section at byte {pos}")
             keys.append(int.from_bytes(buf[j + cid_len - 8 : j + cid_len], "big"))
+            files.append(file_no)
             offsets.append(buf_at + j + cid_len)
             lengths.append(length - cid_len)
             pos = buf_at + j + length
     finally:
         os.close(fd)
+
+
+def build_index(root: str, rows: Sequence[SliceRow], base: BlockIndex | None = None) -> BlockIndex:
+    """The index of ``rows`` (oldest first); with ``base`` (the index of a prefix of them) only the rest is scanned."""
+    paths = list(base.paths) if base else []
+    numbers = {p: n for n, p in enumerate(paths)}
+    out = (array("Q"), array("H"), array("Q"), array("I"))
+    for row in reversed(rows[len(base.slice_ids) if base else 0 :]):  # newest first
+        if row.path not in numbers:
+            numbers[row.path] = len(paths)
+            paths.append(row.path)
+        scan_slice(root, row, numbers[row.path], out)
+    if base:  # older than everything scanned: after it (the sort is stable); two sorted runs merge fast
+        for part, old in zip(out, (base.keys, base.files, base.offsets, base.lengths), strict=True):
+            part.extend(old)
+    keys, files, offsets, lengths = out
     order = sorted(range(len(keys)), key=keys.__getitem__)
-    return SliceIndex(row.path, array("Q", (keys[i] for i in order)), array("Q", (offsets[i] for i in order)),
+    return BlockIndex(tuple(r.id for r in rows), tuple(paths), array("Q", (keys[i] for i in order)),
+                      array("H", (files[i] for i in order)), array("Q", (offsets[i] for i in order)),
                       array("I", (lengths[i] for i in order)))  # fmt: skip
 
 
 class IndexCache:
-    """Indexes of recently read slices (by slice id: a slice never changes), at most ``max_blocks`` entries in all."""
+    """Block indexes of recently read accounts, at most ``max_blocks`` entries in all (least recently used go)."""
 
     def __init__(self, max_blocks: int = MAX_CACHED_BLOCKS) -> None:
         self.max_blocks = max_blocks
         self._lock = native_lock()
-        self._slices: OrderedDict[int, SliceIndex] = OrderedDict()
+        self._indexes: OrderedDict[str, BlockIndex] = OrderedDict()
         self._size = 0
 
     def index(self, root: str, did: str, rows: Sequence[SliceRow]) -> BlockIndex:
-        """The index of ``did``'s live slices ``rows`` (oldest first), scanning those not cached."""
-        parts: list[SliceIndex] = []
-        for row in reversed(rows):
-            with self._lock:
-                part = self._slices.get(row.id)
-                if part is not None:
-                    self._slices.move_to_end(row.id)
-            if part is None:
-                part = scan_slice(root, row)
-                self._put(row.id, part)
-            parts.append(part)
-        numbers: dict[str, int] = {}
-        for part in parts:
-            numbers.setdefault(part.path, len(numbers))
-        return BlockIndex(tuple(parts), tuple(numbers), tuple(numbers[p.path] for p in parts))
-
-    def _put(self, slice_id: int, part: SliceIndex) -> None:
-        size = len(part.keys)
-        if size > self.max_blocks:
-            return  # too big to keep: built for this read only
+        """The index of ``did``'s live slices ``rows``: cached, extended by the slices added on top, or built."""
+        ids = tuple(r.id for r in rows)
         with self._lock:
-            if slice_id in self._slices:
-                return
-            self._slices[slice_id] = part
-            self._size += size
+            cached = self._indexes.get(did)
+            if cached is not None:
+                self._indexes.move_to_end(did)
+        if cached is not None and cached.slice_ids == ids:
+            return cached
+        on_top = cached is not None and ids[: len(cached.slice_ids)] == cached.slice_ids
+        index = build_index(root, rows, cached if on_top else None)
+        with self._lock:
+            old = self._indexes.pop(did, None)
+            self._size -= len(old) if old is not None else 0
+            if len(index) <= self.max_blocks:  # a bigger one serves this read only
+                self._indexes[did] = index
+                self._size += len(index)
             while self._size > self.max_blocks:
-                _, gone = self._slices.popitem(last=False)
-                self._size -= len(gone.keys)
+                _, gone = self._indexes.popitem(last=False)
+                self._size -= len(gone)
+        return index
 
 
 class BlockReader(Mapping[bytes, bytes]):
@@ -212,7 +213,7 @@ class BlockReader(Mapping[bytes, bytes]):
         raise TypeError("the blocks of an index are looked up, not listed")
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.index.keys)
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}

@@ -26,11 +26,11 @@ from collections.abc import Callable, Iterator
 from itertools import pairwise
 from typing import TYPE_CHECKING
 
+from protocol import cbor
 from protocol.car import write_car
 from protocol.cid import cid_to_str, encode_varint
 from protocol.commit import decode_commit
-from protocol.errors import MissingBlock
-from protocol.mst_node import parse_node
+from protocol.errors import CborError, MissingBlock, MstError
 from store.carstore_compact import read_live, repo_car_bytes
 from store.carstore_index import BlockReader, IndexCache, Location, block_key
 from store.carstore_schema import KIND_COMPACTED, CarStoreError, SliceRow
@@ -82,6 +82,25 @@ def _file_range(path: str, offset: int, size: int) -> RepoStream:
     return RepoStream(size, chunks(), lambda: os.close(fd))
 
 
+def _children(block: bytes) -> list[tuple[bytes | None, bool]]:
+    """A node's links in canonical order: its left subtree, then each entry's record and right subtree.
+
+    A light parse (the node's hash was just checked, and its structure when it was accepted):
+    only the links' types are checked.
+    """
+    try:
+        obj = cbor.decode(block)
+        left, ents = obj["l"], obj["e"]
+        out: list[tuple[bytes | None, bool]] = [(left, True)]
+        for ent in ents:
+            out += [(ent["v"], False), (ent["t"], True)]
+    except (CborError, TypeError, KeyError):
+        raise MstError("MST node in the mirror is malformed") from None
+    if not all(cid is None or type(cid) is bytes for cid, _ in out):
+        raise MstError("MST node in the mirror has a link that is not a CID")
+    return out
+
+
 def _walk(reader: BlockReader, commit_cid: bytes, dups: set[int]) -> Iterator[tuple[bytes, Location, bytes | None]]:
     """(CID, location, bytes when read) of every block the commit reaches, in canonical order.
 
@@ -115,11 +134,7 @@ def _walk(reader: BlockReader, commit_cid: bytes, dups: set[int]) -> Iterator[tu
             continue
         data = reader.read(cid, loc)
         yield cid, loc, data
-        left, _, entries, _ = parse_node(data)
-        after: list[tuple[bytes | None, bool]] = [(left, True)]
-        for entry in entries:
-            after += [(entry["v"], False), (entry["t"], True)]
-        stack.extend(reversed(after))
+        stack.extend(reversed(_children(data)))
 
 
 def _section(cid: bytes, loc: Location) -> int:
