@@ -180,6 +180,7 @@ def run(server: Server, records: dict[str, list[str]], calls: int, label: str) -
         return f"{base}getRecord?did={SMALL}&collection={collection}&rkey={rkey}"
 
     cases: list[tuple[str, Callable[[], str], int]] = [
+        ("/_health (no read: the HTTP floor)", lambda: "/_health", calls),
         ("getLatestCommit", lambda: f"{base}getLatestCommit?did={SMALL}", calls),
         ("getRepoStatus", lambda: f"{base}getRepoStatus?did={SMALL}", calls),
         ("getRecord", record, calls),
