@@ -5,7 +5,7 @@ Usage: python scripts/bench_sync_read.py [--records 10000] [--large-records 1000
 
 A ``--records``-record repo (signed commits made with ``protocol.repo_writer``, as the unit
 tests make them) is mirrored as 10 commit slices in 10 pack files, plus a ``--large-records``
-one likewise. A server process runs the relay's real Flask app (``web.xrpc_sync``,
+one likewise (in commits of at most 5,000 records). A server process runs the relay's real Flask app (``web.xrpc_sync``,
 ``web.xrpc_repo`` over ``actors.relay_reads.SyncReads``) on the relay's own HTTP server
 (``RelayWSGIServer``, gevent monkey-patched, reads in the thread pool) on loopback; a client on
 one kept-alive connection times getLatestCommit, getRepoStatus, getRecord (random records),
@@ -99,7 +99,7 @@ def build(folder: Path, url: str, records: int, large: int) -> dict[str, list[st
     with db.connection_context():
         host = ensure_host(db, HOST)
         for did, n in ((SMALL, records), (LARGE, large)):
-            writer, slices = build_repo(did, n)
+            writer, slices = build_repo(did, n, commits=max(10, n // 5000))  # a commit's CAR: < 10,000 blocks
             for s in slices:
                 store.write_slices([s])
             with db.atomic():
@@ -219,9 +219,14 @@ def main() -> None:
         t0 = time.perf_counter()
         records = build(folder, url, args.records, args.large_records)
         kind = "PostgreSQL" if args.database_url else "SQLite"
+        large_slices = max(10, args.large_records // 5000)
         print(f"{kind}; built {args.records:,} + {args.large_records:,} record repos in "
-              f"{time.perf_counter() - t0:.1f} s (10 slices each); load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-        for label, step in (("10 slices per repo", None), ("after compaction (one file per repo)", compact)):
+              f"{time.perf_counter() - t0:.1f} s (10 and {large_slices} slices); "
+              f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+        for label, step in (
+            ("uncompacted (commit slices, one pack file each)", None),
+            ("after compaction (one file per repo)", compact),
+        ):
             if step:
                 step(folder, url)
             server = Server(folder, url)

@@ -20,12 +20,14 @@ serves one consistent snapshot.
 
 from __future__ import annotations
 
+import heapq
 import os
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 from protocol.cid import SUPPORTED_PREFIXES, cid_to_str, read_varint, verify_block
 from protocol.errors import BlockHashMismatch
@@ -33,6 +35,7 @@ from store.carstore_schema import CarStoreError, SliceRow
 from store.db import native_lock
 
 WINDOW_BYTES = 1 << 20  # bytes read at a time while scanning a slice
+SORT_RUN = 16_384  # entries sorted at once (then merged): bounds the sort's temporary Python objects
 MAX_CACHED_BLOCKS = 1_000_000  # index entries kept across reads (all accounts), 24 bytes each
 _SECTION_HEAD = 64  # a section's length varint and CID fit in this many bytes
 _CID_LEN = 36
@@ -122,11 +125,29 @@ def build_index(root: str, rows: Sequence[SliceRow], base: BlockIndex | None = N
     if base:  # older than everything scanned: after it (the sort is stable); two sorted runs merge fast
         for part, old in zip(out, (base.keys, base.files, base.offsets, base.lengths), strict=True):
             part.extend(old)
-    keys, files, offsets, lengths = out
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    return BlockIndex(tuple(r.id for r in rows), tuple(paths), array("Q", (keys[i] for i in order)),
-                      array("H", (files[i] for i in order)), array("Q", (offsets[i] for i in order)),
-                      array("I", (lengths[i] for i in order)))  # fmt: skip
+    return BlockIndex(tuple(r.id for r in rows), tuple(paths), *_sorted_columns(out))
+
+
+def sorted_runs(keys: array[int]) -> list[array[int]]:
+    """``keys`` as sorted runs of at most ``SORT_RUN`` (a sort's Python objects exist for one run at a time)."""
+    return [array("Q", sorted(keys[i : i + SORT_RUN])) for i in range(0, len(keys), SORT_RUN)]
+
+
+def _sorted_columns(columns: tuple[array[int], ...]) -> tuple[array[int], ...]:
+    """The columns (keys first) ordered by key, stable; sorted in runs, then merged one row at a time."""
+    keys = columns[0]
+    runs = []
+    for start in range(0, len(keys), SORT_RUN):
+        order = sorted(range(start, min(len(keys), start + SORT_RUN)), key=keys.__getitem__)
+        runs.append(tuple(array(col.typecode, (col[i] for i in order)) for col in columns))
+    if len(runs) == 1:
+        return runs[0]
+    out = tuple(array(col.typecode) for col in columns)
+    appends = [col.append for col in out]
+    for row in heapq.merge(*(zip(*run, strict=True) for run in runs), key=itemgetter(0)):  # ties: earlier run first
+        for append, value in zip(appends, row, strict=True):
+            append(value)
+    return out
 
 
 class IndexCache:

@@ -20,6 +20,7 @@ memory instead, as before.
 
 from __future__ import annotations
 
+import heapq
 import os
 from array import array
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from protocol.cid import cid_to_str, encode_varint
 from protocol.commit import decode_commit
 from protocol.errors import CborError, MissingBlock, MstError
 from store.carstore_compact import read_live, repo_car_bytes
-from store.carstore_index import BlockReader, IndexCache, Location, block_key
+from store.carstore_index import BlockReader, IndexCache, Location, block_key, sorted_runs
 from store.carstore_schema import KIND_COMPACTED, CarStoreError, SliceRow
 
 if TYPE_CHECKING:
@@ -145,16 +146,17 @@ def _section(cid: bytes, loc: Location) -> int:
 def measure(reader: BlockReader, commit_cid: bytes) -> tuple[int, set[int]]:
     """The length of the blocks' CAR sections, and the keys of records that occur more than once.
 
-    Held meanwhile: 8 bytes per record (their keys), then a sort of them; never the blocks.
+    Held meanwhile: 8 bytes per record (their keys, sorted in runs and merged); never the blocks.
     """
     total, records = 0, array("Q")
     for cid, loc, data in _walk(reader, commit_cid, set()):
         total += _section(cid, loc)
         if data is None:
             records.append(block_key(cid))
-    ordered = sorted(records)
-    dups = {k for k, nxt in pairwise(ordered) if k == nxt}
-    del ordered, records
+    runs = sorted_runs(records)
+    del records
+    dups = {k for k, nxt in pairwise(heapq.merge(*runs)) if k == nxt}
+    del runs
     if dups:  # the same record under two keys: sent once, as the in-memory assembly does
         total = sum(
             len(encode_varint(len(c) + loc[2])) + len(c) + loc[2] for c, loc, _ in _walk(reader, commit_cid, dups)

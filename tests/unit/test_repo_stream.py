@@ -17,7 +17,7 @@ from protocol.car import read_car
 from protocol.errors import MissingBlock
 from protocol.repo_verify import verify_record_proof, verify_repo
 from protocol.repo_writer import RepoWriter, Write
-from store import carstore_stream
+from store import carstore_index, carstore_stream
 from store.carstore import CarStore, SliceWrite
 from store.carstore_schema import SliceRow, live_slices
 from tests.unit.test_xrpc_repo import ALICE, KEY, PUB, Relay, alice, car_of, grow, post, relay
@@ -148,3 +148,15 @@ def test_the_same_record_under_several_keys_is_sent_once(relay: Relay) -> None:
     assert len(read_car(car).blocks) < len(w.records) + 10  # the shared record once
     relay.store.compact(ALICE)
     assert check(relay, w) == car
+
+
+def test_sorted_in_runs(relay: Relay, alice: RepoWriter, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(carstore_index, "SORT_RUN", 7)  # many runs to merge, in the index and the stream's measure
+    same = post(5)
+    relay.commit(alice, [Write("create", f"app.bsky.feed.post/3z{n:011d}", same) for n in range(3)])
+    relay.account(ALICE, w=alice)
+    check(relay, alice)
+    for path in sorted(alice.records)[::17]:
+        collection, rkey = path.split("/")
+        car = car_of(relay.get("getRecord", did=ALICE, collection=collection, rkey=rkey))
+        assert verify_record_proof(car, ALICE, PUB, path) == alice.records[path]
