@@ -134,12 +134,17 @@ def sorted_runs(keys: array[int]) -> list[array[int]]:
 
 
 def _sorted_columns(columns: tuple[array[int], ...]) -> tuple[array[int], ...]:
-    """The columns (keys first) ordered by key, stable; sorted in runs, then merged one row at a time."""
+    """The columns (keys first) ordered by key, stable; sorted in runs, then merged one row at a time.
+
+    The columns given are emptied (they are scratch space).
+    """
     keys = columns[0]
     runs = []
     for start in range(0, len(keys), SORT_RUN):
         order = sorted(range(start, min(len(keys), start + SORT_RUN)), key=keys.__getitem__)
         runs.append(tuple(array(col.typecode, (col[i] for i in order)) for col in columns))
+    for col in columns:  # the caller's scratch columns: free them before the merge
+        del col[:]
     if len(runs) == 1:
         return runs[0]
     out = tuple(array(col.typecode) for col in columns)
