@@ -45,6 +45,7 @@ from protocol.repo_verify import record_proof_blocks
 from store.accounts import ACTIVE, AccountRow, list_accounts, load_account
 from store.carstore import CarStore, CarStoreError, RepoHead, RepoStream
 from store.carstore_compact import repo_blocks
+from store.db import ping
 from store.hosts import HostRow, get_host, list_hosts
 
 __all__ = ["MIRROR_READ_ERRORS", "HostRow", "RepoStream", "SyncReads", "at_head", "status_of"]
@@ -113,6 +114,10 @@ class SyncReads:
         self.carstore = carstore
         self.offload = offload
         self._last_log = 0.0
+
+    def healthy(self) -> bool:
+        """The main database answers a trivial query (the health endpoint)."""
+        return self.offload(lambda: ping(self.db))
 
     # -- hosts -------------------------------------------------------------------------------
     def host_page(self, after_id: int, limit: int) -> list[HostRow]:

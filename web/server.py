@@ -62,8 +62,7 @@ class Services:
         self.control.check_crawl(hostname, public=False, new_host_limit=True)
 
     def health(self) -> bool:
-        with self.db.connection_context():
-            return ping(self.db)
+        return self.reads.healthy()
 
     def health_details(self) -> dict[str, Any]:
         """Added to the health answer: the newest seq (fan-out nodes read it for their lag metric)."""
