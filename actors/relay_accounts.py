@@ -24,6 +24,7 @@ from protocol.syntax import is_valid_did
 from store.accounts import (
     ACTIVE,
     TAKENDOWN,
+    THROTTLED,
     host_account_dids,
     host_throttled_dids,
     host_unthrottled_count,
@@ -31,7 +32,7 @@ from store.accounts import (
     load_account,
     set_account_status,
 )
-from store.hosts import HostRow
+from store.hosts import HostRow, get_host_by_id
 
 log = logging.getLogger(__name__)
 ASK_TIMEOUT_SECONDS = 30.0
@@ -48,6 +49,7 @@ class AccountOps:
     """Mixed into ``actors.relay_api.Relay``; uses its ``supervisor`` and ``db``."""
 
     supervisor: Any
+    settings: Any
     db: Any
 
     def _host(self, raw: object) -> HostRow:  # pragma: no cover - provided by Relay
@@ -59,7 +61,24 @@ class AccountOps:
         return self._set_status(check_did(did), TAKENDOWN)
 
     def reverse_takedown(self, did: object) -> int:
-        return self._set_status(check_did(did), ACTIVE)
+        """Serve ``did`` again: ``active``, or ``throttled`` when its host has no room under its account limit.
+
+        Room is counted as ``release_throttled`` counts it: the host's accounts other than this
+        one that are not throttled (taken-down ones keep their place) against the limit in effect.
+        """
+        did = check_did(did)
+        with self.db.connection_context():
+            row = load_account(self.db, did)
+            host = get_host_by_id(self.db, row.host_id) if row is not None and row.host_id is not None else None
+            admitted = host_unthrottled_count(self.db, host.id) if host is not None else 0
+        status = ACTIVE
+        if row is not None and host is not None and row.status in (TAKENDOWN, THROTTLED):
+            limit = host.account_limit if host.account_limit is not None else self.settings.default_host_account_limit
+            others = admitted - (1 if row.status != THROTTLED else 0)
+            if others >= limit:
+                status = THROTTLED
+                log.info("takedown reversed into throttled did=%s host=%s limit=%d", did, host.hostname, limit)
+        return self._set_status(did, status)
 
     def _set_status(self, did: str, status: str) -> int:
         with self.db.connection_context():

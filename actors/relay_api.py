@@ -131,6 +131,8 @@ class Relay(AccountOps, PolicyOps, ViewOps, ImportOps):
                 "PerHourEventRate": {"Max": windows.per_hour, "Window": 3600},
                 "PerDayEventRate": {"Max": windows.per_day, "Window": 86400},
                 "Trusted": is_trusted, "ThrottledCount": throttled.get(row.id, 0),
+                # admitted accounts past a limit lowered below them: kept active, reported
+                "OverLimit": row.account_count - throttled.get(row.id, 0) > limit,
                 "LastError": row.last_error, **_enumeration_fields(walks.get(row.id)),
             })  # fmt: skip
         return out

@@ -35,6 +35,7 @@ from urllib.parse import quote
 
 import peewee
 
+from actors.relay_reads import SyncReads
 from protocol.car import read_car
 from protocol.crypto import PrivateKey
 from protocol.frames import CommitEvent
@@ -228,7 +229,7 @@ def bench_repo_api(tmp: Path, car_db: peewee.Database, records: int) -> None:
     accounts.append(AccountRow(writer.did, None, "active", "active", writer.rev, writer.commit_cid, writer.data, False))
     with main_db.connection_context(), main_db.atomic():
         upsert_accounts(main_db, accounts)
-    client = create_app(_ApiServices(repo_blueprint(db=main_db, carstore=store))).test_client()
+    client = create_app(_ApiServices(repo_blueprint(reads=SyncReads(main_db, store)))).test_client()
     did = writer.did
 
     def get(method: str, **params: Any) -> bytes:

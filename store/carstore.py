@@ -49,18 +49,23 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import peewee
 
 from protocol.car import write_car
 from store import carstore_schema as q
 from store.carstore_compact import CompactStats, assemble_repo_car, blocks_of, compact_account, find_blocks, read_live
+from store.carstore_index import BlockReader, IndexCache
 from store.carstore_schema import KIND_COMMIT, KIND_FULL, CarStoreError, RepoHead, SliceRow, SliceWrite
+from store.carstore_stream import RepoStream, open_stream
 from store.migrations import apply_migrations
 
-__all__ = ["CarStore", "CarStoreError", "CompactStats", "RepoHead", "SliceWrite"]
+__all__ = ["CarStore", "CarStoreError", "CompactStats", "RepoHead", "RepoStream", "SliceWrite"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +104,7 @@ class CarStore:
         self._root_fd = -1
         self._lock_fd = -1
         self._dirs_ok = {self._root}  # directories whose entries are known durable
+        self._indexes = IndexCache()  # where each block of recently read accounts lies (reads)
 
     # -- open and close --------------------------------------------------------------------
 
@@ -254,6 +260,29 @@ class CarStore:
         self._check_open()
         wanted = set(cids)
         return read_live(self._db, did, lambda rows: find_blocks(self._root, rows, wanted))
+
+    def read_repo(self, did: str, read: Callable[[Mapping[bytes, bytes]], T]) -> T:
+        """``read(blocks)`` over the account's live slices, each block read from its file when asked for.
+
+        Only the blocks ``read`` looks at are read and hash-checked (``store.carstore_index``: the
+        block locations are cached per account), so a proof of one record reads a few blocks
+        whatever the repo's size. Started again with fresh slices when a file went away.
+        """
+        self._check_open()
+
+        def run(rows: list[SliceRow]) -> T:
+            reader = BlockReader(self._root, self._indexes.index(self._root, did, rows))
+            try:
+                return read(reader)
+            finally:
+                reader.close()
+
+        return read_live(self._db, did, run)
+
+    def stream_repo(self, did: str) -> RepoStream | None:
+        """The full repo CAR (the bytes of ``repo_car``) as a stream in bounded memory (``store.carstore_stream``)."""
+        self._check_open()
+        return open_stream(self, self._indexes, did)
 
     def repo_car(self, did: str, *, since: str | None = None) -> bytes | None:
         """The account's repo as a CAR v1 rooted at its newest commit, or ``None`` (``store.carstore_compact``)."""

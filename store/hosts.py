@@ -48,6 +48,11 @@ def get_host(db: peewee.Database, hostname: str) -> HostRow | None:
     return _row(r) if r else None
 
 
+def get_host_by_id(db: peewee.Database, host_id: int) -> HostRow | None:
+    r = fetchone(db, f"SELECT {_COLUMNS} FROM host WHERE id = ?", (host_id,))
+    return _row(r) if r else None
+
+
 def ensure_host(db: peewee.Database, hostname: str, *, account_limit: int | None = None) -> HostRow:
     """The host row for ``hostname``, created (status active, no cursor) if it is new."""
     existing = get_host(db, hostname)

@@ -240,6 +240,15 @@ class RelayHandler(WebSocketHandler):
             self.close_connection = True
 
 
+def _no_delay(sock: Any) -> None:
+    """Send small answers at once: with Nagle's algorithm a response written in two parts (headers,
+    then body) waits for the client's delayed ACK of the first, about 40 ms."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # not TCP (a Unix socket) or already closed
+        pass
+
+
 class RelayWSGIServer(WSGIServer):
     """gevent's ``WSGIServer`` with the relay's connection cap, accept backoff and ``RelayHandler``."""
 
@@ -267,6 +276,7 @@ class RelayWSGIServer(WSGIServer):
             return
         self.active += 1
         CONNECTIONS.inc()
+        _no_delay(sock)
         try:
             super().handle(sock, address)
         finally:

@@ -15,6 +15,7 @@ from flask import Blueprint
 
 from actors import tracing
 from actors.relay_api import Relay
+from actors.relay_reads import SyncReads
 from actors.spider import Spider, SpiderConfig
 from actors.supervisor import RelaySupervisor
 from config.logs import configure_logging
@@ -46,6 +47,7 @@ class Services:
         self.relay = relay
         self.db = relay.db
         self.control = Relay(relay)  # every operator operation goes through it
+        self.reads = SyncReads(relay.db, relay.carstore)  # the public read API's queries and mirror reads
         self.admin_guard = AdminGuard(  # one guard (and one failure throttle) for the admin API and pages
             settings.admin_passwords(),
             max_failures=settings.admin_auth_max_failures,
@@ -62,8 +64,7 @@ class Services:
         self.control.check_crawl(hostname, public=False, new_host_limit=True)
 
     def health(self) -> bool:
-        with self.db.connection_context():
-            return ping(self.db)
+        return self.reads.healthy()
 
     def health_details(self) -> dict[str, Any]:
         """Added to the health answer: the newest seq (fan-out nodes read it for their lag metric)."""
@@ -90,8 +91,9 @@ class Services:
                 outbound=self.relay.outbound,
                 crawl_gate=self.control.public_crawl_gate,
                 is_idle=lambda host_id: self.relay.activity.is_idle(host_id, self.settings.host_idle_status_seconds),
+                reads=self.reads,
             ),
-            repo_blueprint(db=self.db, carstore=self.relay.carstore),
+            repo_blueprint(reads=self.reads),
             admin_blueprint(relay=self.control, guard=self.admin_guard),
             admin_pages_blueprint(relay=self.control, guard=self.admin_guard, settings=self.settings),
             admin_root_blueprint(),

@@ -14,7 +14,7 @@ from actors.crawl import CrawlRefused, CrawlTarget, normalize_hostname, probe_pd
 from actors.crawl_check import check_crawl
 from actors.messages import StartHost
 from actors.outbound import OutboundClient
-from store.hosts import HostRow, get_host, list_hosts
+from actors.relay_reads import HostRow, SyncReads
 from web.ratelimit import KeyedRateLimiter
 from web.xrpc_errors import XrpcError
 from web.xrpc_params import MAX_CURSOR, int_arg, json_body, str_arg
@@ -47,11 +47,14 @@ def sync_blueprint(
     max_hosts: int = 10_000,
     crawl_gate: Callable[[str], None] | None = None,  # the control plane's on/off switch and daily limit
     is_idle: Callable[[int], bool] = lambda host_id: False,
+    reads: SyncReads | None = None,
 ) -> Blueprint:
     """The sync endpoints; requestCrawl is rate-limited per client address and refuses new hosts past ``max_hosts``.
 
     ``is_idle(host_id)``: the host is connected but silent (reported with status ``idle``).
+    ``reads`` serves listHosts and getHostStatus (by default over ``db``, queries in the thread pool).
     """
+    host_reads = reads or SyncReads(db, None)
     bp = Blueprint("xrpc_sync", __name__)
     crawl_limiter = KeyedRateLimiter(crawl_requests_per_minute)
     client = outbound or OutboundClient.for_settings(insecure)
@@ -90,8 +93,7 @@ def sync_blueprint(
     def list_hosts_view() -> Any:
         limit = int_arg("limit", default=200, low=1, high=1000)
         cursor = int_arg("cursor", default=0, low=0, high=MAX_CURSOR)
-        with db.connection_context():
-            rows = list_hosts(db, after_id=cursor, limit=limit)
+        rows = host_reads.host_page(cursor, limit)
         out: dict[str, Any] = {"hosts": [_host_json(r, is_idle) for r in rows]}
         if len(rows) == limit:
             out["cursor"] = str(rows[-1].id)
@@ -100,8 +102,7 @@ def sync_blueprint(
     @bp.get("/xrpc/com.atproto.sync.getHostStatus")
     def get_host_status() -> Any:
         hostname = str_arg("hostname", max_length=MAX_HOSTNAME_CHARS, required=True)
-        with db.connection_context():
-            row = get_host(db, hostname.strip().lower())
+        row = host_reads.host(hostname.strip().lower())
         if row is None:
             raise XrpcError("HostNotFound", "host not known to this relay")
         return jsonify(_host_json(row, is_idle))

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from protocol.cid import cid_to_str
 from protocol.crypto import PrivateKey
 from protocol.frames import encode_frame
 from protocol.repo_writer import RepoWriter, Write
@@ -133,8 +134,14 @@ def test_takedown_announces_drops_refuses_and_reversal_restores(
         [(header, body)] = frames_after(relay, last, 1)
         assert header["t"] == "#account"
         assert body["did"] == alice.did and body["active"] is False and body["status"] == "takendown"
-        status, err = get(f"{relay.url}/xrpc/com.atproto.sync.getRepo?did={alice.did}")
-        assert status == 400 and err["error"] == "RepoTakendown"
+        sync = f"{relay.url}/xrpc/com.atproto.sync."
+        assert alice.commit_cid is not None
+        head = cid_to_str(alice.commit_cid)
+        for read in (f"getRepo?did={alice.did}", f"getRepo?did={alice.did}&since=2222222222222",
+                     f"getLatestCommit?did={alice.did}", f"getBlocks?did={alice.did}&cids={head}",
+                     f"getRecord?did={alice.did}&collection=app.bsky.feed.post&rkey=3jzfcijpj2z2a"):  # fmt: skip
+            status, err = get(sync + read)
+            assert status == 400 and err["error"] == "RepoTakendown", read
         status, repo_status = get(f"{relay.url}/xrpc/com.atproto.sync.getRepoStatus?did={alice.did}")
         assert json.loads(repo_status)["active"] is False
         assert ok(relay, "GET", "/admin/repo/takedowns")["dids"] == [alice.did]

@@ -109,3 +109,46 @@ def test_account_past_the_limit_is_throttled_then_released_and_recovered(
         assert len(bob.records) == 4
     finally:
         assert relay.stop() == 0, relay.log()
+
+
+def test_lowered_limit_keeps_accounts_and_a_reversed_takedown_respects_it(
+    tmp_path: Path, db_url: str, plc: Any, host: FrameHost
+) -> None:
+    env = {"SKYRELAY_ADMIN_PASSWORD": PASSWORD, "SKYRELAY_DEFAULT_HOST_ACCOUNT_LIMIT": "2"}
+    pds = Pds(host, plc)
+    alice, bob = pds.account(), pds.account()
+    relay = RelayProcess(tmp_path / "relay", database_url=db_url, plc_url=plc.url, extra_env=env).start()
+    try:
+        ok(relay, "POST", "/admin/pds/requestCrawl", body={"hostname": host.hostname})
+        wait_until(lambda: host.status()["subscribers"] == 1, 20, "relay to subscribe")
+        pds.commits(alice)
+        pds.commits(bob)
+        assert [body["repo"] for _, body in frames_after(relay, 0, 2)] == [alice.did, bob.did]
+        wait_until(lambda: ok(relay, "GET", "/admin/pds/list")[0]["RepoCount"] == 2, 20, "the account recount")
+        assert ok(relay, "GET", "/admin/pds/list")[0]["OverLimit"] is False
+
+        # lowered below its count: both stay active, the host is reported over its limit
+        ok(relay, "POST", "/admin/pds/changeLimits", body={"host": host.hostname, "repo_limit": 1})
+        [row] = ok(relay, "GET", "/admin/pds/list")
+        assert row["OverLimit"] is True and row["RepoLimit"] == 1 and row["ThrottledCount"] == 0
+        assert repo_status(relay, alice.did)["active"] is True and repo_status(relay, bob.did)["active"] is True
+
+        # a takedown reversed while the host has no room: throttled, not active
+        ok(relay, "POST", "/admin/repo/takeDown", body={"did": bob.did})
+        [(_, down)] = frames_after(relay, 2, 1)
+        assert down["did"] == bob.did and down["status"] == "takendown"
+        ok(relay, "POST", "/admin/repo/reverseTakedown", body={"did": bob.did})
+        [(header, back)] = frames_after(relay, 3, 1)
+        assert header["t"] == "#account" and back["did"] == bob.did, relay.log()
+        assert back["active"] is False and back["status"] == "throttled"
+        assert repo_status(relay, bob.did) == {"did": bob.did, "active": False, "status": "throttled"}
+        [row] = ok(relay, "GET", "/admin/pds/list")
+        assert row["ThrottledCount"] == 1 and row["OverLimit"] is False
+
+        # room again: raising the limit releases him
+        raised = ok(relay, "POST", "/admin/pds/changeLimits", body={"host": host.hostname, "repo_limit": 2})
+        assert raised["released"] == 1
+        [(_, released)] = frames_after(relay, 4, 1)
+        assert released["did"] == bob.did and released["active"] is True
+    finally:
+        assert relay.stop() == 0, relay.log()

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
+from actors.relay_reads import SyncReads
 from protocol.car import read_car
 from protocol.crypto import K256, PrivateKey
 from protocol.repo_writer import RepoWriter, Write
@@ -73,7 +74,7 @@ class XrpcApp:
         self.supervisor = Recorder()
         blueprints = (
             sync_blueprint(db=self.db, host_supervisor=self.supervisor, insecure=False),
-            repo_blueprint(db=self.db, carstore=self.store),
+            repo_blueprint(reads=SyncReads(self.db, self.store)),
             firehose_blueprint(None, None, buffer_frames=1),  # type: ignore[arg-type]  # no upgrade: no log read
         )
         self.client = create_app(BlueprintServices(*blueprints)).test_client()

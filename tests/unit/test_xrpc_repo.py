@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from actors.relay_reads import MIRROR_READ_ERRORS, SyncReads, at_head
 from protocol.car import read_car, write_car
 from protocol.cid import cid_for_dag_cbor, cid_to_str
 from protocol.crypto import PrivateKey
@@ -27,7 +28,7 @@ from store.db import open_database
 from store.migrations import apply_migrations
 from tests.support.fakes import BlueprintServices
 from web.app import create_app
-from web.xrpc_repo import MIRROR_READ_ERRORS, _at_head, repo_blueprint
+from web.xrpc_repo import repo_blueprint
 
 KEY = PrivateKey.generate("k256")
 PUB = KEY.public_key()
@@ -44,7 +45,7 @@ class Relay:
         self.car_db = open_database(db_url)
         self.store = CarStore(tmp_path / "repos", self.car_db, fsync=False)
         self.store.open()
-        self.app: Flask = create_app(BlueprintServices(repo_blueprint(db=self.db, carstore=self.store)))
+        self.app: Flask = create_app(BlueprintServices(repo_blueprint(reads=SyncReads(self.db, self.store))))
         self.client: FlaskClient = self.app.test_client()
 
     def close(self) -> None:
@@ -468,7 +469,7 @@ def test_reads_retry_when_the_head_moved_under_them() -> None:
             raise MissingBlock("dropped by a compaction")
         return head.rev
 
-    assert _at_head(store, ALICE, read) == "3k2"  # type: ignore[arg-type]
+    assert at_head(store, ALICE, read) == "3k2"  # type: ignore[arg-type]
     assert seen == ["3k1", "3k2"]
 
 
@@ -479,7 +480,7 @@ def test_without_a_mirror(tmp_path: Path, alice: RepoWriter) -> None:
         upsert_accounts(
             db, [AccountRow(ALICE, None, "active", "active", alice.rev, alice.commit_cid, alice.data, False)]
         )
-    client = create_app(BlueprintServices(repo_blueprint(db=db, carstore=None))).test_client()
+    client = create_app(BlueprintServices(repo_blueprint(reads=SyncReads(db, None)))).test_client()
     assert client.get(URL + "getRepo", query_string={"did": ALICE}).status_code == 501
     assert alice.commit_cid is not None
     head = {"cid": cid_to_str(alice.commit_cid), "rev": alice.rev}
