@@ -1,15 +1,15 @@
-"""Named queries for accounts: load one, list them, upsert many (write-behind from memory), relay status."""
+"""Named queries for accounts: load one or many, list them, upsert many (write-behind from memory), relay status."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import peewee
 
-from store.sql import execute, executemany, fetchall, fetchone, to_bytes
+from store.sql import execute, executemany, fetch_in, fetchall, fetchone, to_bytes
 
 # the status of an active account, at the relay (moderation) and upstream (#account)
 ACTIVE = "active"
@@ -45,6 +45,11 @@ def _row(r: tuple[Any, ...]) -> AccountRow:
 def load_account(db: peewee.Database, did: str) -> AccountRow | None:
     r = fetchone(db, f"SELECT {_COLUMNS} FROM account WHERE did = ?", (did,))
     return _row(r) if r else None
+
+
+def load_accounts(db: peewee.Database, dids: Sequence[str]) -> dict[str, AccountRow]:
+    """The stored rows of ``dids`` by DID (unknown ones absent), in queries of at most ``MAX_IN_KEYS``."""
+    return {r[0]: _row(r) for r in fetch_in(db, f"SELECT {_COLUMNS} FROM account WHERE did IN ({{}})", dids)}
 
 
 def list_accounts(db: peewee.Database, *, after_did: str = "", limit: int = 500) -> list[AccountRow]:

@@ -41,6 +41,22 @@ def executemany(db: peewee.Database, statement: str, rows: Iterable[Sequence[Any
     cursor.executemany(sql(db, statement), rows)
 
 
+# keys per ``WHERE ... IN (...)`` look-up: under SQLite's historical 999-variable limit
+MAX_IN_KEYS = 500
+
+
+def fetch_in(
+    db: peewee.Database, statement: str, keys: Sequence[Any], *, chunk: int = MAX_IN_KEYS
+) -> list[tuple[Any, ...]]:
+    """Rows of ``statement`` (ending in ``IN ({})``) for ``keys``, one query per ``chunk`` distinct keys."""
+    unique = list(dict.fromkeys(keys))
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(unique), chunk):
+        part = unique[start : start + chunk]
+        rows.extend(fetchall(db, statement.format(", ".join("?" * len(part))), part))
+    return rows
+
+
 def to_bytes(value: Any) -> bytes | None:
     if value is None:
         return None
