@@ -55,9 +55,9 @@ class AccountState:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
-# accounts kept in memory: ~0.5 KB each (scripts/bench_account_lookup.py measures it), so
-# ~125 MB per process at the bound, room for a run with a few hundred thousand active accounts
-DEFAULT_MAX_ENTRIES = 250_000
+# accounts kept in memory: 563 bytes each (scripts/bench_account_lookup.py), ~110 MB per
+# process at the bound: twice the 100,000 accounts active in a busy run (misses read in batches)
+DEFAULT_MAX_ENTRIES = 200_000
 
 
 class AccountCache:

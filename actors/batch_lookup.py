@@ -2,9 +2,10 @@
 
 Verification greenlets of many hosts miss the account and identity caches at once (a run full
 of accounts the relay knows but has not seen lately). ``BatchLookup.get`` parks the caller on
-a slot for its key; one drainer greenlet waits ``gather_seconds`` for more keys, then reads up
-to ``max_batch`` of them with one query, and again with whatever arrived while that query was
-in flight, until none is waiting. A key already waiting or in flight shares its slot. A failed
+a slot for its key; one drainer greenlet waits one turn of the event loop (plus
+``gather_seconds``) for more keys, then reads up to ``max_batch`` of them with one query, and
+again with whatever arrived while that query was in flight, until none is waiting: batches
+grow with the load. A key already waiting or in flight shares its slot. A failed
 query fails every waiter of that batch with the same error (each caller retries on its own).
 
 Where the query runs: SQLite in gevent's thread pool on that pool thread's own connection,
@@ -32,8 +33,10 @@ from store.sql import MAX_IN_KEYS
 V = TypeVar("V")
 Query = Callable[[peewee.Database, Sequence[str]], Mapping[str, V]]
 
-# how long the first miss of a batch waits for others (a turn of the event loop at least)
-GATHER_SECONDS = 0.001
+# how long the first miss of a batch waits for others beyond one turn of the event loop: 0,
+# the query in flight is the gather window (a 1 ms wait made 8 concurrent misses 5x slower:
+# scripts/bench_account_lookup.py --gather-ms 1)
+GATHER_SECONDS = 0.0
 
 
 def _borrowed(db: peewee.Database, query: Query[V], keys: Sequence[str]) -> Mapping[str, V]:
@@ -64,13 +67,13 @@ class BatchLookup(Generic[V]):
         query: Query[V],
         *,
         max_batch: int = MAX_IN_KEYS,
-        gather_seconds: float = GATHER_SECONDS,
+        gather_seconds: float | None = None,  # None: GATHER_SECONDS
         batching: bool | None = None,  # None: batch when gevent has patched threading
     ) -> None:
         self._db = db
         self._query = query
         self._max_batch = max(1, max_batch)
-        self._gather = gather_seconds
+        self._gather = GATHER_SECONDS if gather_seconds is None else gather_seconds
         self._batching = monkey.is_module_patched("threading") if batching is None else batching
         self._waiting: dict[str, AsyncResult] = {}
         self._inflight: dict[str, AsyncResult] = {}

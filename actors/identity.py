@@ -115,7 +115,7 @@ class IdentityDirectory:
         plc_url: str = "https://plc.directory",
         allow_insecure_hosts: bool = False,
         ttl_seconds: float = 24 * 3600.0,
-        max_entries: int = 1_000_000,
+        max_entries: int = 200_000,  # ~570 bytes each (scripts/bench_account_lookup.py)
         refresh_min_interval_seconds: float = 10.0,
         failure_retry_seconds: float = 60.0,
         fetch_timeout_seconds: float = 5.0,

@@ -9,7 +9,7 @@ from typing import Any
 
 import peewee
 
-from store.sql import execute, executemany, fetch_in, fetchall, fetchone, to_bytes
+from store.sql import execute, executemany, fetch_in, fetchall, fetchone, insert_many, to_bytes
 
 # the status of an active account, at the relay (moderation) and upstream (#account)
 ACTIVE = "active"
@@ -72,6 +72,19 @@ def upsert_accounts(db: peewee.Database, rows: Iterable[AccountRow]) -> None:
             for r in rows
         ],
     )
+
+
+def insert_accounts(db: peewee.Database, rows: Iterable[AccountRow]) -> int:
+    """Bulk-load accounts not known yet (known DIDs are left as they are); for seeding benchmarks and imports."""
+    now = time.time()
+    return insert_many(
+        db,
+        "INSERT INTO account (did, host_id, status, upstream_status, rev, commit_cid, data_cid, needs_resync,"
+        " created_at, updated_at)",
+        [(r.did, r.host_id, r.status, r.upstream_status, r.rev, r.commit_cid, r.data_cid, r.needs_resync, now, now)
+         for r in rows],
+        "ON CONFLICT (did) DO NOTHING",
+    )  # fmt: skip
 
 
 def set_account_status(db: peewee.Database, did: str, status: str) -> bool:

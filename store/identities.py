@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import peewee
 
 from store.db import is_postgres
-from store.sql import fetch_in
+from store.sql import fetch_in, insert_many
 
 # Rows per INSERT: 6 parameters each stays under SQLite's historical 999-variable limit.
 _UPSERT_BATCH_ROWS = 150
@@ -92,6 +92,17 @@ def save_identities(db: peewee.Database, rows: Iterable[IdentityRow]) -> int:
                 params,
             )
     return len(batch)
+
+
+def insert_identities(db: peewee.Database, rows: Iterable[IdentityRow]) -> int:
+    """Bulk-load identities not stored yet (stored DIDs are left as they are); for seeding benchmarks."""
+    with _connected(db):
+        return insert_many(
+            db,
+            f"INSERT INTO identity ({_COLUMNS})",
+            [(r.did, r.handle, r.signing_key, r.pds_endpoint, r.doc, r.fetched_at) for r in rows],
+            "ON CONFLICT (did) DO NOTHING",
+        )
 
 
 def delete_identities(db: peewee.Database, dids: Iterable[str]) -> int:

@@ -41,6 +41,26 @@ def executemany(db: peewee.Database, statement: str, rows: Iterable[Sequence[Any
     cursor.executemany(sql(db, statement), rows)
 
 
+def insert_many(
+    db: peewee.Database, head: str, rows: Iterable[Sequence[Any]], tail: str = "", *, page: int = 1000
+) -> int:
+    """``head VALUES (...), ... tail`` for many rows (bulk loads): PostgreSQL pages of ``execute_values``.
+
+    psycopg2's ``executemany`` is one round trip per row; SQLite's is fast as it is. Returns rows given.
+    """
+    rows = list(rows)
+    if not rows:
+        return 0
+    if is_postgres(db):
+        from psycopg2.extras import execute_values
+
+        execute_values(db.cursor(), f"{head} VALUES %s {tail}", rows, page_size=page)
+    else:
+        marks = ", ".join("?" * len(rows[0]))
+        db.cursor().executemany(f"{head} VALUES ({marks}) {tail}", rows)
+    return len(rows)
+
+
 # keys per ``WHERE ... IN (...)`` look-up: under SQLite's historical 999-variable limit
 MAX_IN_KEYS = 500
 

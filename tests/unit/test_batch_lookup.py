@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import gevent
 import gevent.event
@@ -12,6 +13,8 @@ import pytest
 from actors.accounts import AccountCache, AccountState
 from actors.batch_lookup import BatchLookup
 from store.accounts import AccountRow, load_accounts, upsert_accounts
+from store.carstore import CarStore
+from store.carstore_schema import RepoHead, insert_repo_heads
 from store.db import open_database
 from store.identities import IdentityRow, load_identities, save_identities
 from store.migrations import apply_migrations
@@ -137,3 +140,22 @@ def test_account_cache_misses_share_a_query_and_a_put_during_the_read_wins(db: p
     assert [g.value.rev for g in greenlets] == ["3k000008", "3k999999", "3k000010"]
     assert cache._lookup.queries == 1
     assert cache.get(_did(8)).rev == "3k000008" and cache.hits == 1  # type: ignore[union-attr]
+
+
+def test_mirror_heads_are_read_many_at_once(db_url: str, tmp_path: Path) -> None:
+    cdb = open_database(db_url)
+    store = CarStore(tmp_path / "repos", cdb)
+    store.open()
+    try:
+        heads = [
+            RepoHead(_did(i), f"3k{i:06d}", b"\x01q\x12 " + bytes([i]) * 32, b"\x01q\x12 " + bytes(32))
+            for i in range(3)
+        ]
+        with cdb.connection_context(), cdb.atomic():
+            insert_repo_heads(cdb, heads)
+        got = store.heads([_did(2), "did:plc:unknown", _did(0), _did(2)])
+        assert got == {_did(2): heads[2], _did(0): heads[0]}
+        assert store.head(_did(1)) == heads[1]
+    finally:
+        store.close()
+        cdb.close()
