@@ -159,6 +159,13 @@ class Bench:
             print(f"  seeded {n:,} known accounts in {took:.1f} s (SQLite, copied into each step)", flush=True)
             self.seed_template = template
         shutil.copytree(self.seed_template, folder, dirs_exist_ok=True)
+        for path in folder.rglob("*"):  # written back now, not under the run's own fsyncs
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
     def relay_env(self) -> dict[str, str]:
         default = {f.name: f.default for f in dataclasses.fields(Settings)}["cursor_flush_seconds"]
