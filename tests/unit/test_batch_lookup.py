@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from store.carstore_schema import RepoHead, insert_repo_heads
 from store.db import open_database
 from store.identities import IdentityRow, load_identities, save_identities
 from store.migrations import apply_migrations
+from tests.conftest import REPO_ROOT
 
 
 def _did(i: int) -> str:
@@ -159,3 +163,47 @@ def test_mirror_heads_are_read_many_at_once(db_url: str, tmp_path: Path) -> None
     finally:
         store.close()
         cdb.close()
+
+
+PATCHED_SCRIPT = """
+from gevent import monkey
+monkey.patch_all()
+import json, sys
+import gevent
+from actors.accounts import AccountCache, AccountState
+from store.accounts import upsert_accounts
+from store.db import open_database
+from store.migrations import apply_migrations
+
+db = open_database(sys.argv[1])
+apply_migrations(db)
+dids = [f"did:plc:{i:024d}" for i in range(300)]
+with db.connection_context():
+    upsert_accounts(db, [AccountState(d, None, rev="3kaaa").to_row() for d in dids])
+connects = []
+real_connect = db._connect
+def counting_connect(*args, **kwargs):
+    connects.append(1)
+    return real_connect(*args, **kwargs)
+db._connect = counting_connect
+cache = AccountCache(db)
+found = 0
+for r in range(30):
+    greenlets = [gevent.spawn(cache.get, d) for d in dids[r * 10 : (r + 1) * 10]]
+    gevent.joinall(greenlets, timeout=10, raise_error=True)
+    found += sum(g.value is not None for g in greenlets)
+print(json.dumps({"found": found, "queries": cache._lookup.queries, "connects": len(connects),
+                  "pool": gevent.get_hub().threadpool.maxsize}))
+"""
+
+
+def test_under_gevent_misses_are_batched_on_kept_open_connections(db_url: str) -> None:
+    """As ``skyrelay serve`` runs: 10 concurrent misses are one query, and pool threads keep their connection."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PATCHED_SCRIPT, db_url], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["found"] == 300 and out["queries"] == 30
+    if db_url.startswith("sqlite"):  # one connection per pool thread at most, not one per batch
+        assert out["connects"] <= out["pool"] < 30
