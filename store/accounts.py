@@ -42,6 +42,10 @@ def _row(r: tuple[Any, ...]) -> AccountRow:
     return AccountRow(r[0], r[1], r[2], r[3], r[4], to_bytes(r[5]), to_bytes(r[6]), bool(r[7]))
 
 
+def _by_did(row: AccountRow) -> str:
+    return row.did
+
+
 def load_account(db: peewee.Database, did: str) -> AccountRow | None:
     r = fetchone(db, f"SELECT {_COLUMNS} FROM account WHERE did = ?", (did,))
     return _row(r) if r else None
@@ -69,7 +73,7 @@ def upsert_accounts(db: peewee.Database, rows: Iterable[AccountRow]) -> None:
         " data_cid = excluded.data_cid, needs_resync = excluded.needs_resync, updated_at = excluded.updated_at",
         [
             (r.did, r.host_id, r.status, r.upstream_status, r.rev, r.commit_cid, r.data_cid, r.needs_resync, now, now)
-            for r in rows
+            for r in sorted(rows, key=_by_did)  # one lock order for every writer: no deadlock on PostgreSQL
         ],
     )
 
@@ -82,7 +86,7 @@ def insert_accounts(db: peewee.Database, rows: Iterable[AccountRow]) -> int:
         "INSERT INTO account (did, host_id, status, upstream_status, rev, commit_cid, data_cid, needs_resync,"
         " created_at, updated_at)",
         [(r.did, r.host_id, r.status, r.upstream_status, r.rev, r.commit_cid, r.data_cid, r.needs_resync, now, now)
-         for r in rows],
+         for r in sorted(rows, key=_by_did)],
         "ON CONFLICT (did) DO NOTHING",
     )  # fmt: skip
 

@@ -34,7 +34,15 @@ class StoreError(Exception):
 # what a database raises while it is unreachable, restarting, locked or out of space: worth a
 # retry. ``InterfaceError`` is not a ``DatabaseError`` in peewee: psycopg2 raises it for a
 # pooled connection the server closed while it sat in the pool.
+# A PostgreSQL deadlock or serialization failure (psycopg2's ``TransactionRollbackError``, which
+# peewee does not map to its own types) is transient too: the transaction is simply run again.
 TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (peewee.OperationalError, peewee.InterfaceError)
+try:
+    from psycopg2.extensions import TransactionRollbackError
+
+    TRANSIENT_DB_ERRORS += (TransactionRollbackError,)
+except ImportError:  # SQLite only
+    pass
 
 
 class _PooledPostgres(PooledPostgresqlDatabase):

@@ -13,6 +13,8 @@ import peewee
 
 from store.db import is_postgres
 
+_DB_ERRORS = peewee.__exception_wrapper__  # type: ignore[attr-defined]
+
 
 def sql(db: peewee.Database, statement: str) -> str:
     """``statement`` with ``?`` placeholders in the database's own paramstyle."""
@@ -38,7 +40,8 @@ def executemany(db: peewee.Database, statement: str, rows: Iterable[Sequence[Any
     if not rows:
         return
     cursor = db.cursor()
-    cursor.executemany(sql(db, statement), rows)
+    with _DB_ERRORS:  # peewee's own error types, as ``execute_sql`` raises them
+        cursor.executemany(sql(db, statement), rows)
 
 
 def insert_many(
@@ -54,10 +57,12 @@ def insert_many(
     if is_postgres(db):
         from psycopg2.extras import execute_values
 
-        execute_values(db.cursor(), f"{head} VALUES %s {tail}", rows, page_size=page)
+        with _DB_ERRORS:
+            execute_values(db.cursor(), f"{head} VALUES %s {tail}", rows, page_size=page)
     else:
         marks = ", ".join("?" * len(rows[0]))
-        db.cursor().executemany(f"{head} VALUES ({marks}) {tail}", rows)
+        with _DB_ERRORS:
+            db.cursor().executemany(f"{head} VALUES ({marks}) {tail}", rows)
     return len(rows)
 
 
