@@ -52,8 +52,8 @@ from store.eventlog import EventLog
 
 log = logging.getLogger(__name__)
 _DB_RETRY = RetryPolicy()  # carstore metadata: a database outage is retried this long, then the mirror fails
-# mirrored heads kept in memory (scripts/bench_account_lookup.py measures one); a batch reads
-# the others with one query
+# mirrored heads kept in memory (210 bytes each: scripts/bench_account_lookup.py); a batch
+# reads the others with one query
 MAX_HEADS = 200_000
 
 SLICES_WRITTEN = Counter("skyrelay_mirror_slices_written_total", "Commit slices written to the repo mirror")

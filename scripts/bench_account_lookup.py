@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 from actors import batch_lookup  # noqa: E402
 from actors.accounts import AccountCache, AccountState  # noqa: E402
 from actors.batch_lookup import BatchLookup  # noqa: E402
+from actors.blocking import off_loop  # noqa: E402
 from actors.identity import IdentityDirectory  # noqa: E402
 from scripts.benchkit.relays import fresh_database_url  # noqa: E402
 from scripts.benchkit.seed import seed_known_accounts, synthetic_did  # noqa: E402
@@ -148,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         store.open()
         stack.callback(store.close)
         heads = sample(n, 5000, rng)
-        timed("mirror head, one query each (before)", len(heads), lambda: [store.head(d) for d in heads])
+        timed("mirror head, one query each in the pool (before)", len(heads),
+              lambda: [off_loop(lambda d=d: store.head(d)) for d in heads])  # fmt: skip
         heads = sample(n, 5000, rng)
         timed(
-            "mirror heads, 500 a query",
+            "mirror heads, 500 a query in the pool",
             len(heads),
-            lambda: [store.heads(heads[i : i + 500]) for i in range(0, 5000, 500)],
+            lambda: [off_loop(lambda i=i: store.heads(heads[i : i + 500])) for i in range(0, 5000, 500)],
         )
 
         def fill_accounts() -> int:
