@@ -2,7 +2,8 @@
 
 The ingest path reads and updates it inline (one greenlet per host, no preemption). What is
 persisted is decided elsewhere: the sequencer writes the state carried by each durable event.
-A failing SQL read (the database restarting) is retried with backoff, holding that host's
+Misses are read in batches (``actors.batch_lookup``: the misses of every host gathered into
+one query). A failing SQL read (the database restarting) is retried with backoff, holding that host's
 events: a subscriber that crashed instead would resume from the cursor in SQL, which lags
 behind the log while the database is away.
 """
@@ -15,7 +16,8 @@ from dataclasses import dataclass, replace
 import peewee
 
 from actors.backoff import RetryPolicy, retry
-from store.accounts import ACTIVE, AccountRow, load_account
+from actors.batch_lookup import BatchLookup
+from store.accounts import ACTIVE, AccountRow, load_accounts
 from store.db import TRANSIENT_DB_ERRORS
 
 
@@ -53,13 +55,24 @@ class AccountState:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
+# accounts kept in memory: 563 bytes each (scripts/bench_account_lookup.py), ~110 MB per
+# process at the bound: twice the 100,000 accounts active in a busy run (misses read in batches)
+DEFAULT_MAX_ENTRIES = 200_000
+
+
 class AccountCache:
     """``did -> AccountState``: memory first, then SQL; at most ``max_entries`` in memory."""
 
     def __init__(
-        self, db: peewee.Database, max_entries: int = 1_000_000, retry_policy: RetryPolicy | None = None
+        self,
+        db: peewee.Database,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        retry_policy: RetryPolicy | None = None,
+        *,
+        batching: bool | None = None,  # None: batch misses under gevent (actors.batch_lookup)
     ) -> None:
         self._db = db
+        self._lookup = BatchLookup(db, load_accounts, batching=batching)
         self._retry_policy = retry_policy or RetryPolicy()
         self._max = max_entries
         self._items: OrderedDict[str, AccountState] = OrderedDict()
@@ -73,12 +86,14 @@ class AccountCache:
             self.hits += 1
             return state
         self.misses += 1
-
-        def load() -> AccountRow | None:
-            with self._db.connection_context():
-                return load_account(self._db, did)
-
-        row = retry(load, operation="account_lookup", retry_on=TRANSIENT_DB_ERRORS, policy=self._retry_policy)
+        row = retry(
+            lambda: self._lookup.get(did), operation="account_lookup", retry_on=TRANSIENT_DB_ERRORS,
+            policy=self._retry_policy,
+        )  # fmt: skip
+        state = self._items.get(did)  # put while the batch was read: newer than SQL
+        if state is not None:
+            self._items.move_to_end(did)
+            return state
         if row is None:
             return None
         state = AccountState.from_row(row)

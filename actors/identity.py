@@ -5,6 +5,7 @@ tries, in order: a bounded in-memory LRU, the ``identity`` table, then a fetch o
 document (``GET {plc_url}/{did}`` for did:plc, ``https://{host}/.well-known/did.json`` for
 did:web). Non-obvious rules:
 
+- Table reads of many greenlets' misses are batched into one query (``actors.batch_lookup``).
 - Fresh for ``ttl_seconds``. An older entry is still served, and a background re-fetch is
   started (at most one per DID per ``failure_retry_seconds``); if the directory is down the
   old entry keeps being served, counted as ``result="stale"``.
@@ -44,6 +45,7 @@ import peewee
 import pykka
 from playhouse.pool import MaxConnectionsExceeded
 
+from actors.batch_lookup import BatchLookup
 from actors.messages_identity import FlushIdentities, RefreshIdentity
 from actors.metrics_identity import (
     FETCH_SECONDS,
@@ -60,7 +62,7 @@ from actors.outbound_errors import BadStatus, OutboundError
 from protocol.diddoc import Identity, decode_did_document, did_document_url
 from protocol.identity_errors import DidDocumentInvalid, IdentityError, IdentityNotFound, IdentityUnavailable
 from protocol.syntax import Did, Handle
-from store.identities import IdentityRow, delete_identities, load_identity, save_identities
+from store.identities import IdentityRow, delete_identities, load_identities, save_identities
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ class IdentityDirectory:
         plc_url: str = "https://plc.directory",
         allow_insecure_hosts: bool = False,
         ttl_seconds: float = 24 * 3600.0,
-        max_entries: int = 1_000_000,
+        max_entries: int = 200_000,  # ~570 bytes each (scripts/bench_account_lookup.py)
         refresh_min_interval_seconds: float = 10.0,
         failure_retry_seconds: float = 60.0,
         fetch_timeout_seconds: float = 5.0,
@@ -126,6 +128,7 @@ class IdentityDirectory:
         spawn: Spawner = _spawn_thread,
     ) -> None:
         self._db = db
+        self._lookup = BatchLookup(db, load_identities) if db is not None else None
         self._plc_url = plc_url.rstrip("/")
         self._allow_insecure = allow_insecure_hosts
         self._ttl = ttl_seconds
@@ -319,10 +322,10 @@ class IdentityDirectory:
             queued = did in self._pending or did in self._flushing
             row = self._pending.get(did, self._flushing.get(did))
         if not queued:
-            if self._db is None:
+            if self._lookup is None:
                 return None
             try:
-                row = load_identity(self._db, did)
+                row = self._lookup.get(did)  # misses of every verification greenlet, one query
             except (peewee.PeeweeException, MaxConnectionsExceeded) as exc:
                 log.warning("identity load failed did=%s error=%s", did, type(exc).__name__)
                 return None

@@ -52,6 +52,9 @@ from store.eventlog import EventLog
 
 log = logging.getLogger(__name__)
 _DB_RETRY = RetryPolicy()  # carstore metadata: a database outage is retried this long, then the mirror fails
+# mirrored heads kept in memory (210 bytes each: scripts/bench_account_lookup.py); a batch
+# reads the others with one query
+MAX_HEADS = 200_000
 
 SLICES_WRITTEN = Counter("skyrelay_mirror_slices_written_total", "Commit slices written to the repo mirror")
 BACKFILLS = Counter("skyrelay_mirror_backfills_total", "Whole-repo fetches, by result", ["result"])
@@ -117,6 +120,7 @@ class RepoMirror(pykka.ThreadingActor):
         self.config = config
         self.outbound = outbound or OutboundClient.for_settings(config.allow_insecure_hosts)
         self._heads: OrderedDict[str, str] = OrderedDict()  # did -> mirrored head rev (LRU)
+        self._headless: set[str] = set()  # dids of the batch in hand the mirror has no repo for
         self._pending: list[SliceWrite] = []
         self._flush_queued = False
         self._held: dict[str, list[MirrorEvent]] = {}  # dids being backfilled -> live commits held
@@ -149,9 +153,11 @@ class RepoMirror(pykka.ThreadingActor):
         self._applied_seq = checkpoint
         replayed = 0
         for chunk in missed_events(self.event_log, checkpoint, upto):
+            self._prefetch_heads(chunk)
             for event in chunk:
                 self._replay_one(event)
                 replayed += 1
+            self._headless.clear()
             if len(self._pending) >= self.config.flush_max_slices:
                 self._flush()
             gevent.sleep(0)
@@ -184,12 +190,16 @@ class RepoMirror(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> Any:
         match message:
             case MirrorBatch():
-                for event in message.events:
-                    if event.seq and event.seq <= self._applied_seq:
-                        continue  # read back from the log at start already
-                    self._apply(event)
-                    if event.seq:
-                        self._applied_seq = event.seq
+                self._prefetch_heads(message.events)
+                try:
+                    for event in message.events:
+                        if event.seq and event.seq <= self._applied_seq:
+                            continue  # read back from the log at start already
+                        self._apply(event)
+                        if event.seq:
+                            self._applied_seq = event.seq
+                finally:
+                    self._headless.clear()
                 self._flush_soon()
             case FlushMirror():
                 self._flush_queued = False
@@ -222,11 +232,24 @@ class RepoMirror(pykka.ThreadingActor):
         return None
 
     # -- live events --------------------------------------------------------------------------
+    def _prefetch_heads(self, events: Any) -> None:
+        """Read the heads of the batch's accounts not in memory with one query (per 500 DIDs)."""
+        dids = {e.did for e in events if e.kind in ("#commit", "#sync") and e.did not in self._heads}
+        if not dids:
+            return
+        heads = retry(lambda: off_loop(lambda: self.carstore.heads(dids)), operation="mirror_read",
+                      retry_on=TRANSIENT_DB_ERRORS, policy=_DB_RETRY)  # fmt: skip
+        for did, head in heads.items():
+            self._remember(did, head.rev)
+        self._headless = dids - heads.keys()
+
     def _head(self, did: str) -> str | None:
         rev = self._heads.get(did)
         if rev is not None:
             self._heads.move_to_end(did)
             return rev
+        if did in self._headless:  # read for this batch already: no repo
+            return None
         # a database outage is waited out here (the sequencer waits for us past a bound) rather
         # than crashing: a restarted mirror would have dropped the events meanwhile
         head = retry(lambda: off_loop(lambda: self.carstore.head(did)), operation="mirror_read",
@@ -239,7 +262,7 @@ class RepoMirror(pykka.ThreadingActor):
     def _remember(self, did: str, rev: str) -> None:
         self._heads[did] = rev
         self._heads.move_to_end(did)
-        while len(self._heads) > 1_000_000:
+        while len(self._heads) > MAX_HEADS:
             self._heads.popitem(last=False)
 
     def _apply(self, event: MirrorEvent) -> None:
@@ -295,6 +318,7 @@ class RepoMirror(pykka.ThreadingActor):
 
     def _forget(self, did: str) -> None:
         self._heads.pop(did, None)
+        self._headless.discard(did)
         self._held.pop(did, None)
         self._again.discard(did)
         self._pending = [w for w in self._pending if w.did != did]

@@ -3,7 +3,7 @@
     python scripts/bench_realistic.py [--hosts 20] [--accounts 2000] [--commits 50]
         [--rates 1000,2000,3000,5000,7500,10000] [--fixed-rates 1000,2000] [--seconds S]
         [--consumers 2] [--ingest-workers N] [--no-mirror] [--spider on|off] [--database-url URL]
-        [--quick] [--json FILE] [--keep] [--regenerate] [--profile PREFIX]
+        [--quick] [--json FILE] [--keep] [--regenerate] [--profile PREFIX] [--known-accounts N]
     python scripts/bench_realistic.py --burst [bench_ingest.py options]   # the old burst benchmark
 
 Traffic (``scripts/loadgen/gen.mjs``, made once and cached by its parameters under
@@ -21,6 +21,12 @@ per-host limits and insecure loopback hosts; a new SQLite file, or a new schema 
 host (``tests/support/frame_host.py --held``) sends all its frames (or its first ``rate x --seconds /
 hosts``) at an even pace, recording when each leaves. The consumers time each ``#commit``'s arrival
 against its send time (matched by did and rev; one clock, ``time.monotonic``, for every process).
+
+With ``--known-accounts N`` each relay starts on databases already holding N accounts
+(``scripts/benchkit/seed.py``): the traffic's accounts known without a head and with their DID
+documents cached, the rest synthetic mirrored accounts (account row with a head, identity row,
+mirror head), so every cache miss reads a big table. SQLite is seeded once and copied per step;
+PostgreSQL is seeded again in each step's schema.
 
 A rate is held when every commit reached every consumer, the slowest consumer's delivery rate
 (commits between its first and last arrival) is within 2% of the offered commit rate, the p99
@@ -67,6 +73,7 @@ from scripts.benchkit.relays import (  # noqa: E402
     start_relay,
     stop_relay,
 )
+from scripts.benchkit.seed import TrafficAccount, seed_known_accounts  # noqa: E402
 from scripts.benchkit.traffic import IndexEntry, Traffic, TrafficSpec, ensure_traffic  # noqa: E402
 from tests.support.fake_plc import FakePlc, make_did_doc  # noqa: E402
 from tests.support.procs import RelayProcess, wait_until  # noqa: E402
@@ -122,6 +129,43 @@ class Bench:
             for acct in made.accounts
         }
         self.plc: FakePlc = stack.enter_context(FakePlc(docs))
+        self.known = [
+            TrafficAccount(acct["did"], acct["handle"], acct["signingKey"], host.url)
+            for host, made in zip(self.hosts, traffic.hosts, strict=True)
+            for acct in made.accounts
+        ]
+        self.seed_template: Path | None = None  # SQLite: seeded once, copied into each step's folder
+
+    def seed(self, folder: Path, db_url: str) -> None:
+        """Fill the step's databases with ``--known-accounts`` accounts before its relay starts."""
+        n = self.args.known_accounts
+        if not n:
+            return
+        if self.args.database_url:  # a fresh schema per step: seeded again
+            took = seed_known_accounts(
+                db_url, f"sqlite:///{folder / 'carstore.sqlite'}", folder / "repos", n, self.known
+            )
+            print(f"  seeded {n:,} known accounts in {took:.1f} s", flush=True)
+            return
+        if self.seed_template is None:
+            template = self.workdir / "seed-template"
+            took = seed_known_accounts(
+                f"sqlite:///{template / 'relay.sqlite'}",
+                f"sqlite:///{template / 'carstore.sqlite'}",
+                template / "repos",
+                n,
+                self.known,
+            )
+            print(f"  seeded {n:,} known accounts in {took:.1f} s (SQLite, copied into each step)", flush=True)
+            self.seed_template = template
+        shutil.copytree(self.seed_template, folder, dirs_exist_ok=True)
+        for path in folder.rglob("*"):  # written back now, not under the run's own fsyncs
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
     def relay_env(self) -> dict[str, str]:
         default = {f.name: f.default for f in dataclasses.fields(Settings)}["cursor_flush_seconds"]
@@ -138,6 +182,7 @@ class Bench:
         folder = self.workdir / f"relay-{number}"
         with ExitStack() as stack:
             db_url = fresh_database_url(a.database_url, folder, stack, a.keep)
+            self.seed(folder, db_url)
             workers = ("--ingest-workers", str(a.ingest_workers)) if a.ingest_workers is not None else ()
             relay = start_relay(folder, db_url, self.plc.url, self.relay_env(), workers)
             stack.callback(stop_relay, relay)
@@ -287,6 +332,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--database-url", default="", help="PostgreSQL URL (a fresh schema per step); default SQLite")
     parser.add_argument("--relay-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the relay (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--known-accounts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start each relay with N accounts already known and mirrored (default 0)",
+    )
     parser.add_argument("--cache-dir", type=Path, help="where made traffic is kept (default ~/.cache/skyrelay-bench)")
     parser.add_argument("--refpds-dir", type=Path, help="the reference PDS install (default ~/.cache/skyrelay-refpds)")
     parser.add_argument("--regenerate", action="store_true", help="make the traffic again even if cached")
@@ -336,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"skyrelay realistic benchmark: {args.accounts:,} accounts on {args.hosts} hosts, "
           f"{traffic.frames:,} frames ({traffic.count('#commit'):,} commits, {traffic.bytes / traffic.frames:,.0f} "
           f"bytes a frame on average; {made}), {args.consumers} consumers, {db_kind}, mirror "
-          f"{'on' if args.mirror else 'off'}, spider {args.spider}{workers}", flush=True)  # fmt: skip
+          f"{'on' if args.mirror else 'off'}, spider {args.spider}{workers}"
+          f"{f', {args.known_accounts:,} known accounts' if args.known_accounts else ''}", flush=True)  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="skyrelay-bench-"))
     status = 1
     try:

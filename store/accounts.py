@@ -1,15 +1,15 @@
-"""Named queries for accounts: load one, list them, upsert many (write-behind from memory), relay status."""
+"""Named queries for accounts: load one or many, list them, upsert many (write-behind from memory), relay status."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import peewee
 
-from store.sql import execute, executemany, fetchall, fetchone, to_bytes
+from store.sql import execute, executemany, fetch_in, fetchall, fetchone, insert_many, to_bytes
 
 # the status of an active account, at the relay (moderation) and upstream (#account)
 ACTIVE = "active"
@@ -42,9 +42,18 @@ def _row(r: tuple[Any, ...]) -> AccountRow:
     return AccountRow(r[0], r[1], r[2], r[3], r[4], to_bytes(r[5]), to_bytes(r[6]), bool(r[7]))
 
 
+def _by_did(row: AccountRow) -> str:
+    return row.did
+
+
 def load_account(db: peewee.Database, did: str) -> AccountRow | None:
     r = fetchone(db, f"SELECT {_COLUMNS} FROM account WHERE did = ?", (did,))
     return _row(r) if r else None
+
+
+def load_accounts(db: peewee.Database, dids: Sequence[str]) -> dict[str, AccountRow]:
+    """The stored rows of ``dids`` by DID (unknown ones absent), in queries of at most ``MAX_IN_KEYS``."""
+    return {r[0]: _row(r) for r in fetch_in(db, f"SELECT {_COLUMNS} FROM account WHERE did IN ({{}})", dids)}
 
 
 def list_accounts(db: peewee.Database, *, after_did: str = "", limit: int = 500) -> list[AccountRow]:
@@ -60,7 +69,6 @@ def upsert_accounts(db: peewee.Database, rows: Iterable[AccountRow]) -> None:
     deadlock on PostgreSQL.
     """
     now = time.time()
-    rows = sorted(rows, key=lambda r: r.did)
     executemany(
         db,
         "INSERT INTO account (did, host_id, status, upstream_status, rev, commit_cid, data_cid, needs_resync,"
@@ -70,9 +78,22 @@ def upsert_accounts(db: peewee.Database, rows: Iterable[AccountRow]) -> None:
         " data_cid = excluded.data_cid, needs_resync = excluded.needs_resync, updated_at = excluded.updated_at",
         [
             (r.did, r.host_id, r.status, r.upstream_status, r.rev, r.commit_cid, r.data_cid, r.needs_resync, now, now)
-            for r in rows
+            for r in sorted(rows, key=_by_did)  # one lock order for every writer: no deadlock on PostgreSQL
         ],
     )
+
+
+def insert_accounts(db: peewee.Database, rows: Iterable[AccountRow]) -> int:
+    """Bulk-load accounts not known yet (known DIDs are left as they are); for seeding benchmarks and imports."""
+    now = time.time()
+    return insert_many(
+        db,
+        "INSERT INTO account (did, host_id, status, upstream_status, rev, commit_cid, data_cid, needs_resync,"
+        " created_at, updated_at)",
+        [(r.did, r.host_id, r.status, r.upstream_status, r.rev, r.commit_cid, r.data_cid, r.needs_resync, now, now)
+         for r in sorted(rows, key=_by_did)],
+        "ON CONFLICT (did) DO NOTHING",
+    )  # fmt: skip
 
 
 def set_account_status(db: peewee.Database, did: str, status: str) -> bool:

@@ -246,6 +246,10 @@ class CarStore:
         row = q.load_repo(self._db, did)
         return RepoHead(did, row[0], row[1], row[2]) if row else None
 
+    def heads(self, dids: Collection[str]) -> dict[str, RepoHead]:
+        """The heads of those of ``dids`` the mirror has a repo for (one query per 500 DIDs)."""
+        return {did: RepoHead(did, *row) for did, row in q.load_repo_heads(self._db, list(dids)).items()}
+
     def load_blocks(self, did: str, *, since: str | None = None) -> dict[bytes, bytes]:
         """Every block of the account's live slices (with ``since``: of those with rev > ``since``).
 

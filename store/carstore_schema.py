@@ -34,7 +34,7 @@ from typing import Any
 import peewee
 
 from store.migrations import Migration
-from store.sql import execute, fetchall, fetchone, to_bytes
+from store.sql import execute, fetch_in, fetchall, fetchone, insert_many, to_bytes
 
 VERSION_TABLE = "carstore_schema_version"
 CARSTORE_MIGRATIONS: tuple[Migration, ...] = (
@@ -210,6 +210,20 @@ def load_repo(db: peewee.Database, did: str) -> tuple[str, bytes, bytes, int] | 
     commit, data = to_bytes(r[1]), to_bytes(r[2])
     assert commit is not None and data is not None
     return r[0], commit, data, int(r[3])
+
+
+def load_repo_heads(db: peewee.Database, dids: Sequence[str]) -> dict[str, tuple[str, bytes, bytes]]:
+    """(rev, commit CID, data CID) of each of ``dids`` that has a repo, by DID, in bounded ``IN`` queries."""
+    rows = fetch_in(db, "SELECT did, rev, commit_cid, data_cid FROM car_repo WHERE did IN ({})", dids)
+    return {str(r[0]): (str(r[1]), bytes(r[2]), bytes(r[3])) for r in rows}
+
+
+def insert_repo_heads(db: peewee.Database, heads: Sequence[RepoHead]) -> int:
+    """Bulk-load ``car_repo`` rows without slices (a benchmark's mirrored accounts); known DIDs are left alone."""
+    now = time.time()
+    return insert_many(db, "INSERT INTO car_repo (did, rev, commit_cid, data_cid, slice_count, updated_at)",
+                       [(h.did, h.rev, h.commit_cid, h.data_cid, 0, now) for h in heads],
+                       "ON CONFLICT (did) DO NOTHING")  # fmt: skip
 
 
 def live_slices(db: peewee.Database, did: str) -> list[SliceRow]:

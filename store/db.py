@@ -34,6 +34,8 @@ class StoreError(Exception):
 # what a database raises while it is unreachable, restarting, locked or out of space: worth a
 # retry. ``InterfaceError`` is not a ``DatabaseError`` in peewee: psycopg2 raises it for a
 # pooled connection the server closed while it sat in the pool.
+# A PostgreSQL deadlock or serialization failure is an ``OperationalError`` too (raw driver calls
+# go through ``DRIVER_ERRORS``): the transaction is simply run again.
 TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (peewee.OperationalError, peewee.InterfaceError)
 
 

@@ -81,7 +81,8 @@ def save_page(
             db,
             "INSERT INTO account (did, host_id, status, upstream_status, created_at, updated_at)"
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (did) DO NOTHING",
-            [(did, host_id, ACTIVE, status, now, now) for did, status in accounts],
+            # in DID order, as every multi-row account writer: one lock order, no deadlock on PostgreSQL
+            [(did, host_id, ACTIVE, status, now, now) for did, status in sorted(accounts, key=lambda a: a[0])],
         )
         execute(
             db,

@@ -1,4 +1,4 @@
-"""Named queries of the ``identity`` table: load one resolved DID, upsert or delete in batches.
+"""Named queries of the ``identity`` table: load resolved DIDs (one or many), upsert or delete in batches.
 
 Each function borrows a connection when the calling thread (greenlet) has none open and gives
 it back afterwards, so short-lived verification greenlets do not leak pooled connections.
@@ -6,13 +6,14 @@ it back afterwards, so short-lived verification greenlets do not leak pooled con
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import peewee
 
 from store.db import is_postgres
+from store.sql import fetch_in, insert_many
 
 # Rows per INSERT: 6 parameters each stays under SQLite's historical 999-variable limit.
 _UPSERT_BATCH_ROWS = 150
@@ -58,6 +59,13 @@ def load_identity(db: peewee.Database, did: str) -> IdentityRow | None:
     return IdentityRow(row[0], row[1], row[2], row[3], row[4], float(row[5]))
 
 
+def load_identities(db: peewee.Database, dids: Sequence[str]) -> dict[str, IdentityRow]:
+    """The stored rows of ``dids`` by DID (absent ones left out), in queries of at most ``MAX_IN_KEYS``."""
+    with _connected(db):
+        rows = fetch_in(db, f"SELECT {_COLUMNS} FROM identity WHERE did IN ({{}})", dids)
+    return {r[0]: IdentityRow(r[0], r[1], r[2], r[3], r[4], float(r[5])) for r in rows}
+
+
 def save_identities(db: peewee.Database, rows: Iterable[IdentityRow]) -> int:
     """Insert or update ``rows`` in one transaction; return how many distinct DIDs were written.
 
@@ -84,6 +92,17 @@ def save_identities(db: peewee.Database, rows: Iterable[IdentityRow]) -> int:
                 params,
             )
     return len(batch)
+
+
+def insert_identities(db: peewee.Database, rows: Iterable[IdentityRow]) -> int:
+    """Bulk-load identities not stored yet (stored DIDs are left as they are); for seeding benchmarks."""
+    with _connected(db):
+        return insert_many(
+            db,
+            f"INSERT INTO identity ({_COLUMNS})",
+            [(r.did, r.handle, r.signing_key, r.pds_endpoint, r.doc, r.fetched_at) for r in rows],
+            "ON CONFLICT (did) DO NOTHING",
+        )
 
 
 def delete_identities(db: peewee.Database, dids: Iterable[str]) -> int:

@@ -85,9 +85,10 @@ def save_chunk(
         merged[reason] = merged.get(reason, 0) + n
     now = time.time()
     with db.atomic():
+        ordered = sorted(new_accounts, key=lambda a: a[0])  # DID order, as every account writer: no deadlock
         executemany(db, "INSERT INTO account (did, host_id, status, upstream_status, created_at, updated_at)"
                     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (did) DO NOTHING",
-                    [(did, host_id, ACTIVE, ACTIVE, now, now) for did, host_id in new_accounts])  # fmt: skip
+                    [(did, host_id, ACTIVE, ACTIVE, now, now) for did, host_id in ordered])  # fmt: skip
         executemany(db, "INSERT INTO import_account (job_id, did, rev) VALUES (?, ?, ?)"
                     " ON CONFLICT (job_id, did) DO UPDATE SET rev = excluded.rev",
                     [(job.id, did, rev) for did, rev in asked])  # fmt: skip

@@ -42,6 +42,44 @@ def executemany(db: peewee.Database, statement: str, rows: Iterable[Sequence[Any
         cursor.executemany(sql(db, statement), rows)
 
 
+def insert_many(
+    db: peewee.Database, head: str, rows: Iterable[Sequence[Any]], tail: str = "", *, page: int = 1000
+) -> int:
+    """``head VALUES (...), ... tail`` for many rows (bulk loads): PostgreSQL pages of ``execute_values``.
+
+    psycopg2's ``executemany`` is one round trip per row; SQLite's is fast as it is. Returns rows given.
+    """
+    rows = list(rows)
+    if not rows:
+        return 0
+    if is_postgres(db):
+        from psycopg2.extras import execute_values
+
+        with DRIVER_ERRORS:
+            execute_values(db.cursor(), f"{head} VALUES %s {tail}", rows, page_size=page)
+    else:
+        marks = ", ".join("?" * len(rows[0]))
+        with DRIVER_ERRORS:
+            db.cursor().executemany(f"{head} VALUES ({marks}) {tail}", rows)
+    return len(rows)
+
+
+# keys per ``WHERE ... IN (...)`` look-up: under SQLite's historical 999-variable limit
+MAX_IN_KEYS = 500
+
+
+def fetch_in(
+    db: peewee.Database, statement: str, keys: Sequence[Any], *, chunk: int = MAX_IN_KEYS
+) -> list[tuple[Any, ...]]:
+    """Rows of ``statement`` (ending in ``IN ({})``) for ``keys``, one query per ``chunk`` distinct keys."""
+    unique = list(dict.fromkeys(keys))
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(unique), chunk):
+        part = unique[start : start + chunk]
+        rows.extend(fetchall(db, statement.format(", ".join("?" * len(part))), part))
+    return rows
+
+
 def to_bytes(value: Any) -> bytes | None:
     if value is None:
         return None
