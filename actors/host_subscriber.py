@@ -14,7 +14,7 @@ import functools
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
@@ -25,6 +25,7 @@ from actors.account_announce import announcement
 from actors.accounts import AccountState
 from actors.host_activity import HostActivity, HostLink
 from actors.host_events import host_changed
+from actors.host_heartbeat import Heartbeat
 from actors.host_progress import HostProgress
 from actors.host_rate import HostWindows, WindowLimits, window_limits, with_overrides
 from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, PersistEvent, SubscriberCrashed
@@ -68,6 +69,7 @@ class SubscriberConfig:
     events_per_hour: int | None = None  # base hour and day windows (actors.host_rate); None: no limit
     events_per_day: int | None = None
     trusted_rate_multiplier: float = 10.0
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)  # pings and idle cursors of every connected host
 
     @classmethod
     def from_settings(cls, settings: Settings, activity: HostActivity | None = None) -> SubscriberConfig:
@@ -149,6 +151,9 @@ class HostSubscriber(pykka.ThreadingActor):
         self._link = HostLink()  # replaced by the shared one on connection (config.activity)
         self._failures = 0  # consecutive failed connections (restarts at 0 with the actor)
         self.stats = {"received": 0, "accepted": 0, "dropped": 0, "reconnects": 0}
+        self._client: WebSocketClient | None = None  # the open connection, pinged by the shared heartbeat
+        self._next_ping = 0.0
+        self._pinging = False
 
     def _windows(self, config: SubscriberConfig, account_limit: int | None) -> HostWindows:
         limits = window_limits(config.events_per_hour, config.events_per_day, account_limit,
@@ -223,7 +228,7 @@ class HostSubscriber(pykka.ThreadingActor):
             timeout_s=self.config.idle_timeout_seconds,
             outbound=self.config.outbound or OutboundClient.for_settings(self.config.insecure),
         )
-        pinger: gevent.Greenlet | None = None
+        heartbeat = self.config.heartbeat
         try:
             client.connect()
             if self.cursor < 0:
@@ -238,7 +243,8 @@ class HostSubscriber(pykka.ThreadingActor):
             log.info("upstream connected host=%s cursor=%d", self.host.hostname, self.cursor)
             if self._failures:
                 host_changed("reconnected", self.host.hostname, limited=False, failures=self._failures)
-            pinger = gevent.spawn(self._ping_loop, client)
+            self._client, self._next_ping = client, time.monotonic() + self.config.ping_seconds
+            heartbeat.add(self, min(self.config.ping_seconds, self.config.cursor_flush_seconds))
             while not self._stopping:
                 data = client.recv()
                 self.progress.begin()
@@ -253,8 +259,8 @@ class HostSubscriber(pykka.ThreadingActor):
             UPSTREAM_RECONNECTS.labels("requested").inc()
             log.info("upstream reconnecting host=%s detail=%s", self.host.hostname, exc)
         finally:
-            if pinger is not None:
-                pinger.kill(block=False)
+            heartbeat.discard(self)
+            self._client = None
             if self.connected:
                 if self.config.activity is not None:
                     self.config.activity.disconnected(self.host.host_id)
@@ -264,18 +270,26 @@ class HostSubscriber(pykka.ThreadingActor):
             self._advance(force=True)
         return self.cursor != start_cursor
 
-    def _ping_loop(self, client: WebSocketClient) -> None:
-        """Ping the upstream (dead connections show as read timeouts) and save an idle cursor."""
-        next_ping = time.monotonic() + self.config.ping_seconds
-        while True:
-            gevent.sleep(min(self.config.ping_seconds, self.config.cursor_flush_seconds))
-            self._advance()  # trailing dropped events move the cursor too
-            if time.monotonic() >= next_ping:
-                next_ping = time.monotonic() + self.config.ping_seconds
-                try:
-                    client.ping(b"skyrelay")
-                except WebSocketError:
-                    return
+    def beat(self, now: float) -> None:
+        """From the shared heartbeat (never blocks): save an idle cursor, ping the upstream when due.
+
+        Dead connections show as read timeouts; the ping makes a live but silent upstream
+        answer. It is sent from a short-lived greenlet (a full socket would block it), one at a time.
+        """
+        self._advance()  # trailing dropped events move the cursor too
+        client = self._client
+        if client is not None and now >= self._next_ping and not self._pinging:
+            self._next_ping = now + self.config.ping_seconds
+            self._pinging = True
+            gevent.spawn(self._ping, client)
+
+    def _ping(self, client: WebSocketClient) -> None:
+        try:
+            client.ping(b"skyrelay")
+        except WebSocketError:
+            pass  # the reader sees the broken connection
+        finally:
+            self._pinging = False
 
     def _drop(self, reason: str, seq: int | None, did: str | None, detail: str = "") -> None:
         self.stats["dropped"] += 1
