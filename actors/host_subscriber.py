@@ -1,10 +1,14 @@
-"""One actor per upstream PDS: reads its firehose, verifies each event, tells the sequencer.
+"""One subscriber per upstream PDS: reads its firehose, verifies each event, tells the sequencer.
 
-The reader runs in a greenlet owned by the actor. It keeps per-account order (one host's
-events are handled one at a time), respects a bound on the sequencer's inbox (it stops
-reading instead of growing memory), rate-limits the host, reconnects with backoff and
-resumes from the last upstream seq. Bad frames and invalid events are counted and dropped;
-a bug in the reader is re-raised inside the actor so the supervisor sees the failure.
+Not a pykka actor: its reader greenlet is its only greenlet (an actor's own greenlet would idle
+on an inbox for every host, about 10 KiB each), and ``start``/``tell``/``stop``/``is_alive``
+give its supervisor the actor surface it uses. A ``tell`` is handled at once in the caller's
+greenlet (the only message, new limits, only stores fields, without yielding).
+
+It keeps per-account order (one host's events are handled one at a time), respects a bound
+on the sequencer's inbox (it stops reading instead of growing memory), rate-limits the host,
+reconnects with backoff and resumes from the last upstream seq. Bad frames and invalid events are counted and dropped;
+a bug in the reader stops the subscriber and is told to the supervisor (``ChildFailed``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
-import pykka
 
 from actors import tracing
 from actors.account_announce import announcement
@@ -28,7 +31,7 @@ from actors.host_events import host_changed
 from actors.host_heartbeat import Heartbeat
 from actors.host_progress import HostProgress
 from actors.host_rate import HostWindows, WindowLimits, window_limits, with_overrides
-from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, PersistEvent, SubscriberCrashed
+from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, PersistEvent
 from actors.messages_control import SetSubscriberLimits, unknown_message
 from actors.metrics import (
     ACCOUNTS_RESYNC,
@@ -112,7 +115,7 @@ def firehose_url(hostname: str, cursor: int, insecure: bool) -> str:
     return f"{scheme}://{hostname}/xrpc/com.atproto.sync.subscribeRepos{query}"
 
 
-class HostSubscriber(pykka.ThreadingActor):
+class HostSubscriber:
     def __init__(
         self,
         *,
@@ -128,7 +131,6 @@ class HostSubscriber(pykka.ThreadingActor):
         trusted: bool = False,
         own_windows: WindowLimits | None = None,
     ) -> None:
-        super().__init__()
         self.own_windows = own_windows or WindowLimits(None, None)  # set by an operator: they win over the defaults
         self.host = host
         self.cursor = cursor  # last upstream seq processed (logged or dropped); -1: none yet
@@ -142,6 +144,7 @@ class HostSubscriber(pykka.ThreadingActor):
         self.config = config
         self._reader: gevent.Greenlet | None = None
         self._stopping = False
+        self._alive = True
         self._last_advance = time.monotonic()
         self._advanced = cursor  # the last cursor told to the sequencer
         self._last_yield = time.monotonic()
@@ -160,26 +163,55 @@ class HostSubscriber(pykka.ThreadingActor):
                                trusted=self.trusted, trusted_multiplier=config.trusted_rate_multiplier)  # fmt: skip
         return HostWindows(with_overrides(limits, self.own_windows))
 
-    # -- actor life cycle ------------------------------------------------------------------------
+    # -- life cycle (the part of pykka's actor surface the supervisor uses) ------------------------
+    @classmethod
+    def start(cls, **kwargs: Any) -> HostSubscriber:
+        """A running subscriber (its reader started); it is its own reference."""
+        subscriber = cls(**kwargs)
+        subscriber.on_start()
+        return subscriber
+
+    def is_alive(self) -> bool:
+        return self._alive
+
+    def tell(self, message: Any) -> None:
+        """Handled now, in the caller's greenlet; ignored once stopped (the supervisor checks first)."""
+        if not self._alive:
+            return
+        try:
+            self.on_receive(message)
+        except Exception as exc:  # as an actor's failure: stop and tell the supervisor
+            log.exception("host subscriber failed host=%s", self.host.hostname)
+            self._failed(exc)
+
+    def stop(self, block: bool = True, timeout: float | None = None) -> None:
+        """Stop the reader; the last cursor is told to the sequencer (at once when ``block``)."""
+        if not self._alive:
+            return
+        self._alive = False
+        self._stopping = True
+        if self._reader is not None and self._reader is not gevent.getcurrent():
+            if block:
+                self._reader.kill(block=True, timeout=timeout if timeout is not None else 5)
+            else:
+                self._reader.kill(block=False)  # its session's finally tells the cursor
+        if block:
+            self._advance(force=True)
+
     def on_start(self) -> None:
         self._reader = gevent.spawn(self._run)
         self.progress.reader = self._reader
 
-    def on_stop(self) -> None:
-        self._stopping = True
-        if self._reader is not None:
-            self._reader.kill(block=True, timeout=5)
-        self._advance(force=True)
-
-    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+    def _failed(self, exception: BaseException) -> None:
+        if not self._alive:
+            return
+        self._alive = False
         self._stopping = True
         if self._reader is not None and self._reader is not gevent.getcurrent():
             self._reader.kill(block=False)
-        self.parent.tell(ChildFailed(self.host.hostname, repr(exception_value)))
+        self.parent.tell(ChildFailed(self.host.hostname, repr(exception)))
 
     def on_receive(self, message: Any) -> Any:
-        if isinstance(message, SubscriberCrashed):
-            raise RuntimeError(f"subscriber reader crashed: {message.error}")
         if isinstance(message, SetSubscriberLimits):  # an operator changed them (already in SQL)
             self.host = dataclasses.replace(self.host, account_limit=message.account_limit)
             self.bucket = TokenBucket(message.events_per_second)
@@ -199,7 +231,7 @@ class HostSubscriber(pykka.ThreadingActor):
             raise
         except Exception as exc:  # a bug: hand it to the actor so the supervisor decides
             log.exception("subscriber reader crashed host=%s", self.host.hostname)
-            self.actor_ref.tell(SubscriberCrashed(repr(exc)))
+            self._failed(RuntimeError(f"subscriber reader crashed: {exc!r}"))  # the supervisor decides
 
     def _loop(self) -> None:
         while not self._stopping:
