@@ -51,11 +51,13 @@ def with_overrides(scaled: WindowLimits, own: WindowLimits) -> WindowLimits:
 class Window:
     """Events counted over the last ``seconds`` in ``SLOTS`` slots; ``limit`` at most."""
 
+    __slots__ = ("_slots", "_total", "limit", "seconds", "slot")
+
     def __init__(self, limit: int, seconds: float) -> None:
         self.limit = limit
         self.seconds = seconds
         self.slot = seconds / SLOTS
-        self._slots: deque[list[int]] = deque()  # [slot index, count], oldest first
+        self._slots: deque[list[int]] | None = None  # [slot index, count], oldest first; made at the first event
         self._total = 0
 
     def _trim(self, now: float) -> None:
@@ -75,7 +77,7 @@ class Window:
         running = self._total
         if running < self.limit:
             return 0.0
-        for index, count in self._slots:
+        for index, count in self._slots or ():
             running -= count
             if running < self.limit:  # this slot leaves the window when now passes its end + seconds
                 return max(0.0, (index + 1) * self.slot + self.seconds - now)
@@ -83,6 +85,8 @@ class Window:
 
     def add(self, now: float) -> None:
         index = int(now // self.slot)
+        if self._slots is None:  # an idle host's window holds no deque (thousands of idle hosts)
+            self._slots = deque()
         if self._slots and self._slots[-1][0] == index:
             self._slots[-1][1] += 1
         else:

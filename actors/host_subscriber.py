@@ -1,10 +1,14 @@
-"""One actor per upstream PDS: reads its firehose, verifies each event, tells the sequencer.
+"""One subscriber per upstream PDS: reads its firehose, verifies each event, tells the sequencer.
 
-The reader runs in a greenlet owned by the actor. It keeps per-account order (one host's
-events are handled one at a time), respects a bound on the sequencer's inbox (it stops
-reading instead of growing memory), rate-limits the host, reconnects with backoff and
-resumes from the last upstream seq. Bad frames and invalid events are counted and dropped;
-a bug in the reader is re-raised inside the actor so the supervisor sees the failure.
+Not a pykka actor: its reader greenlet is its only greenlet (an actor's own greenlet would idle
+on an inbox for every host, about 10 KiB each), and ``start``/``tell``/``stop``/``is_alive``
+give its supervisor the actor surface it uses. A ``tell`` is handled at once in the caller's
+greenlet (the only message, new limits, only stores fields, without yielding).
+
+It keeps per-account order (one host's events are handled one at a time), respects a bound
+on the sequencer's inbox (it stops reading instead of growing memory), rate-limits the host,
+reconnects with backoff and resumes from the last upstream seq. Bad frames and invalid events are counted and dropped;
+a bug in the reader stops the subscriber and is told to the supervisor (``ChildFailed``).
 """
 
 from __future__ import annotations
@@ -14,20 +18,20 @@ import functools
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
-import pykka
 
 from actors import tracing
 from actors.account_announce import announcement
 from actors.accounts import AccountState
 from actors.host_activity import HostActivity, HostLink
 from actors.host_events import host_changed
+from actors.host_heartbeat import Heartbeat
 from actors.host_progress import HostProgress
 from actors.host_rate import HostWindows, WindowLimits, window_limits, with_overrides
-from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, MovedHint, PersistEvent, SubscriberCrashed
+from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, MovedHint, PersistEvent
 from actors.messages_control import SetSubscriberLimits, unknown_message
 from actors.metrics import (
     ACCOUNTS_RESYNC,
@@ -68,6 +72,7 @@ class SubscriberConfig:
     events_per_hour: int | None = None  # base hour and day windows (actors.host_rate); None: no limit
     events_per_day: int | None = None
     trusted_rate_multiplier: float = 10.0
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)  # pings and idle cursors of every connected host
 
     @classmethod
     def from_settings(cls, settings: Settings, activity: HostActivity | None = None) -> SubscriberConfig:
@@ -110,7 +115,7 @@ def firehose_url(hostname: str, cursor: int, insecure: bool) -> str:
     return f"{scheme}://{hostname}/xrpc/com.atproto.sync.subscribeRepos{query}"
 
 
-class HostSubscriber(pykka.ThreadingActor):
+class HostSubscriber:
     def __init__(
         self,
         *,
@@ -126,7 +131,6 @@ class HostSubscriber(pykka.ThreadingActor):
         trusted: bool = False,
         own_windows: WindowLimits | None = None,
     ) -> None:
-        super().__init__()
         self.own_windows = own_windows or WindowLimits(None, None)  # set by an operator: they win over the defaults
         self.host = host
         self.cursor = cursor  # last upstream seq processed (logged or dropped); -1: none yet
@@ -140,6 +144,7 @@ class HostSubscriber(pykka.ThreadingActor):
         self.config = config
         self._reader: gevent.Greenlet | None = None
         self._stopping = False
+        self._alive = True
         self._last_advance = time.monotonic()
         self._advanced = cursor  # the last cursor told to the sequencer
         self._last_yield = time.monotonic()
@@ -149,32 +154,64 @@ class HostSubscriber(pykka.ThreadingActor):
         self._link = HostLink()  # replaced by the shared one on connection (config.activity)
         self._failures = 0  # consecutive failed connections (restarts at 0 with the actor)
         self.stats = {"received": 0, "accepted": 0, "dropped": 0, "reconnects": 0}
+        self._client: WebSocketClient | None = None  # the open connection, pinged by the shared heartbeat
+        self._next_ping = 0.0
+        self._pinging = False
 
     def _windows(self, config: SubscriberConfig, account_limit: int | None) -> HostWindows:
         limits = window_limits(config.events_per_hour, config.events_per_day, account_limit,
                                trusted=self.trusted, trusted_multiplier=config.trusted_rate_multiplier)  # fmt: skip
         return HostWindows(with_overrides(limits, self.own_windows))
 
-    # -- actor life cycle ------------------------------------------------------------------------
+    # -- life cycle (the part of pykka's actor surface the supervisor uses) ------------------------
+    @classmethod
+    def start(cls, **kwargs: Any) -> HostSubscriber:
+        """A running subscriber (its reader started); it is its own reference."""
+        subscriber = cls(**kwargs)
+        subscriber.on_start()
+        return subscriber
+
+    def is_alive(self) -> bool:
+        return self._alive
+
+    def tell(self, message: Any) -> None:
+        """Handled now, in the caller's greenlet; ignored once stopped (the supervisor checks first)."""
+        if not self._alive:
+            return
+        try:
+            self.on_receive(message)
+        except Exception as exc:  # as an actor's failure: stop and tell the supervisor
+            log.exception("host subscriber failed host=%s", self.host.hostname)
+            self._failed(exc)
+
+    def stop(self, block: bool = True, timeout: float | None = None) -> None:
+        """Stop the reader; the last cursor is told to the sequencer (at once when ``block``)."""
+        if not self._alive:
+            return
+        self._alive = False
+        self._stopping = True
+        if self._reader is not None and self._reader is not gevent.getcurrent():
+            if block:
+                self._reader.kill(block=True, timeout=timeout if timeout is not None else 5)
+            else:
+                self._reader.kill(block=False)  # its session's finally tells the cursor
+        if block:
+            self._advance(force=True)
+
     def on_start(self) -> None:
         self._reader = gevent.spawn(self._run)
         self.progress.reader = self._reader
 
-    def on_stop(self) -> None:
-        self._stopping = True
-        if self._reader is not None:
-            self._reader.kill(block=True, timeout=5)
-        self._advance(force=True)
-
-    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+    def _failed(self, exception: BaseException) -> None:
+        if not self._alive:
+            return
+        self._alive = False
         self._stopping = True
         if self._reader is not None and self._reader is not gevent.getcurrent():
             self._reader.kill(block=False)
-        self.parent.tell(ChildFailed(self.host.hostname, repr(exception_value)))
+        self.parent.tell(ChildFailed(self.host.hostname, repr(exception)))
 
     def on_receive(self, message: Any) -> Any:
-        if isinstance(message, SubscriberCrashed):
-            raise RuntimeError(f"subscriber reader crashed: {message.error}")
         if isinstance(message, SetSubscriberLimits):  # an operator changed them (already in SQL)
             self.host = dataclasses.replace(self.host, account_limit=message.account_limit)
             self.bucket = TokenBucket(message.events_per_second)
@@ -194,7 +231,7 @@ class HostSubscriber(pykka.ThreadingActor):
             raise
         except Exception as exc:  # a bug: hand it to the actor so the supervisor decides
             log.exception("subscriber reader crashed host=%s", self.host.hostname)
-            self.actor_ref.tell(SubscriberCrashed(repr(exc)))
+            self._failed(RuntimeError(f"subscriber reader crashed: {exc!r}"))  # the supervisor decides
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -223,7 +260,7 @@ class HostSubscriber(pykka.ThreadingActor):
             timeout_s=self.config.idle_timeout_seconds,
             outbound=self.config.outbound or OutboundClient.for_settings(self.config.insecure),
         )
-        pinger: gevent.Greenlet | None = None
+        heartbeat = self.config.heartbeat
         try:
             client.connect()
             if self.cursor < 0:
@@ -238,7 +275,8 @@ class HostSubscriber(pykka.ThreadingActor):
             log.info("upstream connected host=%s cursor=%d", self.host.hostname, self.cursor)
             if self._failures:
                 host_changed("reconnected", self.host.hostname, limited=False, failures=self._failures)
-            pinger = gevent.spawn(self._ping_loop, client)
+            self._client, self._next_ping = client, time.monotonic() + self.config.ping_seconds
+            heartbeat.add(self, min(self.config.ping_seconds, self.config.cursor_flush_seconds))
             while not self._stopping:
                 data = client.recv()
                 self.progress.begin()
@@ -253,8 +291,8 @@ class HostSubscriber(pykka.ThreadingActor):
             UPSTREAM_RECONNECTS.labels("requested").inc()
             log.info("upstream reconnecting host=%s detail=%s", self.host.hostname, exc)
         finally:
-            if pinger is not None:
-                pinger.kill(block=False)
+            heartbeat.discard(self)
+            self._client = None
             if self.connected:
                 if self.config.activity is not None:
                     self.config.activity.disconnected(self.host.host_id)
@@ -264,18 +302,26 @@ class HostSubscriber(pykka.ThreadingActor):
             self._advance(force=True)
         return self.cursor != start_cursor
 
-    def _ping_loop(self, client: WebSocketClient) -> None:
-        """Ping the upstream (dead connections show as read timeouts) and save an idle cursor."""
-        next_ping = time.monotonic() + self.config.ping_seconds
-        while True:
-            gevent.sleep(min(self.config.ping_seconds, self.config.cursor_flush_seconds))
-            self._advance()  # trailing dropped events move the cursor too
-            if time.monotonic() >= next_ping:
-                next_ping = time.monotonic() + self.config.ping_seconds
-                try:
-                    client.ping(b"skyrelay")
-                except WebSocketError:
-                    return
+    def beat(self, now: float) -> None:
+        """From the shared heartbeat (never blocks): save an idle cursor, ping the upstream when due.
+
+        Dead connections show as read timeouts; the ping makes a live but silent upstream
+        answer. It is sent from a short-lived greenlet (a full socket would block it), one at a time.
+        """
+        self._advance()  # trailing dropped events move the cursor too
+        client = self._client
+        if client is not None and now >= self._next_ping and not self._pinging:
+            self._next_ping = now + self.config.ping_seconds
+            self._pinging = True
+            gevent.spawn(self._ping, client)
+
+    def _ping(self, client: WebSocketClient) -> None:
+        try:
+            client.ping(b"skyrelay")
+        except WebSocketError:
+            pass  # the reader sees the broken connection
+        finally:
+            self._pinging = False
 
     def _drop(self, reason: str, seq: int | None, did: str | None, detail: str = "") -> None:
         self.stats["dropped"] += 1

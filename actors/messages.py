@@ -104,13 +104,6 @@ class HostGaveUp:
 
 
 @dataclass(frozen=True, slots=True)
-class SubscriberCrashed:
-    """A subscriber's reader greenlet hit a bug: re-raised inside the actor so it fails."""
-
-    error: str
-
-
-@dataclass(frozen=True, slots=True)
 class GetTree:
     """Query: the supervision tree as nested dicts (for the admin interface)."""
 

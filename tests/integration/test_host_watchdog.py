@@ -75,5 +75,5 @@ def test_sigusr1_logs_every_greenlet_stack(relay_and_host: tuple[RelayProcess, F
 
     wait_until(lambda: "Greenlets" in dump(), 10, "the stacks")
     assert "host_supervisor.py" in dump()  # the watchdog's timer, started before the relay froze its objects
-    assert "in _ping_loop" in dump(), dump()  # a subscriber's pinger, started after
+    assert "in _session" in dump(), dump()  # a subscriber's reader, started after
     assert relay.proc.poll() is None  # still running
