@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import websocket
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 
@@ -51,6 +51,9 @@ def new_page(driver: webdriver.Chrome, old: WebElement, what: str) -> str:
             old.tag_name  # noqa: B018 - raises once the page is gone
         except StaleElementReferenceException:
             return bool(driver.find_elements(By.CSS_SELECTOR, ".flash"))
+        except WebDriverException as exc:  # caught mid-navigation: the node is leaving its document
+            if "does not belong to the document" not in str(exc):
+                raise
         return False
 
     wait_until(replaced, 20, what)
