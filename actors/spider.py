@@ -260,33 +260,28 @@ class Spider:
         self._next_lookup = time.monotonic() + 1.0 / self.config.lookups_per_second
 
     def _follow_did(self, did: str) -> None:
-        self._wait_for_lookup()
-        STEPS.labels("did_resolved").inc()
-        try:
-            endpoint = self.directory.resolve(did).pds_endpoint
-        except Exception as exc:  # no identity (huge, redirected, unreachable...): counted and logged once per DID
-            STEPS.labels("did_unresolved").inc()  # (remembered: tried again only once forgotten by the LRU)
-            log.info("spider did unresolved did=%s error=%s", did, type(exc).__name__)
-            return
-        if not endpoint:
-            STEPS.labels("no_pds_endpoint").inc()
-            return
-        self._follow_endpoint(did, endpoint, "")
+        self._resolve_and_follow(did, moved=False)
 
     def recheck_moved(self, did: str) -> None:
         """A moved hint: fetch ``did``'s document again; a PDS we do not follow is crawled as usual."""
+        self._resolve_and_follow(did, moved=True)
+
+    def _resolve_and_follow(self, did: str, *, moved: bool) -> None:
+        """Resolve ``did`` (a fresh fetch for a moved hint) and follow the PDS its document names."""
+        kind = "moved" if moved else "did"
         self._wait_for_lookup()
-        STEPS.labels("moved_resolved").inc()
+        STEPS.labels(f"{kind}_resolved").inc()
         try:
-            endpoint = self.directory.refresh(did).pds_endpoint
-        except Exception as exc:  # counted; logged at most once per DID per recheck window
-            STEPS.labels("moved_unresolved").inc()
-            log.info("spider moved did unresolved did=%s error=%s", did, type(exc).__name__)
+            ident = self.directory.refresh(did) if moved else self.directory.resolve(did)
+        except Exception as exc:  # no identity (huge, redirected, unreachable...): counted and logged once per
+            # DID (remembered: tried again only once forgotten by the LRU; a moved hint once per recheck window)
+            STEPS.labels(f"{kind}_unresolved").inc()
+            log.info("spider %sdid unresolved did=%s error=%s", "moved " if moved else "", did, type(exc).__name__)
             return
-        if not endpoint:
-            STEPS.labels("moved_no_pds_endpoint").inc()
+        if not ident.pds_endpoint:
+            STEPS.labels("moved_no_pds_endpoint" if moved else "no_pds_endpoint").inc()
             return
-        self._follow_endpoint(did, endpoint, " via=moved")
+        self._follow_endpoint(did, ident.pds_endpoint, " via=moved" if moved else "")
 
     def _follow_endpoint(self, did: str, endpoint: str, via: str) -> None:
         try:
