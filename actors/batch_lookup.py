@@ -10,7 +10,7 @@ query fails every waiter of that batch with the same error (each caller retries 
 
 Where the query runs: SQLite in gevent's thread pool on that pool thread's own connection,
 left open for the next batch (no connect and pragmas per look-up); PostgreSQL in the drainer
-greenlet (psycogreen makes it cooperative) on a pooled connection. The slots are gevent
+greenlet (store.db's wait callback makes it cooperative) on a pooled connection. The slots are gevent
 objects touched only by greenlets: the pool thread runs the query and nothing else (no gevent
 lock is shared with the thread pool, see HACKING). Without gevent's monkey-patching (tests
 calling from plain threads, scripts) each ``get`` reads its key inline, as one query.
