@@ -64,7 +64,7 @@ def _read_header(data: bytes) -> tuple[tuple[bytes, ...], int]:
     return tuple(roots), end
 
 
-def _cid_length(data: bytes, pos: int) -> int:
+def cid_length(data: bytes, pos: int) -> int:
     """Length of the CID starting at ``pos`` (general form: four varints then the digest)."""
     start = pos
     for _ in range(3):  # version, codec, hash function
@@ -100,7 +100,7 @@ def _sections(data: bytes, pos: int, max_blocks: int, max_block_bytes: int) -> I
         if data[pos : pos + _DIGEST_START] in prefixes and length >= _CID_LEN:
             cid_end = pos + _CID_LEN
         else:
-            cid_len = _cid_length(data, pos)
+            cid_len = cid_length(data, pos)
             if cid_len > length:
                 raise CarError("CID runs past the end of its CAR section")
             cid_end = pos + cid_len

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 
+from protocol.car import cid_length
 from protocol.cid import SUPPORTED_PREFIXES, cid_to_str, read_varint, verify_block
 from protocol.errors import BlockHashMismatch
 from store.carstore_schema import CarStoreError, SliceRow
@@ -75,16 +76,6 @@ class BlockIndex:
         return len(self.keys)
 
 
-def _cid_length(buf: bytes, pos: int) -> int:
-    if buf[pos : pos + 4] in SUPPORTED_PREFIXES:
-        return _CID_LEN
-    start = pos
-    for _ in range(3):
-        _, pos = read_varint(buf, pos)
-    size, pos = read_varint(buf, pos)
-    return pos - start + size
-
-
 def scan_slice(root: str, row: SliceRow, file_no: int, out: tuple[array[int], ...]) -> None:
     """Append slice ``row``'s blocks to ``out`` (keys, files, offsets, lengths); ``FileNotFoundError`` if gone."""
     keys, files, offsets, lengths = out
@@ -100,7 +91,7 @@ def scan_slice(root: str, row: SliceRow, file_no: int, out: tuple[array[int], ..
                 buf_at, buf = pos, os.pread(fd, min(WINDOW_BYTES, end - pos), pos)
             i = pos - buf_at
             length, j = read_varint(buf, i)
-            cid_len = _cid_length(buf, j)
+            cid_len = _CID_LEN if buf[j : j + 4] in SUPPORTED_PREFIXES else cid_length(buf, j)
             if length <= cid_len or buf_at + j + length > end:
                 raise CarStoreError(f"slice file {row.path} has a bad section at byte {pos}")
             keys.append(int.from_bytes(buf[j + cid_len - 8 : j + cid_len], "big"))

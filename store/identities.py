@@ -52,11 +52,7 @@ def _param(db: peewee.Database) -> str:
 
 def load_identity(db: peewee.Database, did: str) -> IdentityRow | None:
     """The stored row of ``did``, or ``None``."""
-    with _connected(db):
-        row = db.execute_sql(f"SELECT {_COLUMNS} FROM identity WHERE did = {_param(db)}", (did,)).fetchone()
-    if row is None:
-        return None
-    return IdentityRow(row[0], row[1], row[2], row[3], row[4], float(row[5]))
+    return load_identities(db, [did]).get(did)
 
 
 def load_identities(db: peewee.Database, dids: Sequence[str]) -> dict[str, IdentityRow]:

@@ -58,9 +58,7 @@ def insert_many(
         with DRIVER_ERRORS:
             execute_values(db.cursor(), f"{head} VALUES %s {tail}", rows, page_size=page)
     else:
-        marks = ", ".join("?" * len(rows[0]))
-        with DRIVER_ERRORS:
-            db.cursor().executemany(f"{head} VALUES ({marks}) {tail}", rows)
+        executemany(db, f"{head} VALUES ({', '.join('?' * len(rows[0]))}) {tail}", rows)
     return len(rows)
 
 
