@@ -2,9 +2,11 @@
 
 With ``ingest_workers = N > 0`` the relay runs its upstream subscribers and their verification
 in N worker processes (``actors.ingest_worker``) so verification uses more than one core. A
-host always goes to the same worker (crc32 of its name), which keeps each account's events
-in order. One reader greenlet per worker hands received batches to the local sequencer,
-reading only while the sequencer has room. A worker that dies is started again with backoff
+new host goes to the worker holding the fewest hosts and stays there for the life of the
+relay process (a restarted worker gets its own hosts back), which keeps each host's events
+in order; a hash of the name would leave one worker with twice the hosts of another. One
+reader greenlet per worker hands received batches to the local sequencer, reading only while
+the sequencer has room. A worker that dies is started again with backoff
 and given its hosts back; before that the sequencer writes its state behind, so the new
 worker resumes every host from the cursor of its last durable event.
 """
@@ -15,7 +17,6 @@ import logging
 import socket
 import subprocess
 import sys
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,7 @@ class IngestPool:
         self.max_queue = max_queue
         self.workers = [_Worker(i) for i in range(count)]
         self.hosts: dict[str, int] = {}
+        self.host_counts = [0] * count
         self._stopping = False
 
     # -- ActorRef-like surface ---------------------------------------------------------------------
@@ -71,12 +73,16 @@ class IngestPool:
     def tell(self, message: Any) -> None:
         match message:
             case StartHost():
-                index = zlib.crc32(message.hostname.encode()) % len(self.workers)
-                self.hosts[message.hostname] = index
+                index = self.hosts.get(message.hostname)
+                if index is None:
+                    index = min(range(len(self.workers)), key=self.host_counts.__getitem__)
+                    self.hosts[message.hostname] = index
+                    self.host_counts[index] += 1
                 self._send(self.workers[index], "start_host", message.hostname)
             case StopHost():
                 if message.hostname in self.hosts:
                     index = self.hosts.pop(message.hostname)
+                    self.host_counts[index] -= 1
                     self._send(self.workers[index], "stop_host", [message.hostname, message.reason])
             case RestartHost():
                 if message.hostname in self.hosts:

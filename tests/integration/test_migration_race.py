@@ -8,15 +8,16 @@ reaches the firehose.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from protocol.frames import encode_frame
 from protocol.repo_writer import RepoWriter
 from protocol.syntax import make_tid, tid_to_timestamp_us
+from tests.integration.test_admin_control import PASSWORD, ok
 from tests.integration.test_upstream_behaviour import make_writers, post
 from tests.support.consumer import collect
 from tests.support.fake_plc import FakePlc, make_did_doc
@@ -25,20 +26,25 @@ from tests.support.procs import FrameHost, RelayProcess, wait_until
 WORKERS = 2
 
 
-def worker_of(host: FrameHost) -> int:
-    return zlib.crc32(host.hostname.encode()) % WORKERS
+def host_workers(tree: dict[str, Any]) -> dict[str, str]:
+    """Hostname -> name of the ingest worker whose subtree holds it, from ``/admin/tree``."""
+    found: dict[str, str] = {}
+
+    def walk(node: dict[str, Any], worker: str) -> None:
+        found[node["name"]] = worker
+        for child in node.get("children", []):
+            walk(child, worker)
+
+    pool = next(c for c in tree["children"] if c["kind"] == "IngestPool")
+    for worker in pool["children"]:
+        walk(worker, worker["name"])
+    return found
 
 
 @pytest.fixture
 def two_workers_hosts() -> Iterator[tuple[FrameHost, FrameHost]]:
-    """Two frame hosts that the relay's two ingest workers split between them."""
-    started = [FrameHost()]
-    while True:
-        host = FrameHost()
-        if worker_of(host) != worker_of(started[0]):
-            started.append(host)
-            break
-        host.stop()
+    """Two frame hosts; crawled one after the other, they go to different workers (fewest hosts first)."""
+    started = [FrameHost(), FrameHost()]
     try:
         yield started[0], started[1]
     finally:
@@ -52,11 +58,14 @@ def test_a_rollback_sent_by_the_new_host_right_after_a_migration_is_dropped(
     old, new = two_workers_hosts
     (alice,) = make_writers(plc, old, 1)
     relay = RelayProcess(tmp_path / "relay", database_url=f"sqlite:///{tmp_path / 'relay.sqlite'}", plc_url=plc.url,
-                         extra_env={"SKYRELAY_INGEST_WORKERS": str(WORKERS)}).start()  # fmt: skip
+                         extra_env={"SKYRELAY_INGEST_WORKERS": str(WORKERS),
+                                    "SKYRELAY_ADMIN_PASSWORD": PASSWORD}).start()  # fmt: skip
     try:
         for host in (old, new):
             relay.request_crawl(host.hostname)
         wait_until(lambda: old.status()["subscribers"] == 1 and new.status()["subscribers"] == 1, 20, "subscriptions")
+        workers = host_workers(ok(relay, "GET", "/admin/tree"))
+        assert workers[old.hostname] != workers[new.hostname], workers
         old.push([encode_frame(alice.commit([], 1)), encode_frame(alice.commit([post(1)], 2))])
         wait_until(lambda: relay.metric("skyrelay_last_seq") >= 2, 20, "alice's first commits")
 
