@@ -25,6 +25,7 @@ from actors.accounts import AccountState
 from actors.messages import AdvanceCursor, PersistEvent
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_BATCH_EVENTS = 256  # events in one ``events`` message at most (the relay sizes its inbox bound by it)
 _LEN = struct.Struct("!I")
 
 

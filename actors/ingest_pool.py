@@ -27,8 +27,15 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from actors import tracing
 from actors.backoff import Backoff
-from actors.ingest_link import LinkClosed, decode_cursors, decode_events, recv_message, send_message
-from actors.messages import GetTree, MovedHint, StartHost, StopHost, WriteBehind
+from actors.ingest_link import (
+    MAX_BATCH_EVENTS,
+    LinkClosed,
+    decode_cursors,
+    decode_events,
+    recv_message,
+    send_message,
+)
+from actors.messages import GetTree, MovedHint, PersistBatch, StartHost, StopHost, WriteBehind
 from actors.messages_control import ApplyHostLimits, ForgetAccount, RestartHost, unknown_message
 from actors.metrics import CHILD_RESTARTS
 from config.settings import Settings, settings_to_json
@@ -174,14 +181,14 @@ class IngestPool:
     def _read(self, worker: _Worker) -> None:
         assert worker.sock is not None
         inbox = self.sequencer.actor_inbox
+        max_batches = max(1, self.max_queue // MAX_BATCH_EVENTS)  # the inbox holds about max_queue events at most
         try:
             while True:
                 kind, payload = recv_message(worker.sock)
                 if kind == "events":
-                    while inbox.qsize() > self.max_queue:
+                    while inbox.qsize() > max_batches:
                         gevent.sleep(0.002)
-                    for event in decode_events(payload):
-                        self.sequencer.tell(event)
+                    self.sequencer.tell(PersistBatch(tuple(decode_events(payload))))
                 elif kind == "traces":
                     tracing.adopt(payload)
                 elif kind == "cursors":

@@ -32,6 +32,7 @@ from actors.host_subscriber import SubscriberConfig  # noqa: E402
 from actors.host_supervisor import HostSupervisor  # noqa: E402
 from actors.identity import IdentityDirectory, IdentityResolver  # noqa: E402
 from actors.ingest_link import (  # noqa: E402
+    MAX_BATCH_EVENTS,
     LinkClosed,
     encode_cursors,
     encode_events,
@@ -51,7 +52,6 @@ from store.db import open_database  # noqa: E402
 from store.hosts import banned_domains  # noqa: E402
 
 log = logging.getLogger(__name__)
-BATCH_EVENTS = 256
 BATCH_SECONDS = 0.002
 MAX_MOVED_HINTS = 1024  # wrong_host DIDs waiting for the next send; more are dropped (and counted)
 
@@ -73,15 +73,16 @@ class RemoteSequencer:
         self.cursors: list[AdvanceCursor] = []
         self.moved: dict[str, None] = {}  # wrong_host DIDs for the relay's spider, deduplicated
         self.actor_inbox = _Inbox(self)
-        self._wake = gevent.event.Event()
+        self._armed = gevent.event.Event()  # something waits to be sent
+        self._full = gevent.event.Event()  # a whole batch of events waits
         self.closed = gevent.event.Event()
         self._flusher = gevent.spawn(self._run)
 
     def tell(self, message: Any) -> None:
         if isinstance(message, PersistEvent):
             self.pending.append(message)
-            if len(self.pending) >= BATCH_EVENTS:
-                self._wake.set()
+            if len(self.pending) >= MAX_BATCH_EVENTS:
+                self._full.set()
         elif isinstance(message, AdvanceCursor):
             self.cursors.append(message)
         elif isinstance(message, MovedHint):
@@ -89,12 +90,19 @@ class RemoteSequencer:
                 self.moved[message.did] = None
             else:
                 MOVED_HINTS_DROPPED.inc()
+        else:
+            return
+        if not self._armed.is_set():
+            self._armed.set()
 
     def _run(self) -> None:
+        """Idle until something is told, then send it all after ``BATCH_SECONDS`` (or at once when a batch is full)."""
         try:
             while True:
-                self._wake.wait(BATCH_SECONDS)
-                self._wake.clear()
+                self._armed.wait()
+                self._full.wait(BATCH_SECONDS)
+                self._armed.clear()  # before the sends: what is told while they block arms the next round
+                self._full.clear()
                 self.flush()
         except (OSError, LinkClosed):
             self.closed.set()
@@ -102,7 +110,7 @@ class RemoteSequencer:
     def flush(self) -> None:
         # events first, then cursors: a cursor never overtakes the events before it
         while self.pending:
-            batch, self.pending = self.pending[:BATCH_EVENTS], self.pending[BATCH_EVENTS:]
+            batch, self.pending = self.pending[:MAX_BATCH_EVENTS], self.pending[MAX_BATCH_EVENTS:]
             if tracing.ENABLED and (samples := tracing.take_samples(batch)):
                 send_message(self.sock, "traces", samples)  # before their events: the relay adopts them first
             send_message(self.sock, "events", encode_events(batch))

@@ -27,6 +27,17 @@ class PersistEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class PersistBatch:
+    """Events in the order one ingest worker accepted them: each handled as a ``PersistEvent``.
+
+    One message per batch read from a worker, so the sequencer's inbox costs one put and one
+    get per batch rather than per event.
+    """
+
+    events: tuple[PersistEvent, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class AdvanceCursor:
     """Everything from ``host_id`` up to ``upstream_seq`` is processed (logged or dropped).
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS_RECEIVED = Counter("skyrelay_events_received_total", "Upstream frames received", ["type"])
@@ -48,3 +51,33 @@ INFRA_FAILING = Gauge(
     ["operation"],
     multiprocess_mode="livesum",
 )
+
+
+def observe_many(histogram: Histogram, amounts: Iterable[float]) -> None:
+    """``histogram.observe(a)`` for each of ``amounts``, with one write per bucket touched.
+
+    In multiprocess mode every observe is two writes to a shared file; a batch of events adds
+    each bucket's count once. Reaches into prometheus_client's unlabelled histogram (its
+    ``_upper_bounds``, ``_buckets`` and ``_sum``); falls back to ``observe`` if they change.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total_value = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total_value is None or len(bounds) != len(buckets):
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    counts = [0] * len(bounds)
+    total = 0.0
+    seen = False
+    for amount in amounts:
+        if amount == amount:  # not NaN: a NaN goes to no bucket, as in observe
+            counts[bisect_left(bounds, amount)] += 1  # the first bound >= amount (the last is +Inf)
+        total += amount
+        seen = True
+    if not seen:
+        return
+    total_value.inc(total)
+    for bucket, count in zip(buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)

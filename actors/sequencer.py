@@ -32,7 +32,7 @@ from actors.account_announce import RELAY_HOST_ID, announcement
 from actors.accounts import AccountState
 from actors.backoff import RetryPolicy, retry
 from actors.blocking import off_loop
-from actors.messages import AdvanceCursor, FlushBatch, MovedHint, PersistEvent, Tick, WriteBehind
+from actors.messages import AdvanceCursor, FlushBatch, MovedHint, PersistBatch, PersistEvent, Tick, WriteBehind
 from actors.messages_broadcast import Broadcast
 from actors.messages_control import SetAccountStatus, unknown_message
 from actors.messages_mirror import MirrorBatch, MirrorEvent
@@ -45,6 +45,7 @@ from actors.metrics import (
     LAST_SEQ,
     SEQUENCED_BATCH,
     SEQUENCER_DROPPED,
+    observe_many,
 )
 from protocol.car import read_car
 from protocol.commit import decode_commit
@@ -127,6 +128,9 @@ class Sequencer(pykka.ThreadingActor):
         match message:
             case PersistEvent():
                 self._accept(message)
+            case PersistBatch():
+                for event in message.events:
+                    self._accept(event)
             case FlushBatch():
                 self._flush_queued = False
                 self._flush()
@@ -283,7 +287,7 @@ class Sequencer(pykka.ThreadingActor):
             if item.upstream_seq > self._cursors.get(item.host_id, -1):
                 self._cursors[item.host_id] = item.upstream_seq
             kinds[item.kind] = kinds.get(item.kind, 0) + 1
-            INGEST_TO_DURABLE.observe(done - item.received_at)
+        observe_many(INGEST_TO_DURABLE, [done - item.received_at for item in batch])
         for kind, count in kinds.items():
             EVENTS_ACCEPTED.labels(kind).inc(count)
         if self.mirror is not None and mirrored:
