@@ -233,6 +233,7 @@ class ConsumerWorker:
             "slowest": _quantiles(slowest),
             "per_connection": self.spans(),
             "per_group": self.per_group(rows, per_frame),
+            "timeline": _timeline(sent, per_frame),
         }
 
     def per_group(self, rows: list[list[Any]], per_frame: dict[tuple[str, str], list[float]]) -> dict[str, Any]:
@@ -256,6 +257,24 @@ class ConsumerWorker:
             span["first"] = at if span["first"] is None else span["first"]
             span["last"] = at
         return spans
+
+
+def _timeline(sent: dict[tuple[str, str], float], per_frame: dict[tuple[str, str], list[float]]) -> dict[str, Any]:
+    """p99 and max of the slowest delivery of each commit, by when it was sent (about 24 windows)."""
+    if not per_frame:
+        return {}
+    first = min(sent[key] for key in per_frame)
+    last = max(sent[key] for key in per_frame)
+    window = max(1.0, (last - first) / 24)
+    buckets: dict[int, list[float]] = {}
+    for key, delays in per_frame.items():
+        buckets.setdefault(int((sent[key] - first) // window), []).append(max(delays))
+    out: list[list[float]] = []
+    for index in range(max(buckets) + 1):
+        values = sorted(buckets.get(index, []))
+        q = _quantiles(values)
+        out.append([index * window, len(values), q.get("p99", 0.0), q.get("max", 0.0)])
+    return {"window_seconds": window, "windows": out}  # [start s, commits, p99 s, max s]
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:

@@ -105,6 +105,10 @@ def print_step(step: StepResult, fixed: bool = False) -> None:
     if step.counters:
         _row("relay counters", ", ".join(f"{k} {v:,.0f}" for k, v in step.counters.items()))
     _row("host send lag", f"{step.host_lag_seconds * 1000:,.0f} ms (last frame against its schedule)")
+    timeline = step.latency.get("timeline") or {}
+    if timeline.get("windows"):
+        p99s = " ".join(f"{w[2] * 1000:,.0f}" for w in timeline["windows"])
+        _row("p99 by send time", f"{p99s} ms (slowest consumer, {timeline['window_seconds']:.1f} s windows)")
     _print_drops(step.drops)
     print(flush=True)
 
