@@ -64,6 +64,14 @@ def make_did_doc(did: str, signing_key: str, pds_endpoint: str, *, handle: str |
     }
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a relay resolving many new accounts at once
+    # overflowed it, and every dropped SYN cost the client a 1 s retransmit (seconds of
+    # start-up backlog in scripts/bench_realistic.py that were the stand-in's, not the relay's)
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 class FakePlc:
     """An HTTP server answering DID documents from a dict; thread-safe controls for tests."""
 
@@ -79,8 +87,7 @@ class FakePlc:
         self._released = threading.Event()
         self._released.set()
         self.delay_seconds = 0.0
-        self._server = ThreadingHTTPServer((host, port), _Handler)
-        self._server.daemon_threads = True
+        self._server = _Server((host, port), _Handler)
         self._server.plc = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
 
