@@ -4,6 +4,7 @@
         [--rates 1000,2000,3000,5000,7500,10000] [--fixed-rates 1000,2000] [--seconds S]
         [--consumers 2] [--ingest-workers N] [--no-mirror] [--spider on|off] [--database-url URL]
         [--quick] [--json FILE] [--keep] [--regenerate] [--profile PREFIX] [--known-accounts N]
+        [--plc-delay-ms MS]
     python scripts/bench_realistic.py --burst [bench_ingest.py options]   # the old burst benchmark
 
 Traffic (``scripts/loadgen/gen.mjs``, made once and cached by its parameters under
@@ -129,6 +130,7 @@ class Bench:
             for acct in made.accounts
         }
         self.plc: FakePlc = stack.enter_context(FakePlc(docs))
+        self.plc.delay_seconds = args.plc_delay_ms / 1000  # the public PLC directory is a round trip away
         self.known = [
             TrafficAccount(acct["did"], acct["handle"], acct["signingKey"], host.url)
             for host, made in zip(self.hosts, traffic.hosts, strict=True)
@@ -332,6 +334,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--database-url", default="", help="PostgreSQL URL (a fresh schema per step); default SQLite")
     parser.add_argument("--relay-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the relay (repeatable)")  # fmt: skip
+    parser.add_argument("--plc-delay-ms", type=float, default=0.0,
+                        help="answer each DID document request this late (a remote PLC); default 0")  # fmt: skip
     parser.add_argument(
         "--known-accounts",
         type=int,
