@@ -267,8 +267,15 @@ class Sequencer(pykka.ThreadingActor):
             tracing.events_durable(batch, self._last_seq + 1, now)
         self._last_seq = seq
         # an account status change is written through before it is announced, so the read API
-        # (which checks SQL) never serves a repo the firehose has already said is taken down
-        changes = [item.account for item in batch if item.kind == "#account" and item.account is not None]
+        # (which checks SQL) never serves a repo the firehose has already said is taken down;
+        # a new account announced active (no commit yet) has nothing to hide and is written
+        # behind (a start-up burst of new accounts otherwise costs a transaction per batch)
+        changes = [
+            item.account
+            for item in batch
+            if item.kind == "#account" and item.account is not None
+            and (not item.account.active or item.account.rev is not None)
+        ]  # fmt: skip
         if changes:
             retry(
                 lambda: off_loop(lambda: self._write_accounts(changes)),
