@@ -100,6 +100,10 @@ class AccountCache:
         self.put(state)
         return state
 
+    def cached(self, did: str) -> bool:
+        """True when ``get(did)`` would answer from memory (no I/O, no LRU move)."""
+        return did in self._items
+
     def put(self, state: AccountState) -> None:
         self._items[state.did] = state
         self._items.move_to_end(state.did)

@@ -18,6 +18,7 @@ import functools
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from actors.host_events import host_changed
 from actors.host_heartbeat import Heartbeat
 from actors.host_progress import HostProgress
 from actors.host_rate import HostWindows, WindowLimits, window_limits, with_overrides
+from actors.lookahead import LookAhead, frame_did
 from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, MovedHint, PersistEvent
 from actors.messages_control import SetSubscriberLimits, unknown_message
 from actors.metrics import (
@@ -73,10 +75,14 @@ class SubscriberConfig:
     events_per_day: int | None = None
     trusted_rate_multiplier: float = 10.0
     heartbeat: Heartbeat = field(default_factory=Heartbeat)  # pings and idle cursors of every connected host
+    lookahead: LookAhead | None = None  # look-ups of DIDs in frames read ahead (actors.lookahead); None: none
 
     @classmethod
-    def from_settings(cls, settings: Settings, activity: HostActivity | None = None) -> SubscriberConfig:
+    def from_settings(
+        cls, settings: Settings, activity: HostActivity | None = None, lookahead: LookAhead | None = None
+    ) -> SubscriberConfig:
         return cls(
+            lookahead=lookahead,
             max_frame_bytes=settings.max_frame_bytes,
             max_ops=settings.max_commit_ops,
             max_queue=max(1000, settings.host_inflight_events * 4),
@@ -143,6 +149,9 @@ class HostSubscriber:
         self.parent = parent
         self.config = config
         self._reader: gevent.Greenlet | None = None
+        self._ahead: deque[tuple[bytes, float]] = deque()  # frames read ahead (actors.lookahead), oldest first
+        self._ahead_bytes = 0
+        self._ahead_error: WebSocketError | None = None  # met reading ahead: raised once those frames are done
         self._stopping = False
         self._alive = True
         self._last_advance = time.monotonic()
@@ -278,10 +287,15 @@ class HostSubscriber:
             self._client, self._next_ping = client, time.monotonic() + self.config.ping_seconds
             heartbeat.add(self, min(self.config.ping_seconds, self.config.cursor_flush_seconds))
             while not self._stopping:
-                data = client.recv()
+                if self._ahead:
+                    data, received_at = self._next_ahead()
+                elif self._ahead_error is not None:
+                    raise self._ahead_error
+                else:
+                    data, received_at = client.recv(), time.time()
                 self.progress.begin()
                 try:
-                    self._handle(data)
+                    self._handle(data, received_at)
                 finally:
                     self.progress.done()
         except WebSocketError as exc:
@@ -293,6 +307,7 @@ class HostSubscriber:
         finally:
             heartbeat.discard(self)
             self._client = None
+            self._drop_ahead()  # read again after the reconnect: the cursor is before them
             if self.connected:
                 if self.config.activity is not None:
                     self.config.activity.disconnected(self.host.host_id)
@@ -337,8 +352,41 @@ class HostSubscriber:
                       exc_info=exc)  # fmt: skip
         self._drop(reason, seq, did, f"{type(exc).__name__}: {str(exc)[:160]}")
 
-    def _handle(self, data: bytes) -> None:
-        received_at = self._link.last_frame = time.time()
+    def _next_ahead(self) -> tuple[bytes, float]:
+        data, received_at = self._ahead.popleft()
+        self._ahead_bytes -= len(data)
+        if self.config.lookahead is not None:
+            self.config.lookahead.release(len(data))
+        return data, received_at
+
+    def _drop_ahead(self) -> None:
+        while self._ahead:
+            self._next_ahead()
+        self._ahead_error = None
+
+    def _read_ahead(self, lookahead: LookAhead) -> None:
+        """Read the frames already arrived (never waiting for more) and start look-ups of their DIDs."""
+        client = self._client
+        while (
+            client is not None
+            and self._ahead_error is None
+            and lookahead.room(self._ahead_bytes, len(self._ahead))
+            and client.has_buffered()
+        ):
+            try:
+                data = client.recv()
+            except WebSocketError as exc:
+                self._ahead_error = exc
+                return
+            self._ahead.append((data, time.time()))
+            self._ahead_bytes += len(data)
+            lookahead.hold(len(data))
+            did = frame_did(data)
+            if did is not None:
+                lookahead.offer(did)
+
+    def _handle(self, data: bytes, received_at: float) -> None:
+        self._link.last_frame = received_at
         self.stats["received"] += 1
         trace = tracing.start_event() if tracing.ENABLED else None
         try:
@@ -369,6 +417,9 @@ class HostSubscriber:
         kind = event_type(event)
         _received(kind).inc()
         did = getattr(event, "repo", None) or getattr(event, "did", None)
+        lookahead = self.config.lookahead
+        if did is not None and lookahead is not None and lookahead.missing(did):
+            self._read_ahead(lookahead)  # this event waits for its look-up: start the next ones' meanwhile
         if event.seq <= self.cursor:
             self._drop("seq_not_increasing", event.seq, did)
             return

@@ -39,6 +39,7 @@ from actors.ingest_link import (  # noqa: E402
     recv_message,
     send_message,
 )
+from actors.lookahead import LookAhead  # noqa: E402
 from actors.messages import AdvanceCursor, GetTree, MovedHint, PersistEvent, StartHost, StopHost  # noqa: E402
 from actors.messages_control import ApplyHostLimits, ForgetAccount, RestartHost, unknown_message  # noqa: E402
 from actors.metrics import MOVED_HINTS_DROPPED  # noqa: E402
@@ -135,9 +136,10 @@ def run(settings: Settings, sock: socket.socket, index: int) -> int:
         ttl_seconds=settings.identity_ttl_seconds,
         outbound=OutboundClient.from_settings(settings),
     )
+    accounts = AccountCache(db, retry_policy=retry_policy)
     verifier = Verifier(
         directory,
-        AccountCache(db, retry_policy=retry_policy),
+        accounts,
         VerifyLimits(
             max_ops=settings.max_commit_ops,
             max_rev_future_seconds=settings.max_rev_future_seconds,
@@ -150,7 +152,7 @@ def run(settings: Settings, sock: socket.socket, index: int) -> int:
         db=db,
         verifier=verifier,
         sequencer=remote,
-        config=SubscriberConfig.from_settings(settings),
+        config=SubscriberConfig.from_settings(settings, lookahead=LookAhead(directory, accounts)),
         default_account_limit=settings.default_host_account_limit,
         default_events_per_second=settings.default_host_events_per_second,
         lenient=settings.lenient_sync_validation,

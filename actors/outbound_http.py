@@ -36,11 +36,22 @@ class SocketReader(io.RawIOBase):
         self._sock = sock
         self.read_timeout_s = read_timeout_s
         self.deadline: float | None = None  # time.monotonic() value; None: per-read timeout only
+        self.no_wait = False  # set around a probe: a read finds what has arrived or returns None
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+    def readinto(self, buffer: memoryview | bytearray) -> int | None:  # type: ignore[override]
+        if self.no_wait:
+            self._sock.settimeout(0.0)
+            try:
+                return self._sock.recv_into(buffer)
+            except (BlockingIOError, ssl.SSLWantReadError, TimeoutError):
+                return None  # nothing has arrived (the buffered reader answers b"")
+            except (OSError, ssl.SSLError) as exc:
+                raise ConnectFailed("the connection failed while reading", detail=type(exc).__name__) from None
+            finally:
+                self._sock.settimeout(self.read_timeout_s)  # a send between reads must not find it non-blocking
         timeout = self.read_timeout_s
         if self.deadline is not None:
             remaining = self.deadline - time.monotonic()

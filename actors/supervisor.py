@@ -31,6 +31,7 @@ from actors.host_supervisor import HostSupervisor
 from actors.identity import IdentityDirectory, IdentityResolver
 from actors.import_resume import resume_imports
 from actors.ingest_pool import IngestPool
+from actors.lookahead import LookAhead
 from actors.messages import GetTree, StartHost, Tick
 from actors.metrics import CHILD_RESTARTS
 from actors.mirror import MirrorConfig, RepoMirror
@@ -159,7 +160,9 @@ class RelaySupervisor:
                 db=self.db,
                 verifier=self.verifier,
                 sequencer=self.sequencer,
-                config=SubscriberConfig.from_settings(self.settings, self.activity),
+                config=SubscriberConfig.from_settings(
+                    self.settings, self.activity, LookAhead(self.directory, self.accounts)
+                ),
                 offline_retry_seconds=self.settings.offline_retry_seconds,
                 default_account_limit=self.settings.default_host_account_limit,
                 default_events_per_second=self.settings.default_host_events_per_second,

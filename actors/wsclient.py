@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import os
 import socket
 import ssl
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit
 
 from actors.outbound import OutboundClient
 from actors.outbound_errors import OutboundError, ProtocolFailure
-from actors.outbound_http import read_head
+from actors.outbound_http import SocketReader, read_head
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -125,6 +126,22 @@ class WebSocketClient:
         if length > self.max_message_bytes:
             raise WebSocketError(f"frame of {length} bytes exceeds limit", reason="frame_too_large")
         return fin, opcode, self._read_exact(length) if length else b""
+
+    def has_buffered(self) -> bool:
+        """True when bytes of a next frame have arrived (in our buffer or the socket's); never waits.
+
+        A frame partly arrived makes the next ``recv`` wait for the rest, as it would anyway.
+        """
+        reader = self._rfile
+        if reader is None or not isinstance(reader, io.BufferedReader) or not isinstance(reader.raw, SocketReader):
+            return False
+        reader.raw.no_wait = True
+        try:
+            return bool(reader.peek(1))
+        except (OSError, ssl.SSLError, OutboundError):
+            return False  # the next recv meets the broken connection
+        finally:
+            reader.raw.no_wait = False
 
     def recv(self) -> bytes:
         """The next whole data message (binary or text as bytes); answers pings on the way."""

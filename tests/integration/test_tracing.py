@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,7 @@ class Spine:
         for i in range(count):
             self.upstream_seq += 1
             writes = [] if self.writer.rev is None else [Write("create", f"app.bsky.feed.post/3k{i:011d}", {"t": i})]
-            self.subscriber._handle(encode_frame(self.writer.commit(writes, self.upstream_seq)))
+            self.subscriber._handle(encode_frame(self.writer.commit(writes, self.upstream_seq)), time.time())
 
     def delivered(self) -> int:
         return self.consumer.queued

@@ -437,3 +437,26 @@ def test_host_answering_only_error_frames_ends_up_offline(
     wait_until(lambda: host_status(relay, host.hostname)["status"] == "offline", 8, "the host to go offline")
     assert len(subscriptions(host)) == 3, subscriptions(host)
     assert relay.stop() == 0, relay.log()
+
+
+# -- look-ups ahead of the stream (actors.lookahead) -------------------------------------------------
+def test_new_accounts_behind_a_slow_identity_lookup_are_looked_up_ahead_and_delivered_in_order(
+    tmp_path: Path, plc: FakePlc, new_host: Callable[[], FrameHost], relays: list[RelayProcess]
+) -> None:
+    host = new_host()
+    writers = make_writers(plc, host, 6)
+    relay = start_relay(relays, tmp_path, plc)
+    crawl(relay, host)
+    plc.hold()  # the directory is slow: every DID document request waits
+    try:
+        host.push([encode_frame(w.commit([], i + 1)) for i, w in enumerate(writers)])
+        # the first commit waits for its document; the relay reads the five behind it, which have
+        # arrived, and asks for their documents meanwhile (one request at a time without look-ahead)
+        wait_until(lambda: all(plc.requests_for(w.did) for w in writers), 20, "every DID requested while held")
+    finally:
+        plc.release()
+    bodies = firehose(relay, 6)
+    assert [b["repo"] for b in bodies] == [w.did for w in writers]  # verified and sequenced in stream order
+    assert all(plc.requests_for(w.did) == 1 for w in writers)  # looked up once each: ahead, then from memory
+    assert relay.metric("skyrelay_lookahead_lookups_total", result="done") == 5
+    assert dropped(relay) == 0, relay.log()
