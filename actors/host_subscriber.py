@@ -32,7 +32,7 @@ from actors.host_events import host_changed
 from actors.host_heartbeat import Heartbeat
 from actors.host_progress import HostProgress
 from actors.host_rate import HostWindows, WindowLimits, window_limits, with_overrides
-from actors.lookahead import LookAhead, frame_did
+from actors.lookahead import LookAhead
 from actors.messages import AdvanceCursor, ChildFailed, HostGaveUp, MovedHint, PersistEvent
 from actors.messages_control import SetSubscriberLimits, unknown_message
 from actors.metrics import (
@@ -49,7 +49,7 @@ from actors.verify import Accepted, HostContext, Verifier
 from actors.wsclient import WebSocketClient, WebSocketError
 from config.settings import Settings
 from protocol.errors import ProtocolError
-from protocol.frames import ErrorFrame, InfoEvent, decode_frame, encode_frame, event_type, peek_seq
+from protocol.frames import ErrorFrame, InfoEvent, decode_frame, encode_frame, event_type, peek_did, peek_seq
 from store.accounts import THROTTLED
 from store.db import TRANSIENT_DB_ERRORS
 
@@ -381,7 +381,7 @@ class HostSubscriber:
             self._ahead.append((data, time.time()))
             self._ahead_bytes += len(data)
             lookahead.hold(len(data))
-            did = frame_did(data)
+            did = peek_did(data)
             if did is not None:
                 lookahead.offer(did)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import gevent
-import libipld
 from prometheus_client import Counter
 
 from store.db import TRANSIENT_DB_ERRORS
@@ -36,17 +35,6 @@ class _Identities(Protocol):
 class _Accounts(Protocol):
     def cached(self, did: str) -> bool: ...
     def get(self, did: str) -> Any: ...
-
-
-def frame_did(data: bytes) -> str | None:
-    """The account a raw frame is about (``repo`` or ``did`` of its body), or None; never raises."""
-    try:
-        parts = libipld.decode_dag_cbor_multi(data)
-    except Exception:  # a frame the subscriber will drop when it gets to it
-        return None
-    body = parts[1] if len(parts) == 2 and isinstance(parts[1], dict) else None
-    did = body.get("repo") or body.get("did") if body is not None else None
-    return did if isinstance(did, str) and did.startswith("did:") and len(did) <= 2048 else None
 
 
 class LookAhead:

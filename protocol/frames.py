@@ -239,15 +239,27 @@ def decode_frame(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES, max_ops: int 
     return parse_body(kind, body, max_ops=max_ops)
 
 
-def peek_seq(data: bytes) -> int | None:
-    """The ``seq`` of a frame that failed typed parsing, when its body still has a plain one."""
+def _peek_body(data: bytes) -> dict[str, Any] | None:
+    """The body map of an untyped frame, or None; never raises (best effort, whatever the decoder raised)."""
     try:
         parts = libipld.decode_dag_cbor_multi(data)
-    except Exception:  # not DAG-CBOR at all: best effort, whatever the decoder raised
+    except Exception:  # not DAG-CBOR at all
         return None
-    body = parts[1] if len(parts) == 2 and isinstance(parts[1], dict) else None
+    return parts[1] if len(parts) == 2 and isinstance(parts[1], dict) else None
+
+
+def peek_seq(data: bytes) -> int | None:
+    """The ``seq`` of a frame that failed typed parsing, when its body still has a plain one."""
+    body = _peek_body(data)
     seq = body.get("seq") if body is not None else None
     return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 < seq < 2**63 else None
+
+
+def peek_did(data: bytes) -> str | None:
+    """The account a frame not yet parsed is about (its body's ``repo`` or ``did``), or None; never raises."""
+    body = _peek_body(data)
+    did = body.get("repo") or body.get("did") if body is not None else None
+    return did if isinstance(did, str) and did.startswith("did:") and len(did) <= 2048 else None
 
 
 def event_type(event: Event) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import gevent
 import gevent.event
 
-from actors.lookahead import LookAhead, frame_did
-from protocol.frames import AccountEvent, encode_frame
+from actors.lookahead import LookAhead
+from protocol.frames import AccountEvent, encode_frame, peek_did
 
 
 class Identities:
@@ -38,11 +38,11 @@ class Accounts:
         self.items.add(did)
 
 
-def test_frame_did_reads_repo_or_did_and_never_raises() -> None:
+def test_peek_did_reads_repo_or_did_and_never_raises() -> None:
     frame = encode_frame(AccountEvent(seq=3, did="did:plc:abc", time="2024-01-01T00:00:00Z", active=True, status=None))
-    assert frame_did(frame) == "did:plc:abc"
-    assert frame_did(b"\xff\x00garbage") is None
-    assert frame_did(b"") is None
+    assert peek_did(frame) == "did:plc:abc"
+    assert peek_did(b"\xff\x00garbage") is None
+    assert peek_did(b"") is None
 
 
 def test_only_missing_dids_are_looked_up_once_each_and_in_flight_is_bounded() -> None:
