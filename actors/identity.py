@@ -79,13 +79,17 @@ _RESOLVED = {result: RESOLVE_TOTAL.labels(result) for result in RESOLVE_RESULTS}
 def http_fetch(client: OutboundClient, url: str, *, timeout_seconds: float = 5.0, max_bytes: int = 64 * 1024) -> bytes:
     """The body of a 200 answer to ``GET url`` through the outbound client (no redirect followed).
 
+    The connection is kept alive for the next fetch from the same host (the PLC directory
+    answers one small document per request: a TLS handshake each would cost more than it).
+
     ``IdentityNotFound`` on 404/410; ``IdentityUnavailable`` on any other status, a refused
     address, a network error, a body over ``max_bytes`` or one still arriving after
     ``timeout_seconds``.
     """
     limits = Limits(total_seconds=timeout_seconds, read_seconds=timeout_seconds, max_bytes=max_bytes)
     try:
-        return client.get(url, limits, headers={"Accept": _ACCEPT, "User-Agent": USER_AGENT}).body
+        headers = {"Accept": _ACCEPT, "User-Agent": USER_AGENT}
+        return client.request("GET", url, limits, headers=headers, keep_alive=True).body
     except BadStatus as exc:
         if exc.status in (404, 410):
             raise IdentityNotFound(f"{url} answered {exc.status}") from None

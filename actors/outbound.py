@@ -35,7 +35,8 @@ from actors.outbound_errors import (
     OutboundError,
     OutboundTimeout,
 )
-from actors.outbound_http import SocketReader, body_chunks, read_head
+from actors.outbound_http import ClosedBeforeAnswer, SocketReader, body_chunks, read_response_head, reusable
+from actors.outbound_pool import ConnectionPool, PoolKey
 from config.settings import Settings
 
 USER_AGENT = "skyrelay/0.1"
@@ -105,6 +106,7 @@ class OutboundClient:
         self.policy = policy
         self.resolver = resolver
         self.ssl_context = ssl_context or ssl.create_default_context()
+        self.pool: ConnectionPool[Connection] = ConnectionPool()  # kept-alive connections (``keep_alive=True``)
 
     @classmethod
     def for_settings(cls, insecure: bool, networks: Iterable[str] = (), dns_server: str = "") -> OutboundClient:
@@ -214,41 +216,75 @@ class OutboundClient:
         body: bytes | None = None,
         accept: Iterable[int] = (200,),
         sink: BinaryIO | None = None,
+        keep_alive: bool = False,
     ) -> Response:
         """Send one request; the answer if its status is in ``accept`` (else ``BadStatus``).
 
         The body is returned, or written to ``sink`` piece by piece (then ``Response.body`` is
-        empty). Any failure is an ``OutboundError``.
+        empty). Any failure is an ``OutboundError``. With ``keep_alive`` the request may go
+        out on a connection an earlier one left in ``self.pool``, and its own connection is
+        left there when the answer allows; a GET whose kept connection turns out closed by the
+        server is sent again, once, on a new connection.
         """
         deadline = time.monotonic() + limits.total_seconds
         try:
             parts = self._checked_url(url)
             if parts.scheme not in ("http", "https"):
                 raise BadUrl("not an http(s) URL")
+            key: PoolKey = (parts.scheme, cast(str, parts.hostname).lower(), parts.port or _DEFAULT_PORTS[parts.scheme])
+            kept = self.pool.take(key) if keep_alive else None
+            if kept is not None:
+                try:
+                    return self._exchange(kept, key, method, parts, limits, deadline, headers, body, accept, sink, True)
+                except (ClosedBeforeAnswer, ConnectFailed):
+                    if method != "GET" or kept.raw.received:
+                        raise
             conn = self._connect(parts, deadline, limits.read_seconds, 65536)
+            return self._exchange(conn, key, method, parts, limits, deadline, headers, body, accept, sink, keep_alive)
         except OutboundError as exc:
             FAILURES.labels(exc.kind).inc()
             raise
+
+    def _exchange(
+        self,
+        conn: Connection,
+        key: PoolKey,
+        method: str,
+        parts: SplitResult,
+        limits: Limits,
+        deadline: float,
+        headers: dict[str, str] | None,
+        body: bytes | None,
+        accept: Iterable[int],
+        sink: BinaryIO | None,
+        keep_alive: bool,
+    ) -> Response:
+        """One request and its whole answer on ``conn``, which is then pooled or closed."""
+        keep = False
         try:
             conn.raw.deadline = deadline
-            conn.send(_request_head(method, parts, headers or {}, body) + (body or b""))
-            status, response_headers = read_head(conn.reader)
-            while 100 <= status < 200:  # interim answers (100 Continue) come before the real one
-                status, response_headers = read_head(conn.reader)
-            if status not in accept:
-                raise BadStatus(f"answered HTTP {status}", status)
+            conn.raw.read_timeout_s = limits.read_seconds
+            conn.raw.received = 0
+            conn.send(_request_head(method, parts, headers or {}, body, keep_alive) + (body or b""))
+            head = read_response_head(conn.reader)
+            while 100 <= head.status < 200:  # interim answers (100 Continue) come before the real one
+                head = read_response_head(conn.reader)
+            if head.status not in accept:
+                raise BadStatus(f"answered HTTP {head.status}", head.status)
             chunks = []
-            for piece in body_chunks(conn.reader, response_headers, limits.max_bytes):
+            for piece in body_chunks(conn.reader, head.headers, limits.max_bytes):
                 if sink is not None:
                     sink.write(piece)
                 else:
                     chunks.append(piece)
-            return Response(status, response_headers, b"".join(chunks))
-        except OutboundError as exc:
-            FAILURES.labels(exc.kind).inc()
-            raise
+            keep = keep_alive and reusable(head)
+            return Response(head.status, head.headers, b"".join(chunks))
         finally:
-            conn.close()
+            if keep:
+                conn.raw.deadline = None
+                self.pool.put(key, conn)
+            else:
+                conn.close()
 
     def get(
         self, url: str, limits: Limits, *, headers: dict[str, str] | None = None, sink: BinaryIO | None = None
@@ -256,11 +292,14 @@ class OutboundClient:
         return self.request("GET", url, limits, headers=headers, sink=sink)
 
 
-def _request_head(method: str, parts: SplitResult, headers: dict[str, str], body: bytes | None) -> bytes:
+def _request_head(
+    method: str, parts: SplitResult, headers: dict[str, str], body: bytes | None, keep_alive: bool = False
+) -> bytes:
     """The request line and headers; the caller's ``headers`` override the defaults (by name, any case)."""
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     fields = {"host": ("Host", parts.netloc), "user-agent": ("User-Agent", USER_AGENT),
-              "accept-encoding": ("Accept-Encoding", "identity"), "connection": ("Connection", "close")}  # fmt: skip
+              "accept-encoding": ("Accept-Encoding", "identity"),
+              "connection": ("Connection", "keep-alive" if keep_alive else "close")}  # fmt: skip
     if body is not None:
         fields["content-length"] = ("Content-Length", str(len(body)))
     for name, value in headers.items():

@@ -17,15 +17,25 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from actors.outbound_errors import ConnectFailed, OutboundTimeout, ProtocolFailure, TooLarge
 
 MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADERS = 100
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\r\n]*)?\r?\n")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [^\r\n]*)?\r?\n")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _PIECE = 64 * 1024
+
+
+class ClosedBeforeAnswer(ProtocolFailure):
+    """The connection ended before a byte of the answer: a kept-alive connection the server closed."""
+
+
+class ResponseHead(NamedTuple):
+    status: int
+    headers: dict[str, str]  # names lower-cased
+    http11: bool  # HTTP/1.1 (persistent unless "Connection: close"), not HTTP/1.0
 
 
 class SocketReader(io.RawIOBase):
@@ -37,6 +47,7 @@ class SocketReader(io.RawIOBase):
         self.read_timeout_s = read_timeout_s
         self.deadline: float | None = None  # time.monotonic() value; None: per-read timeout only
         self.no_wait = False  # set around a probe: a read finds what has arrived or returns None
+        self.received = 0  # bytes received since the owner last reset it (0: nothing of an answer yet)
 
     def readable(self) -> bool:
         return True
@@ -60,19 +71,27 @@ class SocketReader(io.RawIOBase):
             timeout = min(timeout, remaining)
         self._sock.settimeout(timeout)
         try:
-            return self._sock.recv_into(buffer)
+            count = self._sock.recv_into(buffer)
         except TimeoutError:
             raise OutboundTimeout("no answer within the timeout") from None
         except (OSError, ssl.SSLError) as exc:
             raise ConnectFailed("the connection failed while reading", detail=type(exc).__name__) from None
+        self.received += count
+        return count
 
 
 def read_head(reader: io.BufferedReader[Any]) -> tuple[int, dict[str, str]]:
     """Status and headers (names lower-cased) of one response head; ``ProtocolFailure`` if malformed."""
+    head = read_response_head(reader)
+    return head.status, head.headers
+
+
+def read_response_head(reader: io.BufferedReader[Any]) -> ResponseHead:
+    """One response head; ``ClosedBeforeAnswer`` if the connection ended first, ``ProtocolFailure`` if malformed."""
     budget = MAX_HEAD_BYTES
     line = reader.readline(budget + 1)
     if not line:
-        raise ProtocolFailure("the connection closed before an answer")
+        raise ClosedBeforeAnswer("the connection closed before an answer")
     match = _STATUS_LINE.fullmatch(line)
     if match is None:
         raise ProtocolFailure("malformed HTTP status line")
@@ -87,7 +106,7 @@ def read_head(reader: io.BufferedReader[Any]) -> tuple[int, dict[str, str]]:
         if not line.endswith(b"\n"):
             raise ProtocolFailure("the connection closed inside the response head")
         if line in (b"\r\n", b"\n"):
-            return int(match.group(1)), headers
+            return ResponseHead(int(match.group(2)), headers, match.group(1) == b"1")
         count += 1
         name, sep, value = line.decode("latin-1").partition(":")
         if not sep or not _TOKEN.fullmatch(name) or count > MAX_HEADERS:
@@ -96,6 +115,18 @@ def read_head(reader: io.BufferedReader[Any]) -> tuple[int, dict[str, str]]:
         if key in headers and key in ("content-length", "transfer-encoding") and headers[key] != value:
             raise ProtocolFailure(f"conflicting {key} headers")
         headers[key] = f"{headers[key]}, {value}" if key in headers and key not in ("content-length",) else value
+
+
+def reusable(head: ResponseHead) -> bool:
+    """True when the connection may carry another request once this answer's body is read.
+
+    HTTP/1.1 without ``Connection: close``, and a body delimited by its length or chunking
+    (a body that ends at the close of the connection leaves nothing to reuse).
+    """
+    tokens = {token.strip().lower() for token in head.headers.get("connection", "").split(",")}
+    if "close" in tokens or not head.http11:
+        return False
+    return "transfer-encoding" in head.headers or "content-length" in head.headers
 
 
 def declared_length(headers: dict[str, str]) -> int | None:
@@ -124,7 +155,9 @@ def body_chunks(reader: io.BufferedReader[Any], headers: dict[str, str], max_byt
     limit = max_bytes if length is None else length
     total = 0
     while length is None or total < length:
-        piece = reader.read1(min(_PIECE, limit - total + 1))
+        # a declared length is read exactly (what follows it is not this answer's); an
+        # undeclared one a byte past the cap, to tell a body at the cap from one over it
+        piece = reader.read1(min(_PIECE, limit - total + (length is None)))
         if not piece:
             if length is not None:
                 raise ProtocolFailure("the body ended before its Content-Length")

@@ -366,7 +366,7 @@ def test_resolver_actor_refreshes_and_flushes(db: peewee.Database, plc: FakePlc,
         plc.fail("close")
         down = new_plc_did()
         actor.tell(RefreshIdentity(down))
-        wait_until(lambda: plc.requests_for(down) == 1)
+        wait_until(lambda: plc.requests_for(down) >= 1)  # twice: a kept connection closed unanswered is retried
         assert actor.ask(FlushIdentities(), timeout=5) is None
         assert actor.is_alive()
     finally:

@@ -83,6 +83,7 @@ class FakePlc:
         self._tombstoned: set[str] = set()
         self._counts: Counter[str] = Counter()
         self._total = 0
+        self._connections = 0
         self._failure: FailureMode | None = None
         self._released = threading.Event()
         self._released.set()
@@ -158,6 +159,12 @@ class FakePlc:
         with self._lock:
             return self._total
 
+    @property
+    def connections(self) -> int:
+        """Connections accepted so far (a client that keeps its connection alive makes few)."""
+        with self._lock:
+            return self._connections
+
     def requests_for(self, did: str) -> int:
         with self._lock:
             return self._counts[did]
@@ -168,6 +175,10 @@ class FakePlc:
             return self._lock.wait_for(lambda: self._total >= n, timeout=timeout)
 
     # -- used by the handler -------------------------------------------------------------------
+    def _connected(self) -> None:
+        with self._lock:
+            self._connections += 1
+
     def _arrived(self, did: str) -> None:
         with self._lock:
             self._counts[did] += 1
@@ -193,6 +204,12 @@ class FakePlc:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the PLC directory (the relay keeps its connections)
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.plc._connected()  # type: ignore[attr-defined]
+
     def do_GET(self) -> None:
         plc: FakePlc = self.server.plc  # type: ignore[attr-defined]
         path = self.path.split("?", 1)[0]
