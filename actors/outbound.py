@@ -232,15 +232,16 @@ class OutboundClient:
             if parts.scheme not in ("http", "https"):
                 raise BadUrl("not an http(s) URL")
             key: PoolKey = (parts.scheme, cast(str, parts.hostname).lower(), parts.port or _DEFAULT_PORTS[parts.scheme])
+            payload = _request_head(method, parts, headers or {}, body, keep_alive) + (body or b"")
             kept = self.pool.take(key) if keep_alive else None
             if kept is not None:
                 try:
-                    return self._exchange(kept, key, method, parts, limits, deadline, headers, body, accept, sink, True)
+                    return self._exchange(kept, key, payload, limits, deadline, accept, sink, True)
                 except (ClosedBeforeAnswer, ConnectFailed):
                     if method != "GET" or kept.raw.received:
                         raise
             conn = self._connect(parts, deadline, limits.read_seconds, 65536)
-            return self._exchange(conn, key, method, parts, limits, deadline, headers, body, accept, sink, keep_alive)
+            return self._exchange(conn, key, payload, limits, deadline, accept, sink, keep_alive)
         except OutboundError as exc:
             FAILURES.labels(exc.kind).inc()
             raise
@@ -249,23 +250,20 @@ class OutboundClient:
         self,
         conn: Connection,
         key: PoolKey,
-        method: str,
-        parts: SplitResult,
+        payload: bytes,
         limits: Limits,
         deadline: float,
-        headers: dict[str, str] | None,
-        body: bytes | None,
         accept: Iterable[int],
         sink: BinaryIO | None,
         keep_alive: bool,
     ) -> Response:
-        """One request and its whole answer on ``conn``, which is then pooled or closed."""
+        """``payload`` (a request) and its whole answer on ``conn``, which is then pooled or closed."""
         keep = False
         try:
             conn.raw.deadline = deadline
             conn.raw.read_timeout_s = limits.read_seconds
             conn.raw.received = 0
-            conn.send(_request_head(method, parts, headers or {}, body, keep_alive) + (body or b""))
+            conn.send(payload)
             head = read_response_head(conn.reader)
             while 100 <= head.status < 200:  # interim answers (100 Continue) come before the real one
                 head = read_response_head(conn.reader)

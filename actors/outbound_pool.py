@@ -107,15 +107,6 @@ class ConnectionPool(Generic[C]):
         for old in closing:
             old.close()
 
-    def close(self) -> None:
-        """Close every idle connection."""
-        with self._lock:
-            idle = [conn for conn, _ in self._idle.values()]
-            self._idle.clear()
-            self._per_key.clear()
-        for conn in idle:
-            conn.close()
-
 
 def _quiet(conn: PooledConnection) -> bool:
     """True when nothing is waiting on ``conn``: no end of stream, no byte the server sent unasked."""
